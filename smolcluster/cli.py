@@ -1,0 +1,72 @@
+"""The `smolcluster` command. Each command imports its module lazily so `--help` stays fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from smolcluster.errors import SmolclusterError
+
+app = typer.Typer(
+    help="smolcluster: parameter-server training (EDP, SyncPS) over TCP, and a testbed to run it on "
+    "an emulated cluster (local processes or docker-compose) with faults.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks that print a table (or JSON with --json).", no_args_is_help=True)
+topology_app = typer.Typer(help="Read, check and explain topology files.", no_args_is_help=True)
+faults_app = typer.Typer(help="Fault injection.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+app.add_typer(topology_app, name="topology")
+app.add_typer(faults_app, name="faults")
+
+ALGO_HELP = "Training algorithm: edp (asynchronous, elastic) or syncps (synchronous, straggler deadline)."
+
+
+# --------------------------------------------------------------------------- training roles
+
+
+@app.command()
+def server(
+    algo: str = typer.Option(..., "--algo", help=ALGO_HELP),
+    config_dir: Path = typer.Option(Path("configs"), "--config-dir", help="Folder with nn_config.yaml and cluster_config_<algo>.yaml."),
+    run_dir: Path = typer.Option(Path("runs/latest"), "--run-dir", help="Where logs, metrics, checkpoints and summary.json go."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the checkpoint dir."),
+    bind: Optional[str] = typer.Option(None, "--bind", help="Address to listen on (default 0.0.0.0, or 127.0.0.1 with no cluster key)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Override the port from the cluster config (0 picks a free one)."),
+    slowdown: float = typer.Option(1.0, "--slowdown", help="Stretch compute by this factor (device emulation)."),
+) -> None:
+    """Run the parameter server (rank 0)."""
+    from smolcluster.node import run_server
+
+    run_server(algo=algo, config_dir=config_dir, run_dir=run_dir, resume=resume, bind=bind, port=port, slowdown=slowdown)
+
+
+@app.command()
+def worker(
+    rank: int = typer.Argument(..., help="This worker's rank (1..num_workers)."),
+    hostname: str = typer.Argument(..., help="This worker's hostname; the server address comes from host_ip[hostname]."),
+    algo: str = typer.Option(..., "--algo", help=ALGO_HELP),
+    config_dir: Path = typer.Option(Path("configs"), "--config-dir", help="Folder with nn_config.yaml and cluster_config_<algo>.yaml."),
+    run_dir: Path = typer.Option(Path("runs/latest"), "--run-dir", help="Where this worker's logs and metrics go."),
+    connect: Optional[str] = typer.Option(None, "--connect", help="HOST:PORT to dial instead of host_ip[hostname]:port (e.g. a link proxy)."),
+    slowdown: float = typer.Option(1.0, "--slowdown", help="Stretch compute by this factor (device emulation)."),
+) -> None:
+    """Run one worker."""
+    from smolcluster.node import run_worker
+
+    run_worker(rank=rank, hostname=hostname, algo=algo, config_dir=config_dir, run_dir=run_dir, connect=connect, slowdown=slowdown)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main() -> None:
+    try:
+        app()
+    except SmolclusterError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
