@@ -23,5 +23,17 @@ class ConfigError(SmolclusterError):
         super().__init__(msg)
 
 
+class DockerUnavailable(SmolclusterError):
+    """The compose backend needs a docker CLI, a running engine and compose (v2 or v1); one is missing."""
+
+
+class DockerCommandFailed(SmolclusterError):
+    """A docker / compose command failed or timed out; the message carries its output."""
+
+
 class DataError(SmolclusterError):
     """A dataset cannot be found, read or downloaded."""
+
+
+class QuantizationError(SmolclusterError):
+    """A quantized tensor set is malformed (missing scale/zero companion, unknown scheme, bad shapes)."""
