@@ -61,6 +61,26 @@ def worker(
     run_worker(rank=rank, hostname=hostname, algo=algo, config_dir=config_dir, run_dir=run_dir, connect=connect, slowdown=slowdown)
 
 
+# --------------------------------------------------------------------------- topology
+
+
+@topology_app.command("validate")
+def topology_validate(file: Path = typer.Argument(..., help="Topology file, e.g. topologies/hybrid.yaml.")) -> None:
+    """Check a topology file: addresses, subnets, profiles, routes, every worker's path to the server and back."""
+    from smolcluster.topology import load_topology
+
+    topo = load_topology(file)
+    typer.echo(f"OK: {len(topo.nodes)} nodes, {len(topo.networks)} networks ({file})")
+
+
+@topology_app.command("show")
+def topology_show(file: Path = typer.Argument(..., help="Topology file, e.g. topologies/hybrid.yaml.")) -> None:
+    """Print networks, nodes, routes, and each worker's hop-by-hop path to the server with expected RTT and bandwidth."""
+    from smolcluster.topology import format_topology, load_topology
+
+    typer.echo(format_topology(load_topology(file)), nl=False)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
