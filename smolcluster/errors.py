@@ -37,3 +37,127 @@ class DataError(SmolclusterError):
 
 class QuantizationError(SmolclusterError):
     """A quantized tensor set is malformed (missing scale/zero companion, unknown scheme, bad shapes)."""
+
+
+# --------------------------------------------------------------------------- wire format
+
+
+class WireError(SmolclusterError):
+    """A frame broke the wire format or a limit. The stream may be desynchronised: drop the connection."""
+
+    def __init__(self, problem: str, *, peer: str | None = None):
+        self.problem = problem
+        self.peer = peer
+        super().__init__(f"bad frame from {peer}: {problem}" if peer else f"bad frame: {problem}")
+
+
+class TruncatedFrame(WireError):
+    """The connection ended in the middle of a frame."""
+
+
+class BadMagic(WireError):
+    """The bytes are not a smolcluster frame (wrong program or port, or a desynchronised stream)."""
+
+
+class UnsupportedVersion(WireError):
+    """The peer speaks another wire-format version (mixed smolcluster versions)."""
+
+
+class FrameTooLarge(WireError):
+    """A declared length or count exceeds WireLimits; nothing was allocated for it."""
+
+
+class BadHeader(WireError):
+    """The JSON header is not valid JSON or misses required fields."""
+
+
+class BadTensorTable(WireError):
+    """The tensor table is malformed: offsets out of range or overlapping, bad names, bad quant params."""
+
+
+class UnknownDtype(WireError):
+    """A tensor's dtype is not on the allow-list."""
+
+
+class ShapeMismatch(WireError):
+    """A tensor's shape times its item size does not equal its byte length."""
+
+
+class SchemaMismatch(WireError):
+    """A tensor's name, shape or dtype does not match the model."""
+
+
+class NonFiniteTensor(WireError):
+    """A floating tensor contains NaN or Inf and the receiver rejects those."""
+
+
+class AuthError(WireError):
+    """Authentication failed: the peer does not hold the same cluster key, or a frame was forged or replayed."""
+
+    def __init__(self, problem: str, *, peer: str | None = None):
+        self.problem = problem
+        self.peer = peer
+        SmolclusterError.__init__(self, f"authentication with {peer} failed: {problem}" if peer else f"authentication failed: {problem}")
+
+
+class BadMac(AuthError):
+    """A frame's HMAC does not verify: it was altered, or the peer uses a different key."""
+
+
+class ReplayedFrame(AuthError):
+    """A frame's sequence number is not the next one expected: replayed, reordered or dropped."""
+
+
+class MissingKey(AuthError):
+    """One side has a cluster key and the other does not."""
+
+
+class AuthFailed(AuthError):
+    """The challenge-response handshake failed (wrong key, no answer, or the peer refused us)."""
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class TransportError(SmolclusterError):
+    """A connection could not be made, went silent, or closed."""
+
+    def __init__(self, problem: str, *, peer: str | None = None):
+        self.problem = problem
+        self.peer = peer
+        super().__init__(f"{peer}: {problem}" if peer else problem)
+
+
+class ConnectFailed(TransportError):
+    """Could not connect (and authenticate) within the retry policy's deadline."""
+
+
+class PeerTimeout(TransportError):
+    """The peer sent nothing at all (not even a heartbeat) for too long, or stopped reading."""
+
+
+class ConnectionClosed(TransportError):
+    """The peer closed the connection, or it was closed locally."""
+
+
+class RecvTimeout(TransportError):
+    """No message arrived within the caller's timeout (the peer was alive: heartbeats only)."""
+
+
+class RemoteError(TransportError):
+    """The peer sent an ERROR frame (it rejected something we sent) and closed the connection."""
+
+    def __init__(self, remote_type: str, remote_message: str, *, peer: str | None = None):
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        super().__init__(f"peer rejected us with {remote_type}: {remote_message}", peer=peer)
+
+
+class ProxyError(SmolclusterError):
+    """A link-emulation (Toxiproxy API) request failed: unknown proxy or toxic, bad toxic, address in use.
+
+    `status` is the HTTP status the Toxiproxy API answers with (400, 404, 409, 500)."""
+
+    def __init__(self, message: str, status: int = 400):
+        self.status = status
+        super().__init__(message)

@@ -18,10 +18,32 @@ Public API:
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
+import json
+import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from smolcluster.errors import (
+    BadHeader,
+    BadMac,
+    BadMagic,
+    BadTensorTable,
+    ConnectionClosed,
+    FrameTooLarge,
+    MissingKey,
+    NonFiniteTensor,
+    ReplayedFrame,
+    SchemaMismatch,
+    ShapeMismatch,
+    TruncatedFrame,
+    UnknownDtype,
+    UnsupportedVersion,
+)
 
 
 class MessageKind(enum.IntEnum):
@@ -69,3 +91,305 @@ def schema_of(state: torch.nn.Module | dict[str, torch.Tensor]) -> Schema:
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
     return {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in state.items()}
+
+
+# --------------------------------------------------------------------------- frame layout
+
+MAGIC = b"SMCL"
+VERSION = 1
+# magic, version u8, kind u16, flags u8, header_len u32, payload_len u64, seq u64 (network byte order)
+PREAMBLE = struct.Struct("!4sBHBIQQ")
+FLAG_MAC = 0x01
+MAC_BYTES = 32
+# Tensor offsets are aligned so every tensor can be a view of the receive buffer (largest itemsize is 8).
+ALIGN = 8
+_PADDING = bytes(ALIGN)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+# Bounds on names and quantization params, so one header entry cannot be made arbitrarily expensive.
+MAX_NAME_CHARS = 512
+MAX_NDIM = 32
+MAX_QUANT_KEYS = 16
+MAX_QUANT_KEY_CHARS = 64
+MAX_QUANT_LIST = 256
+MAX_QUANT_STR = 256
+
+
+def _is_json_scalar(v: Any) -> bool:
+    if isinstance(v, str):
+        return len(v) <= MAX_QUANT_STR
+    return v is None or isinstance(v, (bool, int, float))
+
+
+def _check_quant(name: str, q: Any) -> str | None:
+    """Return a problem description if `q` is not a small dict of str -> JSON scalar / short list of scalars."""
+    if not isinstance(q, dict):
+        return f"quant params of tensor '{name}' must be a JSON object, got {type(q).__name__}"
+    if len(q) > MAX_QUANT_KEYS:
+        return f"quant params of tensor '{name}' have {len(q)} keys (max {MAX_QUANT_KEYS})"
+    for k, v in q.items():
+        if not isinstance(k, str) or len(k) > MAX_QUANT_KEY_CHARS:
+            return f"quant params of tensor '{name}' have a bad key {k!r}"
+        if isinstance(v, list):
+            if len(v) > MAX_QUANT_LIST or not all(_is_json_scalar(x) for x in v):
+                return f"quant param '{k}' of tensor '{name}' must be a list of at most {MAX_QUANT_LIST} scalars"
+        elif not _is_json_scalar(v):
+            return f"quant param '{k}' of tensor '{name}' must be a JSON scalar or a short list, got {type(v).__name__}"
+    return None
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a flat memoryview, without copying when it is already a contiguous CPU tensor."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    # view(uint8) handles bfloat16 and bool, which numpy cannot represent directly.
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def encode_frame(
+    msg: Message, *, seq: int = 0, mac_key: bytes | None = None, limits: WireLimits = WireLimits()
+) -> list[memoryview | bytes]:
+    """Encode `msg` as buffers for `send_frame`. Tensor data is referenced, not copied."""
+    table: list[dict[str, Any]] = []
+    buffers: list[memoryview | bytes] = []
+    offset = 0
+    if len(msg.tensors) > limits.max_tensors:
+        raise FrameTooLarge(f"message has {len(msg.tensors)} tensors, the limit is {limits.max_tensors}")
+    unknown_quant = set(msg.quant) - set(msg.tensors)
+    if unknown_quant:
+        raise BadTensorTable(f"quant params given for tensors not in the message: {sorted(unknown_quant)}")
+    for name, t in msg.tensors.items():
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
+            raise BadTensorTable(f"tensor name {name!r} must be a non-empty string of at most {MAX_NAME_CHARS} chars")
+        dtype = DTYPE_NAMES.get(t.dtype)
+        if dtype is None:
+            raise UnknownDtype(f"tensor '{name}' has dtype {t.dtype}, which the wire format does not carry "
+                               f"(allowed: {', '.join(DTYPES)})")
+        data = _tensor_bytes(t)
+        pad = -offset % ALIGN
+        if pad:
+            buffers.append(_PADDING[:pad])
+            offset += pad
+        entry: dict[str, Any] = {"name": name, "dtype": dtype, "shape": list(t.shape), "offset": offset, "length": data.nbytes}
+        if name in msg.quant:
+            problem = _check_quant(name, msg.quant[name])
+            if problem:
+                raise BadTensorTable(problem)
+            entry["quant"] = msg.quant[name]
+        table.append(entry)
+        if data.nbytes:
+            buffers.append(data)
+        offset += data.nbytes
+    if offset > limits.max_payload_bytes:
+        raise FrameTooLarge(f"payload is {offset} bytes, the limit is {limits.max_payload_bytes}")
+    try:
+        header = json.dumps({"fields": msg.fields, "tensors": table}, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as e:
+        raise BadHeader(f"message fields are not JSON-serialisable: {e}") from None
+    if len(header) > limits.max_header_bytes:
+        raise FrameTooLarge(f"header is {len(header)} bytes, the limit is {limits.max_header_bytes}")
+    flags = FLAG_MAC if mac_key is not None else 0
+    head = PREAMBLE.pack(MAGIC, VERSION, int(msg.kind), flags, len(header), offset, seq) + header
+    out: list[memoryview | bytes] = [head, *buffers]
+    if mac_key is not None:
+        mac = hmac.new(mac_key, head, hashlib.sha256)
+        for b in buffers:
+            mac.update(b)
+        out.append(mac.digest())
+    return out
+
+
+def send_frame(sock: Any, buffers: list[memoryview | bytes]) -> int:
+    """Send all buffers; scatter-gather with sendmsg where it exists (not on Windows). Returns bytes sent."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    total = sum(v.nbytes for v in views)
+    if not hasattr(sock, "sendmsg"):
+        for v in views:
+            sock.sendall(v)
+        return total
+    i = 0
+    while i < len(views):
+        # IOV_MAX is 1024 on Linux and macOS; stay below it.
+        sent = sock.sendmsg(views[i : i + 512])
+        while sent and i < len(views):
+            n = views[i].nbytes
+            if sent >= n:
+                sent -= n
+                i += 1
+            else:
+                views[i] = views[i][sent:]
+                sent = 0
+    return total
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def _recv_exactly(sock: Any, view: memoryview, what: str, peer: str | None, frame_start: bool = False) -> None:
+    pos = 0
+    size = view.nbytes
+    while pos < size:
+        try:
+            n = sock.recv_into(view[pos:])
+        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as e:
+            raise ConnectionClosed(f"connection reset while reading the {what} ({e})", peer=peer) from None
+        if n == 0:
+            if frame_start and pos == 0:
+                raise ConnectionClosed("peer closed the connection", peer=peer)
+            raise TruncatedFrame(f"connection closed after {pos} of {size} bytes of the {what}", peer=peer)
+        pos += n
+
+
+def _parse_header(raw: bytes | bytearray, payload_len: int, limits: WireLimits, schema: Schema | None,
+                  peer: str | None) -> tuple[dict[str, Any], list[tuple[str, torch.dtype, tuple[int, ...], int, int]], dict[str, dict[str, Any]]]:
+    """Validate the JSON header and tensor table against the limits, the payload length and the schema."""
+    try:
+        header = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BadHeader(f"header is not valid UTF-8 JSON ({e})", peer=peer) from None
+    if not isinstance(header, dict) or not isinstance(header.get("fields"), dict) or not isinstance(header.get("tensors"), list):
+        raise BadHeader("header must be a JSON object with 'fields' (object) and 'tensors' (list)", peer=peer)
+    entries = header["tensors"]
+    if len(entries) > limits.max_tensors:
+        raise FrameTooLarge(f"{len(entries)} tensors declared, the limit is {limits.max_tensors}", peer=peer)
+    specs = []
+    quant: dict[str, dict[str, Any]] = {}
+    names: set[str] = set()
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise BadTensorTable(f"tensor table entry {i} is not an object", peer=peer)
+        name, dname, shape, off, length = (e.get(k) for k in ("name", "dtype", "shape", "offset", "length"))
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
+            raise BadTensorTable(f"tensor table entry {i} has a bad name {str(name)[:80]!r}", peer=peer)
+        if name in names:
+            raise BadTensorTable(f"tensor '{name}' appears twice in the tensor table", peer=peer)
+        names.add(name)
+        if not isinstance(dname, str):
+            raise BadTensorTable(f"tensor '{name}' has no dtype string", peer=peer)
+        dtype = DTYPES.get(dname)
+        if dtype is None:
+            raise UnknownDtype(f"tensor '{name}' has dtype {dname[:40]!r}; allowed: {', '.join(DTYPES)}", peer=peer)
+        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+                or not all(type(d) is int and d >= 0 for d in shape)):
+            raise BadTensorTable(f"tensor '{name}' shape must be a list of at most {MAX_NDIM} non-negative ints", peer=peer)
+        if type(off) is not int or type(length) is not int or off < 0 or length < 0:
+            raise BadTensorTable(f"tensor '{name}' needs non-negative integer offset and length", peer=peer)
+        itemsize = dtype.itemsize
+        if math.prod(shape) * itemsize != length:
+            raise ShapeMismatch(f"tensor '{name}' has shape {shape} of {dname} = {math.prod(shape) * itemsize} bytes, "
+                                f"but its length is {length}", peer=peer)
+        if off + length > payload_len:
+            raise BadTensorTable(f"tensor '{name}' spans bytes {off}..{off + length}, beyond the {payload_len}-byte payload", peer=peer)
+        if off % itemsize:
+            raise BadTensorTable(f"tensor '{name}' offset {off} is not aligned to its {itemsize}-byte items", peer=peer)
+        if "quant" in e:
+            problem = _check_quant(name, e["quant"])
+            if problem:
+                raise BadTensorTable(problem, peer=peer)
+            quant[name] = e["quant"]
+        if schema is not None:
+            spec = schema.get(name)
+            if spec is None:
+                raise SchemaMismatch(f"unexpected tensor '{name}' (not in the model)", peer=peer)
+            if tuple(shape) != tuple(spec.shape) or dtype != spec.dtype:
+                raise SchemaMismatch(f"tensor '{name}' is {dname}{list(shape)}, the model expects "
+                                     f"{DTYPE_NAMES.get(spec.dtype, spec.dtype)}{list(spec.shape)}", peer=peer)
+        specs.append((name, dtype, tuple(shape), off, length))
+    spans = sorted((off, off + length, name) for name, _, _, off, length in specs if length)
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise BadTensorTable(f"tensors '{a}' and '{b}' overlap in the payload", peer=peer)
+    return header["fields"], specs, quant
+
+
+def read_frame(
+    sock: Any,
+    *,
+    limits: WireLimits = WireLimits(),
+    schema: Schema | None = None,
+    reject_nonfinite: bool = False,
+    mac_key: bytes | None = None,
+    expected_seq: int | None = None,
+    peer: str | None = None,
+) -> Message:
+    """Read one frame from `sock` (anything with recv_into) and return the Message.
+
+    Order matters: every length is checked before its buffer is allocated, and with a key the MAC is
+    verified before the header is trusted or any tensor is built. Tensors are views of one receive buffer.
+    """
+    pre = bytearray(PREAMBLE.size)
+    _recv_exactly(sock, memoryview(pre), "preamble", peer, frame_start=True)
+    magic, version, kind_raw, flags, header_len, payload_len, seq = PREAMBLE.unpack(pre)
+    if magic != MAGIC:
+        raise BadMagic(f"expected magic {MAGIC!r}, got {bytes(magic)!r} (not a smolcluster peer, or the stream is out of sync)", peer=peer)
+    if version != VERSION:
+        raise UnsupportedVersion(f"peer speaks wire version {version}, this node speaks {VERSION}; "
+                                 "run the same smolcluster version everywhere", peer=peer)
+    try:
+        kind = MessageKind(kind_raw)
+    except ValueError:
+        raise BadHeader(f"unknown message kind {kind_raw}", peer=peer) from None
+    if flags & ~FLAG_MAC:
+        raise BadHeader(f"unknown flag bits {flags:#04x}", peer=peer)
+    if header_len > limits.max_header_bytes:
+        raise FrameTooLarge(f"header of {header_len} bytes declared, the limit is {limits.max_header_bytes}", peer=peer)
+    if payload_len > limits.max_payload_bytes:
+        raise FrameTooLarge(f"payload of {payload_len} bytes declared, the limit is {limits.max_payload_bytes}", peer=peer)
+    has_mac = bool(flags & FLAG_MAC)
+    if mac_key is not None and not has_mac:
+        raise MissingKey(f"peer sent an unauthenticated {kind.name} frame, but this node requires the cluster key "
+                         "(set the same SMOLCLUSTER_CLUSTER_KEY or key file on every node)", peer=peer)
+    if mac_key is None and has_mac:
+        raise MissingKey(f"peer sent an authenticated {kind.name} frame, but this node has no cluster key "
+                         "(set the same SMOLCLUSTER_CLUSTER_KEY or key file on every node)", peer=peer)
+
+    header_raw = bytearray(header_len)
+    _recv_exactly(sock, memoryview(header_raw), "header", peer)
+    parsed = None
+    if not has_mac:
+        # Unauthenticated: validate the table before allocating the payload.
+        parsed = _parse_header(header_raw, payload_len, limits, schema, peer)
+    # torch.empty does not zero-fill: the payload is written once, by recv_into.
+    payload = torch.empty(payload_len, dtype=torch.uint8)
+    payload_view = memoryview(payload.numpy())
+    _recv_exactly(sock, payload_view, "payload", peer)
+    if has_mac:
+        got = bytearray(MAC_BYTES)
+        _recv_exactly(sock, memoryview(got), "MAC", peer)
+        mac = hmac.new(mac_key, pre, hashlib.sha256)  # type: ignore[arg-type]
+        mac.update(header_raw)
+        mac.update(payload_view)
+        if not hmac.compare_digest(mac.digest(), bytes(got)):
+            raise BadMac(f"{kind.name} frame (seq {seq}) does not verify: altered in transit or signed with another key", peer=peer)
+    if expected_seq is not None and seq != expected_seq:
+        raise ReplayedFrame(f"{kind.name} frame has sequence number {seq}, expected {expected_seq} (replayed or reordered)", peer=peer)
+    if parsed is None:
+        parsed = _parse_header(header_raw, payload_len, limits, schema, peer)
+    fields, specs, quant = parsed
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, dtype, shape, off, length in specs:
+        t = payload[off : off + length].view(dtype).reshape(shape)
+        if reject_nonfinite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteTensor(f"tensor '{name}' contains NaN or Inf; it was not applied", peer=peer)
+        tensors[name] = t
+    return Message(kind=kind, fields=fields, tensors=tensors, quant=quant)
