@@ -1,0 +1,20 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """Folder with the official MNIST IDX files: $SMOLCLUSTER_DATA_DIR, else <repo>/../shared/data/mnist."""
+    env = os.environ.get("SMOLCLUSTER_DATA_DIR")
+    path = Path(env).expanduser() if env else (REPO_ROOT.parent / "shared" / "data" / "mnist").resolve()
+    if not any(path.glob("train-images-idx3-ubyte*")):
+        pytest.skip(f"MNIST IDX files not found in {path}; set SMOLCLUSTER_DATA_DIR to a folder with them")
+    return path
