@@ -23,7 +23,7 @@ server, and the server's replies must find their way back. docs/topology.md has 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
+import difflib
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -147,10 +147,16 @@ _DERIVED_KEYS = ("host_ip", "workers", "num_workers", "server")
 _RENAMED_KEYS = {"num_epochs": "epochs"}
 
 
+def _unknown_fix(name: Any, allowed: Any) -> str:
+    close = difflib.get_close_matches(str(name), list(allowed), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"{hint}remove it or use one of: {', '.join(allowed)}"
+
+
 def _unknown(file: Path, key: str, raw: dict, allowed: tuple[str, ...]) -> None:
     for k in raw:
         if k not in allowed:
-            raise ConfigError(file, f"{key}.{k}" if key else str(k), "unknown key", f"remove it or use one of: {', '.join(allowed)}")
+            raise ConfigError(file, f"{key}.{k}" if key else str(k), "unknown key", _unknown_fix(k, allowed))
 
 
 def _mapping(file: Path, key: str, raw: Any, example: str) -> dict:
@@ -249,9 +255,7 @@ def _parse_node(file: Path, name: str, body: Any, rank: int, networks: dict[str,
     key = f"nodes.{name}"
     body = _mapping(file, key, body, f"{name}: {{role: worker, device: mac-mini, addresses: {{lan: 10.10.0.2}}}}")
     _unknown(file, key, body, _NODE_KEYS)
-    role = body.get("role")
-    if role not in ROLES:
-        raise ConfigError(file, f"{key}.role", f"got {role!r}", "use server or worker")
+    role = body["role"]  # checked by load_topology before any node is parsed
     if "device" not in body:
         raise ConfigError(file, f"{key}.device", "missing", f"add device: one of {', '.join(sorted(devices))}")
     device = resolve_device(body["device"], devices, file, f"{key}.device")
@@ -323,7 +327,7 @@ def _parse_training(file: Path, raw: Any) -> TrainingDefaults:
         elif k in passthrough and k != "algorithm":
             extra[k] = v
         else:
-            raise ConfigError(file, key, "unknown key", f"use one of: {', '.join(sorted(set(known) | passthrough - set(_DERIVED_KEYS)))}")
+            raise ConfigError(file, key, "unknown key", _unknown_fix(k, sorted(set(known) | passthrough - set(_DERIVED_KEYS) - set(_RENAMED_KEYS))))
     t = TrainingDefaults(**values, extra=extra)
     if t.algorithm not in ("edp", "syncps"):
         raise ConfigError(file, "training.algorithm", f"got {t.algorithm!r}", "use edp or syncps")
@@ -368,7 +372,11 @@ def load_topology(path: str | Path) -> Topology:
     networks = _parse_networks(file, raw.get("networks"), links)
 
     nodes_raw = _mapping(file, "nodes", raw.get("nodes"), "nodes: {mini1: {role: server, ...}}")
-    servers = [n for n, b in nodes_raw.items() if isinstance(b, dict) and b.get("role") == "server"]
+    for name, body in nodes_raw.items():  # roles first, so a typo is named before "no server" is
+        role = body.get("role") if isinstance(body, dict) else None
+        if role not in ROLES:
+            raise ConfigError(file, f"nodes.{name}.role", f"got {role!r}", "use server or worker")
+    servers = [n for n, b in nodes_raw.items() if b["role"] == "server"]
     if len(servers) != 1:
         raise ConfigError(file, "nodes", f"found {len(servers)} servers ({', '.join(map(str, servers)) or 'none'}), need exactly one",
                           "give exactly one node role: server, the rest role: worker")
@@ -377,7 +385,7 @@ def load_topology(path: str | Path) -> Topology:
     next_rank = 1
     for name, body in nodes_raw.items():
         name = str(name)
-        is_server = isinstance(body, dict) and body.get("role") == "server"
+        is_server = body["role"] == "server"
         node = _parse_node(file, name, body, 0 if is_server else next_rank, networks, links, devices)
         next_rank += 0 if is_server else 1
         for net, addr in node.addresses.items():
@@ -424,8 +432,10 @@ def _check_routes(topo: Topology) -> None:
 
 
 class _NoRoute(Exception):
-    def __init__(self, at: str, dest: IPv4Address, reason: str):
-        self.at, self.dest, self.reason = at, dest, reason
+    """Routing failed at node `at` on the way to `dest`; `key`/`fix` say what to change."""
+
+    def __init__(self, at: str, dest: IPv4Address, reason: str, key: str, fix: str = ""):
+        self.at, self.dest, self.reason, self.key, self.fix = at, dest, reason, key, fix
 
 
 def _next_hop(topo: Topology, node: Node, dest: IPv4Address) -> tuple[IPv4Address, str]:
@@ -440,7 +450,7 @@ def _next_hop(topo: Topology, node: Node, dest: IPv4Address) -> tuple[IPv4Addres
             via_net = next(n for n, _ in node.addresses.items() if r.via in topo.networks[n].subnet)
             best = (r.dest.prefixlen, 0, r.via, via_net)
     if best is None:
-        raise _NoRoute(node.name, dest, f"{node.name} has no route to {dest}")
+        raise _NoRoute(node.name, dest, f"{node.name} has no route to {dest}", f"nodes.{node.name}.routes")
     return best[2], best[3]
 
 
@@ -453,15 +463,19 @@ def _walk(topo: Topology, src: str, dest: IPv4Address) -> list[Hop]:
         nh, net = _next_hop(topo, here, dest)
         hit = topo.owner(nh)
         if hit is None or hit[1] != net:
-            raise _NoRoute(here.name, dest, f"no node has address {nh} on network {net!r}")
+            raise _NoRoute(here.name, dest, f"{here.name} sends it to {nh} on network {net!r}, which no node has",
+                           f"nodes.{here.name}.routes", "route via an address a node has")
         nxt = hit[0]
         hops.append(Hop(src=here.name, dst=nxt.name, network=net, profile=topo.hop_profile(here.name, nxt.name, net)))
         if dest in nxt.addresses.values():
             break
         if not nxt.forwarding:
-            raise _NoRoute(nxt.name, dest, f"{nxt.name} does not forward")
+            raise _NoRoute(nxt.name, dest, f"{nxt.name} does not forward", f"nodes.{nxt.name}.forwarding",
+                           f"set nodes.{nxt.name}.forwarding: true")
         if nxt.name in visited:
-            raise _NoRoute(nxt.name, dest, "routing loop: " + " -> ".join([h.src for h in hops] + [nxt.name]))
+            raise _NoRoute(here.name, dest, "routing loop: " + " -> ".join([h.src for h in hops] + [nxt.name]),
+                           f"nodes.{here.name}.routes",
+                           f"make {here.name}'s route for {dest} point towards the server, not back to {nxt.name}")
         visited.add(nxt.name)
         here = nxt
     return hops
@@ -494,19 +508,18 @@ def _raise_unreachable(topo: Topology, worker: str, failures: list[tuple[str, _N
     server = topo.server
     # Prefer explaining a missing return route (the forward path worked), else the first failure.
     direction, e, there = next((f for f in failures if f[0] == "back"), failures[0])
-    subnet = next((n.subnet for n in topo.networks.values() if e.dest in n.subnet), None)
+    subnet = next((n.subnet for n in topo.networks.values() if e.dest in n.subnet), e.dest)
     if direction == "to":
-        fix = (f"add a route on {e.at} for {subnet or e.dest} via a forwarding neighbour that can reach {server.name}"
-               if "no route" in e.reason else f"fix the routes so {worker} reaches one of {server.name}'s addresses")
-        raise ConfigError(topo.file, f"nodes.{worker}.routes",
-                          f"worker {worker} has no path to the server {server.name}: {e.reason}", fix)
-    # The reverse of the forward path tells which neighbour the reply should be sent to.
-    prev = next((h for h in there if h.dst == e.at), None)
-    via = topo.nodes[prev.src].addresses[prev.network] if prev else None
-    suggestion = f"{{dest: {subnet}, via: {via}}}" if via is not None and subnet is not None else f"a route for {subnet or e.dest}"
-    raise ConfigError(topo.file, f"nodes.{e.at}.routes",
-                      f"{worker} reaches the server {server.name} but replies to {e.dest} cannot come back: {e.reason}",
-                      f"add {suggestion} to nodes.{e.at}.routes (a return route)")
+        fix = e.fix or f"add a route to nodes.{e.at}.routes for {subnet} via a forwarding neighbour that can reach {server.name}"
+        raise ConfigError(topo.file, e.key, f"worker {worker} has no path to the server {server.name}: {e.reason}", fix)
+    fix = e.fix
+    if not fix:
+        # The reverse of the forward path tells which neighbour the reply should be sent to.
+        prev = next((h for h in there if h.dst == e.at), None)
+        via = topo.nodes[prev.src].addresses[prev.network] if prev else "<a forwarding neighbour towards the worker>"
+        fix = f"add {{dest: {subnet}, via: {via}}} to nodes.{e.at}.routes (a return route)"
+    raise ConfigError(topo.file, e.key,
+                      f"{worker} reaches the server {server.name} but replies to {e.dest} cannot come back: {e.reason}", fix)
 
 
 def path_to_server(topo: Topology, worker: str) -> list[Hop]:
