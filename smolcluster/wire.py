@@ -351,9 +351,9 @@ def read_frame(
     if flags & ~FLAG_MAC:
         raise BadHeader(f"unknown flag bits {flags:#04x}", peer=peer)
     if header_len > limits.max_header_bytes:
-        raise FrameTooLarge(f"header of {header_len} bytes declared, the limit is {limits.max_header_bytes}", peer=peer)
+        raise FrameTooLarge(f"{kind.name} frame declares a header of {header_len} bytes, the limit is {limits.max_header_bytes}", peer=peer)
     if payload_len > limits.max_payload_bytes:
-        raise FrameTooLarge(f"payload of {payload_len} bytes declared, the limit is {limits.max_payload_bytes}", peer=peer)
+        raise FrameTooLarge(f"{kind.name} frame declares a payload of {payload_len} bytes, the limit is {limits.max_payload_bytes}", peer=peer)
     has_mac = bool(flags & FLAG_MAC)
     if mac_key is not None and not has_mac:
         raise MissingKey(f"peer sent an unauthenticated {kind.name} frame, but this node requires the cluster key "
