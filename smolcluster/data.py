@@ -104,8 +104,8 @@ def read_idx(path: Path, magic: int, expect_count: int | None = None) -> torch.T
             out = torch.empty(dims, dtype=torch.uint8)
             buf = out.numpy().reshape(-1)  # read straight into the tensor: one copy, no temp bytes
             view, n = memoryview(buf), 0
-            while n < buf.size:  # loop: a stream may fill the buffer in several reads
-                got = f.readinto(view[n:])
+            while n < buf.size:  # 1 MiB chunks: gzip would otherwise build a full-size temp bytes object
+                got = f.readinto(view[n:n + (1 << 20)])
                 if not got:
                     break
                 n += got
