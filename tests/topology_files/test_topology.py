@@ -270,3 +270,39 @@ def test_faults_must_be_a_list(tmp_path):
     raw = hybrid_raw()
     raw["faults"] = {"at": 10, "kill": "pi4"}
     expect_error(tmp_path, raw, "faults", "faults: []")
+
+
+def test_asymmetric_routes_are_followed_and_shown(tmp_path):
+    # W reaches S through R1, but S sends replies through R2: valid, and `show` says so.
+    raw = {
+        "networks": {n: {"subnet": f"10.0.{i}.0/24", "profile": "ethernet-1g"} for i, n in enumerate("abc", start=1)},
+        "nodes": {
+            "s": {"role": "server", "device": "mac-mini", "addresses": {"a": "10.0.1.1", "b": "10.0.2.1"},
+                  "routes": [{"dest": "10.0.3.0/24", "via": "10.0.2.2"}]},
+            "r1": {"role": "worker", "device": "mac-mini", "addresses": {"a": "10.0.1.2", "c": "10.0.3.2"}, "forwarding": True},
+            "r2": {"role": "worker", "device": "mac-mini", "addresses": {"b": "10.0.2.2", "c": "10.0.3.3"}, "forwarding": True},
+            "w": {"role": "worker", "device": "raspberry-pi-5", "addresses": {"c": "10.0.3.4"},
+                  "routes": [{"dest": "default", "via": "10.0.3.2"}]},
+        },
+    }
+    topo = load_topology(write(tmp_path, raw))
+    assert [h.dst for h in path_to_server(topo, "w")] == ["r1", "s"]
+    assert [h.dst for h in path_from_server(topo, "w")] == ["r2", "w"]
+    assert "replies: s -> r2 -> w" in format_topology(topo)
+
+
+def test_both_ends_overriding_a_link_puts_them_in_series(tmp_path):
+    raw = yaml.safe_load((REPO / "topologies" / "home-wifi.yaml").read_text())
+    raw["nodes"]["server"]["links"] = {"home": {"profile": "ethernet-1g", "delay_ms": 5}}
+    topo = load_topology(write(tmp_path, raw))
+    wifi = load_link_profiles()["wifi"]
+    hop = path_to_server(topo, "macbook")[0].profile
+    assert hop.delay_ms == wifi.delay_ms + 5 and hop.up_mbit == wifi.up_mbit
+    assert path_to_server(topo, "pi")[0].profile.delay_ms == 5  # the cabled Pi sees only the server's override
+
+
+def test_the_example_in_docs_is_a_valid_topology(tmp_path):
+    doc = (REPO / "docs" / "topology.md").read_text()
+    example = doc.split("## Example\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    topo = load_topology(write(tmp_path, example))
+    assert [h.dst for h in path_to_server(topo, "pi4")] == ["mini3", "mini1"]
