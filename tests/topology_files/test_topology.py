@@ -306,3 +306,13 @@ def test_the_example_in_docs_is_a_valid_topology(tmp_path):
     example = doc.split("## Example\n\n```yaml\n", 1)[1].split("```", 1)[0]
     topo = load_topology(write(tmp_path, example))
     assert [h.dst for h in path_to_server(topo, "pi4")] == ["mini3", "mini1"]
+
+
+def test_resolved_topology_is_plain_data():
+    from smolcluster.topology import to_dict
+
+    data = yaml.safe_load(yaml.safe_dump(to_dict(load_topology(HYBRID))))
+    assert data["nodes"]["pi4"]["addresses"] == {"pi4-eth": "192.168.51.4"}
+    assert data["nodes"]["pi4"]["device"]["name"] == "raspberry-pi-4"
+    assert data["networks"]["thunderbolt"]["gateway"] == "10.10.0.254"
+    assert data["nodes"]["pi4"]["routes"] == [{"dest": "10.10.0.0/24", "via": "192.168.51.2"}]
