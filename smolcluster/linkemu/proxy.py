@@ -25,7 +25,8 @@ from smolcluster.errors import ProxyError
 from smolcluster.linkemu.toxics import CLOSE, EOF, RESET, STREAMS, Item, Payload, Toxic, ToxicState
 
 CHUNK = 128 * 1024  # bytes per recv: big enough that Python's per-call cost stays small
-QUEUE_LIMIT = 4 * 1024 * 1024  # queued bytes per direction before the reader stops reading (backpressure)
+QUEUE_LIMIT = 16 * 1024 * 1024  # queued bytes per direction before the reader stops reading (backpressure)
+QUEUE_SLACK_S = 0.1  # on a rate-limited link, queue at most this much link time beyond the latency
 DIAL_TIMEOUT_S = 5.0
 JOIN_TIMEOUT_S = 5.0
 
@@ -84,6 +85,17 @@ class _Pipe:
         self.active = [(st.toxic, st) for st in states.values() if st.active]
         return self.active
 
+    @staticmethod
+    def queue_limit(active: list[tuple[Toxic, ToxicState]]) -> float:
+        """Bytes the pipe may hold. Enough for latency x rate (so latency does not cap throughput),
+        but on a rate-limited link only ~100 ms more than that: a bigger queue would only add delay
+        (bufferbloat), and backpressure to the sender's TCP is what a real bottleneck gives."""
+        rates = [r for r in (toxic.rate() for toxic, _ in active) if r]
+        if not rates:
+            return QUEUE_LIMIT
+        delay = sum(toxic.delay_s() for toxic, _ in active)
+        return min(QUEUE_LIMIT, max(64 * 1024, min(rates) * (delay + QUEUE_SLACK_S)))
+
     def _deadline(self) -> Optional[tuple[float, str]]:
         deadlines = [st.deadline for _, st in self.active if st.deadline is not None]
         return min(deadlines) if deadlines else None
@@ -103,7 +115,7 @@ class _Pipe:
             now = time.monotonic()
             payload: Payload = bytes(view[:n]) if n else EOF
             with self.cond:
-                while self.queued_bytes > QUEUE_LIMIT and not conn.closed:
+                while self.queued_bytes > self.queue_limit(self.active) and not conn.closed:
                     self.cond.wait()
                 if conn.closed:
                     return

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 import threading
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Optional, Union
 
 from smolcluster.errors import ProxyError
 
@@ -114,6 +114,14 @@ class Toxic:
     def piece_size(self) -> int:
         return 1 << 30
 
+    def delay_s(self) -> float:
+        """Longest delay this toxic adds to data (sizes the proxy's queue)."""
+        return 0.0
+
+    def rate(self) -> Optional[float]:
+        """Link capacity in bytes/s if this toxic limits it."""
+        return None
+
 
 class Latency(Toxic):
     """Every item (data and close) arrives `latency` ± `jitter` ms later; order is kept."""
@@ -129,6 +137,9 @@ class Latency(Toxic):
         # TCP never reorders, so a jittered chunk cannot overtake the one before it.
         st.last = max(t + max(delay, 0.0) / 1000.0, st.last)
         return [(st.last, payload)]
+
+    def delay_s(self) -> float:
+        return (self.attributes["latency"] + self.attributes["jitter"]) / 1000.0
 
 
 class _Wire:
@@ -169,6 +180,9 @@ class Bandwidth(Toxic):
 
     def reserve(self, nbytes: int, now: float) -> float:
         return self._wire.reserve(nbytes, now) if self._wire else now
+
+    def rate(self) -> Optional[float]:
+        return self._wire.bytes_per_s if self._wire else None
 
     def piece_size(self) -> int:
         # ~5 ms of link time per booking, so concurrent connections interleave finely.
