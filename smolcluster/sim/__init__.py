@@ -1,0 +1,1 @@
+"""Simulation backends: local processes and docker-compose."""
