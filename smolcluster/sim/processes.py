@@ -1,0 +1,101 @@
+"""A group of node processes that never outlives its owner.
+
+Every node runs as `python -m smolcluster ...` in its own session (so a signal reaches only it and its
+children). Leaving the `with` block — normally, on an error or on Ctrl-C — terminates and then kills
+everything that is still running. Signals (kill, pause, resume) are how process faults are injected.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+
+class ProcessGroup:
+    def __init__(self, env: dict[str, str] | None = None):
+        self.env = {**os.environ, **(env or {})}
+        self.procs: dict[str, NodeProcess] = {}
+        self.history: list[NodeProcess] = []  # every process ever started, restarts included
+
+    def start(self, name: str, args: list[str], log_path: Path) -> NodeProcess:
+        """Start `python -m smolcluster *args`; stdout and stderr go to log_path (appended)."""
+        old = self.procs.get(name)
+        if old is not None and old.alive():
+            raise RuntimeError(f"{name} is still running (pid {old.pid})")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "smolcluster", *args]
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=self.env, start_new_session=(os.name != "nt"))
+        proc = NodeProcess(name, argv, log_path, popen)
+        self.procs[name] = proc
+        self.history.append(proc)
+        return proc
+
+    def restart(self, name: str) -> NodeProcess:
+        old = self.procs[name]
+        if old.alive():
+            self.signal(name, signal.SIGKILL)
+            old.popen.wait(timeout=10)
+        return self.start(name, old.argv[3:], old.log_path)
+
+    def signal(self, name: str, sig: int) -> None:
+        proc = self.procs[name]
+        if proc.alive():
+            if os.name == "nt":  # no process groups or SIGSTOP on Windows
+                proc.popen.kill() if sig != signal.SIGTERM else proc.popen.terminate()
+            else:
+                os.killpg(proc.pid, sig)
+
+    def wait(self, name: str, timeout: float) -> int:
+        return self.procs[name].popen.wait(timeout=timeout)
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        """SIGCONT (paused nodes cannot exit), SIGTERM, wait, then SIGKILL whatever is left."""
+        live = [p for p in self.history if p.alive()]
+        for p in live:
+            for sig in ([signal.SIGCONT] if os.name != "nt" else []) + [signal.SIGTERM]:
+                try:
+                    os.killpg(p.pid, sig) if os.name != "nt" else p.popen.terminate()
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + grace
+        for p in live:
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL) if os.name != "nt" else p.popen.kill()
+                except ProcessLookupError:
+                    pass
+                p.popen.wait(timeout=5)
+
+    def __enter__(self) -> "ProcessGroup":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
