@@ -113,6 +113,24 @@ def proxy(
         server.stop()
 
 
+@bench_app.command("proxy")
+def bench_proxy(
+    megabytes: int = typer.Option(200, "--mb", help="Megabytes to send per case."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Loopback throughput of the embedded proxy: direct, no toxics, latency, bandwidth."""
+    import json
+
+    from smolcluster.linkemu.bench import run_proxy_bench
+
+    rows = run_proxy_bench(megabytes)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        typer.echo(f"{row['path']:<36} {row['MB/s']:>8.0f} MB/s")
+
+
 # --------------------------------------------------------------------------- container images
 
 image_app = typer.Typer(help="Container images for the compose backend.", no_args_is_help=True)
