@@ -83,9 +83,16 @@ def probe_qdiscs(exec_prefix: Sequence[str], timeout: float = 60.0) -> QdiscSupp
     return parse_probe(proc.stdout)
 
 
+# Profiles give the rate TCP gets (goodput); tc counts whole frames. A full-size TCP segment
+# carries 1448 payload bytes in a 1514-byte frame (Ethernet 14 + IP 20 + TCP 32 with
+# timestamps), so the qdisc rate is scaled up by that ratio. Measured here with tbf:
+# 940 Mbit/s configured as-is gave 902 Mbit/s of goodput (-4 %, as this predicts).
+WIRE_BYTES_PER_PAYLOAD_BYTE = 1514 / 1448
+
+
 def _mbit(rate: float) -> str:
     # tc takes integers with units; kbit keeps sub-Mbit profiles exact.
-    return f"{max(1, round(rate * 1000))}kbit"
+    return f"{max(1, round(rate * WIRE_BYTES_PER_PAYLOAD_BYTE * 1000))}kbit"
 
 
 def tbf_burst_bytes(rate_mbit: float) -> int:

@@ -26,12 +26,14 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import yaml
 
@@ -501,3 +503,70 @@ def toxiproxy_api_url(env: DockerEnv, cp: ComposeProject) -> str:
     out = env.run(["port", container_id(env, cp, holder), f"{TOXIPROXY_API_PORT}/tcp"], timeout=30).stdout.strip()
     host_port = out.splitlines()[0].rsplit(":", 1)[-1]
     return f"http://127.0.0.1:{int(host_port)}"
+
+
+@contextmanager
+def running(env: DockerEnv, cp: ComposeProject, timeout: float = 300.0) -> Iterator[ComposeProject]:
+    """Bring the project up for the `with` body; always tear it down, also when up or the body fails."""
+    try:
+        up(env, cp, timeout=timeout)
+        yield cp
+    finally:
+        down(env, cp)
+
+
+# --------------------------------------------------------------------------- measuring inside containers
+
+
+def _measure_cmd(cp: ComposeProject, *args: str) -> list[str]:
+    return [cp.image.python, "-m", "smolcluster.linkemu.measure", *args]
+
+
+@contextmanager
+def measure_server(env: DockerEnv, cp: ComposeProject, service: str, port: int, count: int = 1,
+                   timeout: float = 60.0) -> Iterator[subprocess.Popen]:
+    """`measure serve` running in a service's container for the `with` body (its results on stdout)."""
+    cmd = [env.docker, "exec", container_id(env, cp, service),
+           *_measure_cmd(cp, "serve", "--port", str(port), "--count", str(count), "--timeout", str(timeout))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline() if proc.stdout else ""
+        if "listening" not in first:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise DockerCommandFailed(f"measure server in {service} did not start: {first}{err}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def _json_result(proc: subprocess.CompletedProcess[str], what: str) -> dict:
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if not lines:
+        raise DockerCommandFailed(f"{what}: no result (exit {proc.returncode}): {proc.stdout}{proc.stderr}")
+    return json.loads(lines[-1])
+
+
+def measure_throughput(env: DockerEnv, cp: ComposeProject, src: str, dst: str, address: str, port: int = 5201,
+                       seconds: float = 3.0) -> dict:
+    """Bulk TCP from service `src` to `address` (served by `dst`), as the receiver measured it."""
+    with measure_server(env, cp, dst, port):
+        r = exec_in(env, cp, src, _measure_cmd(cp, "send", address, str(port), "--seconds", str(seconds)),
+                    timeout=seconds + 60, check=False)
+    return _json_result(r, f"throughput {src} -> {dst} ({address})")
+
+
+def measure_rtt(env: DockerEnv, cp: ComposeProject, src: str, dst: str, address: str, port: int = 5202,
+                count: int = 20) -> dict:
+    with measure_server(env, cp, dst, port):
+        r = exec_in(env, cp, src, _measure_cmd(cp, "rtt", address, str(port), "--count", str(count)), timeout=120, check=False)
+    return _json_result(r, f"rtt {src} -> {dst} ({address})")
+
+
+def can_connect(env: DockerEnv, cp: ComposeProject, src: str, address: str, port: int, timeout: float = 3.0) -> tuple[bool, str]:
+    """(True, "") when a TCP connection from `src` to address:port opens, else (False, the error)."""
+    r = exec_in(env, cp, src, _measure_cmd(cp, "connect", address, str(port), "--timeout", str(timeout)),
+                timeout=timeout + 60, check=False)
+    res = _json_result(r, f"connect {src} -> {address}:{port}")
+    return bool(res.get("connected")), res.get("error", "")
