@@ -113,6 +113,21 @@ def proxy(
         server.stop()
 
 
+@bench_app.command("train")
+def bench_train(
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    workers: int = typer.Option(3, "--workers", help="Worker processes for SyncPS, EDP and DDP."),
+    epochs: int = typer.Option(1, "--epochs", help="Epochs over MNIST for every run."),
+) -> None:
+    """Single process vs SyncPS vs EDP vs torch DDP (gloo) on MNIST: time, throughput, accuracy, memory."""
+    import sys as _sys
+
+    from smolcluster.bench.train import format_table, run_all, to_json
+
+    runs = run_all(workers=workers, epochs=epochs, progress=lambda m: print(m, file=_sys.stderr))
+    print(to_json(runs) if json_out else format_table(runs))
+
+
 @bench_app.command("proxy")
 def bench_proxy(
     megabytes: int = typer.Option(200, "--mb", help="Megabytes to send per case."),
@@ -129,6 +144,29 @@ def bench_proxy(
         return
     for row in rows:
         typer.echo(f"{row['path']:<36} {row['MB/s']:>8.0f} MB/s")
+
+
+@bench_app.command("wire")
+def bench_wire(as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table.")) -> None:
+    """A model state over loopback TCP and back: smolwire (keyless and keyed) vs raw bytes vs pickle."""
+    from smolcluster.bench.wire import main as wire_main
+
+    wire_main(as_json=as_json)
+
+
+# --------------------------------------------------------------------------- security
+
+
+@app.command()
+def keygen(
+    path: Path = typer.Argument(..., help="Where to write the cluster key (copy it to every node)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing key file."),
+) -> None:
+    """Write a new random cluster key (32 bytes, hex, mode 0600). Nodes use it via --key-file or SMOLCLUSTER_CLUSTER_KEY."""
+    from smolcluster.auth import write_key_file
+
+    write_key_file(path, force=force)
+    typer.echo(f"wrote a new cluster key to {path} (mode 0600); copy it to every node")
 
 
 # --------------------------------------------------------------------------- container images
@@ -150,6 +188,62 @@ def image_build(
     env = detect_docker()
     built = build_offline_image(env, force=force) if offline else build_user_image(env, tag)
     typer.echo(built)
+
+
+# --------------------------------------------------------------------------- sim
+
+
+@app.command()
+def sim(
+    file: Path = typer.Argument(..., help="Topology file, e.g. topologies/hybrid.yaml."),
+    algo: Optional[str] = typer.Option(None, "--algo", help=ALGO_HELP + " Default: the topology's training.algorithm."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs over each worker's shard (default: the topology's)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many server updates."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for data shards, init and link jitter (default: the topology's)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where everything goes (default runs/<topology>-<algo>-<timestamp>)."),
+    backend: str = typer.Option("local", "--backend", help="local (processes + impairing proxies, no root) or compose (docker)."),
+    toxiproxy: Optional[str] = typer.Option(None, "--toxiproxy", help="URL of a real Toxiproxy API to use instead of the embedded one."),
+    check: bool = typer.Option(False, "--check", help="Measure every worker->server path (RTT, throughput) against its profile; no training."),
+    as_json: bool = typer.Option(False, "--json", help="With --check: print JSON instead of a table."),
+    wandb: bool = typer.Option(False, "--wandb", help="Log to W&B (online with a key, else offline; never prompts)."),
+    faults: Optional[Path] = typer.Option(None, "--faults", help="Fault schedule file (faults: [...]) added to the topology's own faults."),
+) -> None:
+    """Run a topology as an emulated cluster: every node a process, every link hop an impairing proxy."""
+    from smolcluster.sim.run import SimOptions, install_sigterm_as_interrupt, run_sim
+
+    install_sigterm_as_interrupt()
+    opts = SimOptions(file=file, algo=algo, epochs=epochs, max_steps=max_steps, seed=seed, run_dir=run_dir, backend=backend,
+                      toxiproxy=toxiproxy, check=check, as_json=as_json, wandb=wandb, faults=faults)
+    raise typer.Exit(run_sim(opts))
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory (nodes/<name>/metrics.jsonl, summary.json, faults.jsonl).")) -> None:
+    """Print a run's summary table (per node, links, fault reactions) and write its plots into the run dir."""
+    from smolcluster.report import load_run, summary_table, write_plots
+
+    typer.echo(summary_table(load_run(run_dir)), nl=False)
+    for path in write_plots(run_dir):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def compare(
+    run_a: Path = typer.Argument(..., help="First run directory (e.g. the EDP run)."),
+    run_b: Path = typer.Argument(..., help="Second run directory (e.g. the SyncPS run)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the accuracy overlay PNG (default: compare_<A>_vs_<B>.png beside RUN_A)."),
+) -> None:
+    """Two runs side by side: accuracy, time to 90/95 %, pushes, bytes, throughput, staleness; plus an accuracy plot."""
+    from smolcluster.report import compare as compare_runs
+    from smolcluster.report import load_run, write_compare_plot
+
+    a, b = load_run(run_a), load_run(run_b)
+    typer.echo(compare_runs(a, b), nl=False)
+    target = out or run_a.resolve().parent / f"compare_{a.name}_vs_{b.name}.png"
+    typer.echo(f"wrote {write_compare_plot(a, b, target)}")
 
 
 # --------------------------------------------------------------------------- entry point

@@ -152,14 +152,13 @@ def _check_quant(name: str, q: Any) -> str | None:
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's bytes as a flat memoryview, without copying when it is already a contiguous CPU tensor."""
+    """The tensor's bytes as a memoryview, without copying when it is already a contiguous CPU tensor."""
     t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    # view(uint8) handles bfloat16 and bool, which numpy cannot represent directly.
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    if t.device.type != "cpu" or not t.is_contiguous():
+        t = t.cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)  # numpy has no bfloat16; same bytes
+    return memoryview(t.numpy())
 
 
 # --------------------------------------------------------------------------- encode
@@ -275,22 +274,26 @@ def _parse_header(raw: bytes | bytearray, payload_len: int, limits: WireLimits, 
     quant: dict[str, dict[str, Any]] = {}
     names: set[str] = set()
     for i, e in enumerate(entries):
-        if not isinstance(e, dict):
+        if type(e) is not dict:
             raise BadTensorTable(f"tensor table entry {i} is not an object", peer=peer)
-        name, dname, shape, off, length = (e.get(k) for k in ("name", "dtype", "shape", "offset", "length"))
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
+        name = e.get("name")
+        dname = e.get("dtype")
+        shape = e.get("shape")
+        off = e.get("offset")
+        length = e.get("length")
+        if type(name) is not str or not name or len(name) > MAX_NAME_CHARS:
             raise BadTensorTable(f"tensor table entry {i} has a bad name {str(name)[:80]!r}", peer=peer)
         if name in names:
             raise BadTensorTable(f"tensor '{name}' appears twice in the tensor table", peer=peer)
         names.add(name)
-        if not isinstance(dname, str):
-            raise BadTensorTable(f"tensor '{name}' has no dtype string", peer=peer)
-        dtype = DTYPES.get(dname)
+        dtype = DTYPES.get(dname) if type(dname) is str else None
         if dtype is None:
-            raise UnknownDtype(f"tensor '{name}' has dtype {dname[:40]!r}; allowed: {', '.join(DTYPES)}", peer=peer)
-        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-                or not all(type(d) is int and d >= 0 for d in shape)):
+            raise UnknownDtype(f"tensor '{name}' has dtype {str(dname)[:40]!r}; allowed: {', '.join(DTYPES)}", peer=peer)
+        if type(shape) is not list or len(shape) > MAX_NDIM:
             raise BadTensorTable(f"tensor '{name}' shape must be a list of at most {MAX_NDIM} non-negative ints", peer=peer)
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise BadTensorTable(f"tensor '{name}' shape must be a list of at most {MAX_NDIM} non-negative ints", peer=peer)
         if type(off) is not int or type(length) is not int or off < 0 or length < 0:
             raise BadTensorTable(f"tensor '{name}' needs non-negative integer offset and length", peer=peer)
         itemsize = dtype.itemsize
@@ -388,7 +391,12 @@ def read_frame(
 
     tensors: dict[str, torch.Tensor] = {}
     for name, dtype, shape, off, length in specs:
-        t = payload[off : off + length].view(dtype).reshape(shape)
+        if length:
+            t = torch.frombuffer(payload_view, dtype=dtype, count=length // dtype.itemsize, offset=off)
+            if len(shape) != 1:
+                t = t.view(shape)
+        else:
+            t = torch.empty(shape, dtype=dtype)
         if reject_nonfinite and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             raise NonFiniteTensor(f"tensor '{name}' contains NaN or Inf; it was not applied", peer=peer)
         tensors[name] = t
