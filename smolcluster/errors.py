@@ -35,6 +35,10 @@ class DataError(SmolclusterError):
     """A dataset cannot be found, read or downloaded."""
 
 
+class ReportError(SmolclusterError):
+    """A run directory cannot be reported on (missing, no metrics, unreadable summary)."""
+
+
 class QuantizationError(SmolclusterError):
     """A quantized tensor set is malformed (missing scale/zero companion, unknown scheme, bad shapes)."""
 
@@ -161,3 +165,7 @@ class ProxyError(SmolclusterError):
     def __init__(self, message: str, status: int = 400):
         self.status = status
         super().__init__(message)
+
+
+class SimError(SmolclusterError):
+    """A simulated run could not start or ended badly (a node failed to start, the server crashed, ...)."""
