@@ -403,14 +403,25 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
                           toxiproxy_address=toxi_addr, services=list(services))
 
 
-def default_commands(topo: Topology, image: ImageSpec, proxies: Sequence[ProxyRoute] = ()) -> dict[str, list[str]]:
-    """The training command per node: server on rank 0, each worker dialing its proxy (if any)."""
+RESUME_MARKER = "resume"  # RUN_DIR/nodes/<server>/resume: the next start of the server container passes --resume
+
+
+def default_commands(topo: Topology, image: ImageSpec, proxies: Sequence[ProxyRoute] = (),
+                     algorithm: str | None = None) -> dict[str, list[str]]:
+    """The training command per node: server on rank 0, each worker dialing its proxy (if any).
+
+    The server's command resumes from its checkpoint when RUN_DIR/nodes/<server>/resume exists, so
+    `docker start` after a crash (a fault, or by hand) continues the run instead of restarting it.
+    """
     dial = {p.worker: p.listen for p in proxies}
-    algo = topo.training.algorithm
+    algo = algorithm or topo.training.algorithm
     cfg = f"{CONTAINER_RUN_DIR}/config"
     out: dict[str, list[str]] = {}
     server = topo.server
-    out[server.name] = [image.python, "-m", "smolcluster", "server", "--algo", algo, "--config-dir", cfg,
+    marker = f"{CONTAINER_RUN_DIR}/nodes/{server.name}/{RESUME_MARKER}"
+    resume_if_marked = f'if [ -e {shlex.quote(marker)} ]; then exec "$@" --resume; else exec "$@"; fi'
+    out[server.name] = ["/bin/sh", "-c", resume_if_marked, "server",
+                        image.python, "-m", "smolcluster", "server", "--algo", algo, "--config-dir", cfg,
                         "--run-dir", f"{CONTAINER_RUN_DIR}/nodes/{server.name}", "--slowdown", f"{1 / server.device.speed:g}"]
     for w in topo.workers:
         out[w.name] = [image.python, "-m", "smolcluster", "worker", str(w.rank), w.name, "--algo", algo,
@@ -570,3 +581,15 @@ def can_connect(env: DockerEnv, cp: ComposeProject, src: str, address: str, port
                 timeout=timeout + 60, check=False)
     res = _json_result(r, f"connect {src} -> {address}:{port}")
     return bool(res.get("connected")), res.get("error", "")
+
+
+# --------------------------------------------------------------------------- `smolcluster sim --backend compose`
+
+
+def run_compose(opts, out=None) -> int:  # type: ignore[no-untyped-def]
+    """Entry point used by smolcluster.sim.run for `--backend compose` (implemented in compose_run)."""
+    import sys
+
+    from smolcluster.sim.compose_run import run_compose as _run
+
+    return _run(opts, out=out or sys.stdout)
