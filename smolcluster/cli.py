@@ -207,13 +207,15 @@ def sim(
     as_json: bool = typer.Option(False, "--json", help="With --check: print JSON instead of a table."),
     wandb: bool = typer.Option(False, "--wandb", help="Log to W&B (online with a key, else offline; never prompts)."),
     faults: Optional[Path] = typer.Option(None, "--faults", help="Fault schedule file (faults: [...]) added to the topology's own faults."),
+    render_only: bool = typer.Option(False, "--render-only", help="With --backend compose: write the compose project and print how to run it by hand."),
 ) -> None:
     """Run a topology as an emulated cluster: every node a process, every link hop an impairing proxy."""
     from smolcluster.sim.run import SimOptions, install_sigterm_as_interrupt, run_sim
 
     install_sigterm_as_interrupt()
     opts = SimOptions(file=file, algo=algo, epochs=epochs, max_steps=max_steps, seed=seed, run_dir=run_dir, backend=backend,
-                      toxiproxy=toxiproxy, check=check, as_json=as_json, wandb=wandb, faults=faults)
+                      toxiproxy=toxiproxy, check=check, as_json=as_json, wandb=wandb, faults=faults,
+                      render_only=render_only)
     raise typer.Exit(run_sim(opts))
 
 

@@ -45,6 +45,7 @@ class SimOptions:
     wandb: bool = False
     progress_interval: float = 5.0  # seconds between progress lines when stdout is not a terminal
     faults: Optional[Path] = None  # fault schedule file, added to the topology's own `faults:`
+    render_only: bool = False  # compose: write the project and print how to run it by hand
 
 
 def default_run_dir(topo: Topology, algo: str, now: Optional[float] = None) -> Path:
