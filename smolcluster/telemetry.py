@@ -25,6 +25,18 @@ from typing import Any
 # --------------------------------------------------------------------------- metrics
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (ru_maxrss is KB on Linux, bytes on macOS)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 def _jsonable(v: Any) -> Any:
     """Numbers, strings, lists, dicts; tensors/numpy scalars -> Python; NaN/inf -> null (strict JSON)."""
     if isinstance(v, float):

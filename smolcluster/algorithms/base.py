@@ -27,6 +27,7 @@ from smolcluster.errors import ConnectFailed, SmolclusterError, TransportError, 
 from smolcluster.models import loss_fn
 from smolcluster.node_context import NodeContext
 from smolcluster.quantization import dequantize_state, quantize_state, quantized_schema
+from smolcluster.telemetry import peak_rss_mb
 from smolcluster.transport import Connection, Listener, RetryPolicy, connect
 from smolcluster.wire import Message, MessageKind, Schema, schema_of
 
@@ -167,6 +168,7 @@ class ServerBase:
         self._snapshot: tuple[int, dict[str, torch.Tensor], dict[str, dict]] | None = None
         self.checkpoint_dir = Path(self.cluster.checkpoint_dir) if self.cluster.checkpoint_dir else ctx.run_dir / "checkpoints"
         self.started = time.time()
+        self.training_started: float | None = None
         self.last_eval: tuple[float, float] | None = None
         if resume:
             self._resume()
@@ -187,11 +189,13 @@ class ServerBase:
             self.stop_reason = "interrupted"
             self.log.warning("interrupted: writing a final checkpoint and summary")
         finally:
-            listener.close()
+            # BYE first: closing the listener closes every accepted connection, and a worker that
+            # loses its connection without a BYE keeps reconnecting instead of finishing.
             for peer in list(self.peers.values()):
                 peer.send(Message(MessageKind.BYE, {"reason": self.stop_reason or "finished"}))
                 self._retire(peer, "server finished")
             self.peers.clear()
+            listener.close()
         return self.finish()
 
     def loop(self) -> None:
@@ -391,6 +395,9 @@ class ServerBase:
 
     def after_update(self, **fields: Any) -> None:
         """Bookkeeping after every model update: metrics, periodic eval and checkpoint."""
+        if self.training_started is None:
+            self.training_started = time.time()
+            self.ctx.metrics.write("training_start", version=self.version)
         self.applied += 1
         self.ctx.metrics.write("update", version=self.version, step=self.step, **fields)
         if self.version % self.nn.eval_steps == 0:
@@ -464,7 +471,7 @@ class ServerBase:
             "config": to_dict(self.cfg.cluster) | {"nn": to_dict(self.cfg.nn)},
         }
         (self.ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.ctx.metrics.write("end", version=self.version, test_accuracy=acc, test_loss=loss)
+        self.ctx.metrics.write("end", version=self.version, test_accuracy=acc, test_loss=loss, peak_rss_mb=peak_rss_mb())
         self.log.info(f"done: {self.version} updates, test accuracy {acc:.4f}, wall {summary['wall_time_s']} s")
         return summary
 
@@ -513,7 +520,7 @@ class WorkerBase:
         def on_retry(attempt: int, delay: float, err: Exception) -> None:
             self.log.info(f"server {self.host}:{self.port} not reachable ({err}); retry {attempt} in {delay:.1f}s")
 
-        retry = RetryPolicy(deadline=max(60.0, self.cluster.idle_timeout * 2))
+        retry = RetryPolicy(deadline=self.reconnect_deadline())
         self.conn = connect(self.host, self.port, key=self.ctx.key, config=self.ctx.transport, retry=retry, on_retry=on_retry)
         self.conn.send(Message(MessageKind.HELLO, {"rank": self.rank, "hostname": self.ctx.hostname, "algorithm": self.algorithm}))
         welcome = self.conn.recv(timeout=self.ctx.transport.io_timeout, schema=self.recv_schema)
@@ -528,6 +535,10 @@ class WorkerBase:
         self.log.info(f"joined {self.host}:{self.port} at version {self.version}, step {welcome.fields.get('step')}")
         self.ctx.metrics.write("join", version=self.version, step=welcome.fields.get("step"))
         return welcome
+
+    def reconnect_deadline(self) -> float:
+        """How long the server may stay unreachable before this worker gives up."""
+        return max(60.0, self.cluster.idle_timeout * 2)
 
     def load_weights(self, msg: Message, alpha: float) -> None:
         """Take the server weights: w = alpha * server + (1 - alpha) * local."""
@@ -546,8 +557,6 @@ class WorkerBase:
         self.model.zero_grad(set_to_none=True)
         loss = loss_fn(self.model, x, y)
         loss.backward()
-        if self.nn.gradient_clipping:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.nn.gradient_clipping)
         elapsed = time.perf_counter() - t0
         self.ctx.stretch(elapsed)
         self.compute_s += time.perf_counter() - t0
@@ -555,6 +564,12 @@ class WorkerBase:
 
     def gradients(self) -> dict[str, torch.Tensor]:
         return {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
+
+    def local_step(self) -> None:
+        """Clip (as the server does) and step the local optimizer."""
+        if self.nn.gradient_clipping:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.nn.gradient_clipping)
+        self.optimizer.step()
 
     def exchange(self, msg: Message, timeout: float) -> Message:
         """Send one request and wait for its reply; reply time counts as communication + waiting."""
@@ -584,9 +599,11 @@ class WorkerBase:
     def run(self) -> None:
         """Train until done, reconnecting when the server goes away."""
         finished_by_server = False
+        lost_since: float | None = None
         while True:
             try:
                 welcome = self.connect()
+                lost_since = None
                 self.train(welcome)
                 break
             except ServerFinished as e:
@@ -596,6 +613,12 @@ class WorkerBase:
             except ConnectFailed:
                 raise  # retried until the deadline already: the server is not coming back
             except TransportError as e:
+                # Through a proxy the TCP connect always succeeds and the handshake fails instead, so
+                # connect()'s own deadline never trips: bound the whole outage here.
+                lost_since = lost_since or time.time()
+                if time.time() - lost_since > self.reconnect_deadline():
+                    raise ConnectFailed(f"server {self.host}:{self.port} unreachable for {time.time() - lost_since:.0f}s "
+                                        f"(last error: {e})", peer=f"{self.host}:{self.port}") from None
                 self.log.warning(f"lost the server ({e}); reconnecting")
                 self.ctx.metrics.write("disconnect", reason=str(e))
                 if self.conn is not None:
@@ -617,7 +640,8 @@ class WorkerBase:
                 pass
         if self.conn is not None:
             self.conn.close("bye")
-        self.ctx.metrics.write("end", steps=self.steps_done, samples=self.samples_done, samples_per_s=sps)
+        self.ctx.metrics.write("end", steps=self.steps_done, samples=self.samples_done, samples_per_s=sps,
+                               peak_rss_mb=peak_rss_mb())
         self.log.info(f"finished: {self.steps_done} steps, {sps:.1f} samples/s")
 
 

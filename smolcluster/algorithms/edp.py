@@ -113,7 +113,7 @@ class Worker(WorkerBase):
             if grad_mode:
                 for n, p in self.model.named_parameters():
                     grad_sum[n] = grad_sum[n] + p.grad if n in grad_sum else p.grad.detach().clone()
-            self.optimizer.step()
+            self.local_step()
             step += 1
             since_push += 1
             self.steps_done += 1

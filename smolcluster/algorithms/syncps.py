@@ -140,8 +140,8 @@ class Worker(WorkerBase):
         reply_timeout = self.cluster.timeout + self.ctx.transport.io_timeout
         while step < self.total_steps:
             loss, samples = self.compute_gradients(step)
-            grads = self.gradients()
-            self.optimizer.step()  # local progress between syncs; replaced or blended when weights arrive
+            grads = self.gradients()  # unclipped: the server clips the average, as one big batch would
+            self.local_step()  # local progress between syncs; replaced or blended when weights arrive
             push = Message(MessageKind.PUSH, {"step": step, "base_version": self.version, "samples": samples,
                                               "loss": loss, "worker_step": self.steps_done + 1}, tensors=grads)
             reply = self.exchange(push, timeout=reply_timeout)

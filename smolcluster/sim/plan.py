@@ -19,7 +19,7 @@ from smolcluster.topology import Topology
 
 # What a sim uses when neither the topology nor the command line says otherwise.
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
-    "edp": {"worker_update_interval": 10, "push_interval": 10},
+    "edp": {"worker_update_interval": 5, "push_interval": 5},
     "syncps": {"worker_update_interval": 1, "timeout": 2.0},
 }
 SIM_DEFAULTS: dict[str, Any] = {"idle_timeout": 20.0, "heartbeat_interval": 1.0, "heartbeat_timeout": 10.0,

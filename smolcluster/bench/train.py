@@ -1,0 +1,291 @@
+"""`smolcluster bench train`: the same MNIST training five ways, side by side.
+
+  single-bs32      one process, batch 32 (the quality reference for EDP)
+  single-bsN       one process, batch 32 x training ranks (the reference for SyncPS's global batch)
+  syncps           parameter server + N worker processes over loopback TCP
+  edp              parameter server + N worker processes over loopback TCP
+  ddp-gloo         torch.distributed DistributedDataParallel, gloo backend, N processes
+
+Every run is its own process(es), same model, optimizer, epochs and seed; wall time counts training
+only (from the first update to the last, no imports, data loading or final evaluation), so the
+figures compare the training loops and their communication.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from smolcluster.sim.processes import ProcessGroup
+
+
+@dataclass
+class BenchRun:
+    name: str
+    processes: int
+    batch_size: int  # global batch per optimizer step
+    epochs: int
+    wall_time_s: float
+    samples_per_s: float
+    final_test_accuracy: float
+    peak_rss_mb: float
+
+
+# --------------------------------------------------------------------------- in-process trainers (run as subprocesses)
+
+
+def _train_single(batch_size: int, shards: int, epochs: int, lr: float, seed: int, data_dir: str | None) -> dict:
+    """One process. With shards > 1 each step's batch is the union of the shards' batches for that
+    step, exactly what a synchronous parameter server with `shards` workers averages."""
+    import torch
+
+    from smolcluster.config import ModelConfig
+    from smolcluster.data import ShardLoader, evaluate, load_mnist, shard_indices
+    from smolcluster.models import build_model, loss_fn
+    from smolcluster.telemetry import peak_rss_mb
+
+    torch.set_num_threads(1)
+    train, test = load_mnist("train", data_dir), load_mnist("test", data_dir)
+    if shards == 1:
+        loaders = [ShardLoader(train, torch.arange(len(train.labels)), batch_size, seed=seed)]
+    else:
+        loaders = [ShardLoader(train, shard_indices(len(train.labels), shards, i, seed), batch_size, seed=seed + i + 1)
+                   for i in range(shards)]
+    model = build_model(ModelConfig(), seed=seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * ((len(train.labels) // shards) // batch_size)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        batches = [loader.batch_at(step) for loader in loaders]
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, x, y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    wall = time.perf_counter() - t0
+    _, acc = evaluate(model, test)
+    return {"wall_time_s": wall, "samples": steps * batch_size * shards, "final_test_accuracy": acc,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def _train_ddp(rank: int, world: int, port: int, batch_size: int, epochs: int, lr: float, seed: int,
+               data_dir: str | None) -> dict:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from smolcluster.config import ModelConfig
+    from smolcluster.data import ImageSet, ShardLoader, evaluate, load_mnist, shard_indices
+    from smolcluster.models import build_model, loss_fn
+    from smolcluster.telemetry import peak_rss_mb
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    train = load_mnist("train", data_dir)
+    idx = shard_indices(len(train.labels), world, rank, seed)
+    shard = ImageSet(train.images[idx].clone(), train.labels[idx].clone())
+    del train
+    loader = ShardLoader(shard, torch.arange(len(idx)), batch_size, seed=seed + rank)
+    model = DistributedDataParallel(build_model(ModelConfig(), seed=seed))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * ((60_000 // world) // batch_size)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        x, y = loader.batch_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, x, y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    dist.barrier()
+    wall = time.perf_counter() - t0
+    acc = evaluate(model.module, load_mnist("test", data_dir))[1] if rank == 0 else 0.0
+    dist.destroy_process_group()
+    return {"wall_time_s": wall, "samples": steps * batch_size * world, "final_test_accuracy": acc, "peak_rss_mb": peak_rss_mb()}
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _subprocess_json(args: list[str], timeout: float) -> dict:
+    out = subprocess.run([sys.executable, "-m", "smolcluster.bench.train", *args], capture_output=True, text=True,
+                         timeout=timeout, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench subprocess failed: {' '.join(args)}\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_single(batch_size: int, shards: int, epochs: int, lr: float, seed: int, data_dir: str | None) -> BenchRun:
+    r = _subprocess_json(["single", str(batch_size), str(shards), str(epochs), str(lr), str(seed), data_dir or ""],
+                         timeout=1800)
+    return BenchRun(f"single-bs{batch_size * shards}", 1, batch_size * shards, epochs, round(r["wall_time_s"], 2),
+                    round(r["samples"] / r["wall_time_s"], 1), r["final_test_accuracy"], round(r["peak_rss_mb"], 1))
+
+
+def run_ddp(world: int, batch_size: int, epochs: int, lr: float, seed: int, data_dir: str | None) -> BenchRun:
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "smolcluster.bench.train", "ddp", str(rank), str(world), str(port),
+                               str(batch_size), str(epochs), str(lr), str(seed), data_dir or ""],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
+    try:
+        outs = [p.communicate(timeout=1800) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if any(p.returncode for p in procs):
+        raise RuntimeError("DDP run failed:\n" + "\n".join(err[-1500:] for _, err in outs))
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    wall = max(r["wall_time_s"] for r in results)
+    samples = results[0]["samples"]
+    return BenchRun("ddp-gloo", world, batch_size * world, epochs, round(wall, 2), round(samples / wall, 1),
+                    results[0]["final_test_accuracy"], round(max(r["peak_rss_mb"] for r in results), 1))
+
+
+def _events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, seed: int, data_dir: str | None,
+           workdir: Path, **cluster_overrides) -> BenchRun:
+    """Server + workers as real processes on loopback, configured like the seed's defaults."""
+    names = [f"w{i}" for i in range(1, workers + 1)]
+    tag = algo + "".join(f"-{k}{v}" for k, v in cluster_overrides.items())
+    cfg_dir, run_dir = workdir / f"{tag}-config", workdir / f"{tag}-run"
+    cfg_dir.mkdir(parents=True)
+    nn = {"batch_size": batch_size, "learning_rate": lr, "num_epochs": epochs, "eval_steps": 10**6,
+          "data_dir": data_dir}
+    cluster = {"host_ip": {n: "127.0.0.1" for n in names + ["server"]}, "port": 0, "num_workers": workers,
+               "workers": names, "server": "server", "seed": seed, "wandb": "off", "checkpoint_interval": 0,
+               "min_workers": workers, "timeout": 5.0, "idle_timeout": 60.0,
+               "worker_update_interval": 1 if algo == "syncps" else 5, "push_interval": 5} | cluster_overrides
+    (cfg_dir / "nn_config.yaml").write_text(yaml.safe_dump(nn))
+    (cfg_dir / f"cluster_config_{algo}.yaml").write_text(yaml.safe_dump(cluster))
+    with ProcessGroup() as group:
+        group.start("server", ["server", "--algo", algo, "--config-dir", str(cfg_dir), "--run-dir",
+                               str(run_dir / "server"), "--bind", "127.0.0.1", "--port", "0"], run_dir / "server" / "stdout.log")
+        server_json = run_dir / "server" / "server.json"
+        deadline = time.time() + 120
+        while not server_json.exists():
+            if time.time() > deadline or not group.procs["server"].alive():
+                raise RuntimeError(f"{algo} server did not start: {(run_dir / 'server' / 'stdout.log').read_text()[-1500:]}")
+            time.sleep(0.1)
+        port = json.loads(server_json.read_text())["port"]
+        for rank, name in enumerate(names, start=1):
+            group.start(name, ["worker", str(rank), name, "--algo", algo, "--config-dir", str(cfg_dir), "--run-dir",
+                               str(run_dir / name), "--connect", f"127.0.0.1:{port}"], run_dir / name / "stdout.log")
+        if group.wait("server", timeout=1800) != 0:
+            raise RuntimeError(f"{algo} server failed: {(run_dir / 'server' / 'stdout.log').read_text()[-1500:]}")
+        for name in names:
+            group.wait(name, timeout=60)
+    server = _events(run_dir / "server" / "metrics.jsonl")
+    updates = [e["time"] for e in server if e["event"] == "update"]
+    start = next(e["time"] for e in server if e["event"] == "training_start")
+    wall = max(updates) - start
+    ends = [e for n in names for e in _events(run_dir / n / "metrics.jsonl") if e["event"] == "end"]
+    samples = sum(e["samples"] for e in ends)
+    summary = json.loads((run_dir / "server" / "summary.json").read_text())
+    rss = max([e.get("peak_rss_mb", 0) for e in ends] + [e.get("peak_rss_mb", 0) for e in server if e["event"] == "end"])
+    global_batch = batch_size * workers if algo == "syncps" else batch_size
+    return BenchRun(algo, workers + 1, global_batch, epochs, round(wall, 2), round(samples / wall, 1),
+                    summary["final_test_accuracy"], round(rss, 1))
+
+
+def run_all(workers: int = 3, epochs: int = 1, lr: float = 0.001, seed: int = 42, data_dir: str | None = None,
+            progress=print) -> list[BenchRun]:
+    data_dir = data_dir or os.environ.get("SMOLCLUSTER_DATA_DIR")
+    runs: list[BenchRun] = []
+    with tempfile.TemporaryDirectory(prefix="smolcluster-bench-") as tmp:
+        plan = [
+            ("single process, batch 32", lambda: run_single(32, 1, epochs, lr, seed, data_dir)),
+            (f"single process, batch {32 * workers} (the workers' shards, unioned)",
+             lambda: run_single(32, workers, epochs, lr, seed, data_dir)),
+            (f"SyncPS, {workers} workers", lambda: run_ps("syncps", workers, 32, epochs, lr, seed, data_dir, Path(tmp))),
+            (f"EDP, {workers} workers", lambda: run_ps("edp", workers, 32, epochs, lr, seed, data_dir, Path(tmp))),
+            (f"DDP (gloo), {workers} processes", lambda: run_ddp(workers, 32, epochs, lr, seed, data_dir)),
+        ]
+        for i, (label, fn) in enumerate(plan, start=1):
+            progress(f"[{i}/{len(plan)}] {label} ...")
+            runs.append(fn())
+            progress(f"      {runs[-1].wall_time_s:.1f} s, {runs[-1].samples_per_s:.0f} samples/s, "
+                     f"accuracy {runs[-1].final_test_accuracy:.4f}")
+    return runs
+
+
+def targets(runs: list[BenchRun]) -> list[tuple[str, bool, str]]:
+    by = {r.name: r for r in runs}
+    single32 = by["single-bs32"]
+    single_n = next(r for r in runs if r.name.startswith("single-bs") and r is not single32)
+    sync, edp, ddp = by["syncps"], by["edp"], by["ddp-gloo"]
+    pp = 100.0
+    return [
+        ("SyncPS accuracy within 0.5 pt of single, same global batch",
+         abs(sync.final_test_accuracy - single_n.final_test_accuracy) * pp <= 0.5,
+         f"{(sync.final_test_accuracy - single_n.final_test_accuracy) * pp:+.2f} pt"),
+        ("EDP accuracy within 1.5 pt of single batch 32",
+         abs(edp.final_test_accuracy - single32.final_test_accuracy) * pp <= 1.5,
+         f"{(edp.final_test_accuracy - single32.final_test_accuracy) * pp:+.2f} pt"),
+        ("EDP samples/s >= DDP", edp.samples_per_s >= ddp.samples_per_s, f"{edp.samples_per_s / ddp.samples_per_s:.2f}x DDP"),
+        ("SyncPS samples/s >= 0.6x DDP", sync.samples_per_s >= 0.6 * ddp.samples_per_s,
+         f"{sync.samples_per_s / ddp.samples_per_s:.2f}x DDP"),
+        ("peak RSS of SyncPS/EDP processes <= 400 MB", max(sync.peak_rss_mb, edp.peak_rss_mb) <= 400,
+         f"{max(sync.peak_rss_mb, edp.peak_rss_mb):.0f} MB"),
+    ]
+
+
+def format_table(runs: list[BenchRun]) -> str:
+    ddp = next(r for r in runs if r.name == "ddp-gloo")
+    head = f"{'run':<14}{'procs':>6}{'batch':>7}{'epochs':>7}{'wall s':>9}{'samples/s':>11}{'vs DDP':>8}{'accuracy':>10}{'peak MB':>9}"
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        lines.append(f"{r.name:<14}{r.processes:>6}{r.batch_size:>7}{r.epochs:>7}{r.wall_time_s:>9.1f}"
+                     f"{r.samples_per_s:>11.0f}{r.samples_per_s / ddp.samples_per_s:>7.2f}x"
+                     f"{r.final_test_accuracy:>10.4f}{r.peak_rss_mb:>9.0f}")
+    lines.append("")
+    for label, ok, detail in targets(runs):
+        lines.append(f"  [{'PASS' if ok else 'FAIL'}] {label}: {detail}")
+    return "\n".join(lines)
+
+
+def to_json(runs: list[BenchRun]) -> str:
+    return json.dumps({"runs": [asdict(r) for r in runs],
+                       "targets": [{"target": t, "passed": ok, "detail": d} for t, ok, d in targets(runs)]})
+
+
+def _main(argv: list[str]) -> None:
+    """Subprocess entry point for the single-process and DDP runs; prints one JSON line."""
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="role", required=True)
+    s = sub.add_parser("single")
+    for a, t in (("batch", int), ("shards", int), ("epochs", int), ("lr", float), ("seed", int), ("data", str)):
+        s.add_argument(a, type=t)
+    d = sub.add_parser("ddp")
+    for a, t in (("rank", int), ("world", int), ("port", int), ("batch", int), ("epochs", int), ("lr", float),
+                 ("seed", int), ("data", str)):
+        d.add_argument(a, type=t)
+    a = p.parse_args(argv)
+    if a.role == "single":
+        out = _train_single(a.batch, a.shards, a.epochs, a.lr, a.seed, a.data or None)
+    else:
+        out = _train_ddp(a.rank, a.world, a.port, a.batch, a.epochs, a.lr, a.seed, a.data or None)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
