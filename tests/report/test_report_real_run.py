@@ -1,0 +1,94 @@
+"""The report on a real run: a SyncPS server and two worker processes on loopback, one worker paused (SIGSTOP)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from smolcluster.report import fault_reactions, load_run, summary_table, time_to_accuracy, write_plots
+from smolcluster.sim.processes import ProcessGroup
+
+pytestmark = pytest.mark.slow
+
+WORKERS = ["w1", "w2"]
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def _wait(pred, timeout: float, what: str, procs: ProcessGroup) -> None:
+    deadline = time.time() + timeout
+    while not pred():
+        assert procs.procs["srv"].alive(), f"server exited while waiting for {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _fault(run_dir: Path, start: float, **fields) -> None:
+    """Record a fault the way the fault injector does (one JSON line per fired / healed)."""
+    now = time.time()
+    with open(run_dir / "faults.jsonl", "a") as f:
+        f.write(json.dumps({"time": now, "elapsed": now - start} | fields) + "\n")
+
+
+def test_report_of_a_real_run_with_a_paused_worker(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run-syncps"
+    cfg = tmp_path / "config"
+    cfg.mkdir()
+    (cfg / "nn_config.yaml").write_text(yaml.safe_dump({"batch_size": 32, "learning_rate": 0.001, "num_epochs": 1,
+                                                        "eval_steps": 50, "data_dir": str(mnist_dir)}))
+    (cfg / "cluster_config_syncps.yaml").write_text(yaml.safe_dump({
+        "host_ip": {n: "127.0.0.1" for n in WORKERS + ["srv"]}, "port": 0, "num_workers": 2, "workers": WORKERS,
+        "server": "srv", "seed": 1, "worker_update_interval": 1, "timeout": 1.0, "min_workers": 1,
+        "max_steps": 300, "idle_timeout": 15.0, "heartbeat_interval": 0.5, "heartbeat_timeout": 5.0,
+        "checkpoint_interval": 0, "wandb": "off"}))
+    nodes = run_dir / "nodes"
+    srv_metrics = nodes / "srv" / "metrics.jsonl"
+    with ProcessGroup() as procs:
+        procs.start("srv", ["server", "--algo", "syncps", "--config-dir", str(cfg), "--run-dir", str(nodes / "srv"),
+                            "--bind", "127.0.0.1", "--port", "0"], nodes / "srv" / "stdout.log")
+        _wait(lambda: (nodes / "srv" / "server.json").exists(), 60, "the server to listen", procs)
+        time.sleep(0.05)
+        port = json.loads((nodes / "srv" / "server.json").read_text())["port"]
+        start = time.time()
+        for rank, name in enumerate(WORKERS, start=1):
+            procs.start(name, ["worker", str(rank), name, "--algo", "syncps", "--config-dir", str(cfg),
+                               "--run-dir", str(nodes / name), "--connect", f"127.0.0.1:{port}"], nodes / name / "stdout.log")
+        _wait(lambda: sum(e["event"] == "update" for e in _metrics(srv_metrics)) >= 60, 90, "60 updates", procs)
+        procs.signal("w2", signal.SIGSTOP)
+        _fault(run_dir, start, fault="pause", target="w2", action="fired")
+        time.sleep(2.5)  # shorter than heartbeat_timeout: w2 stays connected, SyncPS closes steps without it
+        procs.signal("w2", signal.SIGCONT)
+        _fault(run_dir, start, fault="pause", target="w2", action="healed")
+        assert procs.wait("srv", 120) == 0
+
+    run = load_run(run_dir)
+    assert run.server == "srv" and run.workers == ["w1", "w2"]
+    assert run.summary["algorithm"] == "syncps" and run.summary["steps"] == 300
+
+    # Time to accuracy matches the first qualifying eval in the server's own metrics.
+    evals = [e for e in _metrics(srv_metrics) if e["event"] == "eval"]
+    server_start = next(e["time"] for e in _metrics(srv_metrics) if e["event"] == "start")
+    first_90 = next((e["time"] - server_start for e in evals if e["test_accuracy"] >= 0.9), None)
+    assert time_to_accuracy(run, 0.9) == (pytest.approx(first_90) if first_90 is not None else None)
+
+    [r] = fault_reactions(run)
+    assert (r["fault"], r["target"]) == ("pause", "w2")
+    assert r["healed_after_s"] == pytest.approx(2.5, abs=0.5)
+    # SyncPS closed steps at its 1 s straggler deadline without w2: fewer updates, each missing rank 2.
+    assert r["updates_missing_workers"] >= 1 and r["missing_ranks"] == [2]
+    assert r["throughput_during"] < r["throughput_before"]
+    assert r["disconnects"] == []  # paused for less than heartbeat_timeout; the run's own end is not counted
+    assert r["recovered_after_s"] is not None and r["recovered_after_s"] > 0
+
+    text = summary_table(run)
+    assert "Faults (1)" in text and "pause w2" in text and "with missing workers (ranks 2)" in text
+    assert "final test accuracy" in text
+    for p in write_plots(run_dir):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
