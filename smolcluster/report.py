@@ -229,7 +229,8 @@ class NodeRow:
 
 
 def node_rows(run: RunData) -> list[NodeRow]:
-    """One row per node: the server's totals, then each worker from summary per_worker, its own metrics and links."""
+    """One row per node: the server's totals, then each worker from summary per_worker, its own metrics, the
+    sim's per-node numbers (summary "nodes") and, last, the links it is the source of."""
     rows: list[NodeRow] = []
     s = run.summary
     if run.server:
@@ -243,6 +244,7 @@ def node_rows(run: RunData) -> list[NodeRow]:
     rank_of = {v: k for k, v in names.items()}
     per_worker = {str(pw.get("hostname")): pw for pw in s.get("per_worker") or []}
     links = _links(run)
+    sim_nodes = {str(n.get("node")): n for n in s.get("nodes") or [] if isinstance(n, dict)}
     for node in sorted(set(run.workers) | set(per_worker)):
         pw = per_worker.get(node, {})
         rank = pw.get("rank", rank_of.get(node))
@@ -267,6 +269,9 @@ def node_rows(run: RunData) -> list[NodeRow]:
                 row.late = sum(1 for e in run.server_events("late") if e.get("rank") == rank)
             if row.rejected is None:
                 row.rejected = sum(1 for e in run.server_events("reject") if e.get("rank") == rank)
+        sim_node = sim_nodes.get(node, {})  # the sim's own per-node bytes exclude traffic a node forwards
+        if row.bytes_in is None and row.bytes_out is None and (sim_node.get("bytes_in") is not None or sim_node.get("bytes_out") is not None):
+            row.bytes_in, row.bytes_out = sim_node.get("bytes_in"), sim_node.get("bytes_out")
         if row.bytes_in is None and row.bytes_out is None:
             mine = [_link_bytes(l) for l in links if l.get("src") == node]
             if mine and any(u is not None or d is not None for u, d in mine):
@@ -454,7 +459,8 @@ def summary_table(run: RunData) -> str:
         for l in links:
             up, down = _link_bytes(l)
             lrows.append([str(l.get("name") or f"{l.get('src')}->{l.get('dst')}"), str(l.get("network", "-")),
-                          str(l.get("profile", "-")), str(l.get("mechanism", "-")), fmt_bytes(up), fmt_bytes(down)])
+                          str(prof.get("name", "-") if isinstance(prof := l.get("profile", "-"), dict) else prof),
+                          str(l.get("mechanism", "-")), fmt_bytes(up), fmt_bytes(down)])
         lines += _table(["link", "network", "profile", "mechanism", "bytes up", "bytes down"], lrows, right={4, 5})
     reactions = fault_reactions(run)
     if reactions:

@@ -291,3 +291,17 @@ def test_cli_report_and_compare(tmp_path):
     res = runner.invoke(app, ["compare", str(a), str(b)])
     assert res.exit_code == 0, res.output
     _assert_png(tmp_path / "compare_a_vs_b.png")
+
+
+def test_sim_summary_shapes(run_dir):
+    """The sim's summary.json: per-node bytes in "nodes" (own traffic, not forwarded) and link profiles as dicts."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["nodes"] = [{"node": "w2", "role": "worker", "bytes_out": 7_000, "bytes_in": 9_000}]
+    summary["links"][1]["profile"] = {"name": "wifi", "delay_ms": 5.0}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    run = load_run(run_dir)
+    rows = {r.node: r for r in node_rows(run)}
+    assert (rows["w2"].bytes_out, rows["w2"].bytes_in) == (7_000, 9_000)
+    assert (rows["w1"].bytes_out, rows["w1"].bytes_in) == (2_000_000, 2_500_000)  # no sim row: from its link
+    link = next(l for l in summary_table(run).splitlines() if l.startswith("w2->srv"))
+    assert link.split()[:4] == ["w2->srv", "tb", "wifi", "proxy"]
