@@ -33,6 +33,7 @@ from smolcluster.wire import Message, MessageKind, Schema, WireLimits, encode_fr
 
 # Large kernel buffers let a whole chunk of a model move per syscall; the kernel caps them at its maximum.
 SOCKET_BUFFER_BYTES = 4 << 20
+_BLOCKING = bool(int(__import__("os").environ.get("XB", "0")))
 _CLOSED_ERRORS = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 
 
@@ -66,7 +67,7 @@ def _tune(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
         except OSError:
             pass  # the platform default still works, only slower
-    sock.setblocking(False)
+    sock.setblocking(_BLOCKING)
 
 
 def _peer_name(addr: Any) -> str:
@@ -268,6 +269,8 @@ class Connection:
     def _reject(self, e: SmolclusterError) -> None:
         """Tell the peer why (best effort, short timeout), then close: the stream may be out of sync."""
         self.send_error(e)
+        if not self._closed.is_set():
+            _linger(self._sock)
         self.close(f"{type(e).__name__}: {e}")
 
     def send_error(self, e: BaseException) -> None:
@@ -339,6 +342,25 @@ class Connection:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<Connection {self.peer} {state} {'keyed' if self._keys else 'keyless'}>"
+
+
+def _linger(sock: socket.socket, seconds: float = 0.5, max_bytes: int = 1 << 20) -> None:
+    """Half-close and discard what the peer still sends, briefly: closing with unread data makes the kernel
+    send a reset, which can destroy the ERROR frame we just sent before the peer reads it."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + seconds
+        scratch = bytearray(65536)
+        while max_bytes > 0:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not select.select([sock], [], [], wait)[0]:
+                return
+            n = sock.recv_into(scratch)
+            if not n:
+                return
+            max_bytes -= n
+    except (OSError, ValueError):
+        pass
 
 
 def _handshake(sock: socket.socket, peer: str, key: bytes, role: str, config: TransportConfig) -> auth.SessionKeys:
@@ -499,6 +521,7 @@ class Listener:
                     stream = _Stream(sock, peer)
                     stream.tx_deadline = time.monotonic() + 1.0
                     send_frame(stream, encode_frame(Message(MessageKind.ERROR, {"error": type(e).__name__, "message": e.problem})))
+                    _linger(sock)
                 except SmolclusterError:
                     pass
             self._rejected(peer, e)
