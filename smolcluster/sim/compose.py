@@ -419,7 +419,8 @@ def default_commands(topo: Topology, image: ImageSpec, proxies: Sequence[ProxyRo
     out: dict[str, list[str]] = {}
     server = topo.server
     marker = f"{CONTAINER_RUN_DIR}/nodes/{server.name}/{RESUME_MARKER}"
-    resume_if_marked = f'if [ -e {shlex.quote(marker)} ]; then exec "$@" --resume; else exec "$@"; fi'
+    # `$$`: compose interpolates `$` in the file; `$$@` reaches the shell as `$@`
+    resume_if_marked = f'if [ -e {shlex.quote(marker)} ]; then exec "$$@" --resume; else exec "$$@"; fi'
     out[server.name] = ["/bin/sh", "-c", resume_if_marked, "server",
                         image.python, "-m", "smolcluster", "server", "--algo", algo, "--config-dir", cfg,
                         "--run-dir", f"{CONTAINER_RUN_DIR}/nodes/{server.name}", "--slowdown", f"{1 / server.device.speed:g}"]
