@@ -50,6 +50,8 @@ EMULABLE_MBIT = 1000.0  # rates above this are not paced by the proxy (faster th
 KILLED_SERVER_GRACE_S = 30.0  # wait() keeps going this long after kill(server), for a restart (server crash fault)
 MAX_SLOWDOWN = 12.5  # a Pi 4 (speed 0.08) computes 12.5x slower than a Mac mini; nothing slower than that
 SERVER_START_TIMEOUT_S = 90.0
+ALL_WORKERS_GONE_S = 60.0  # every worker dead this long (after training began): the run cannot go on
+WORKERS_NEVER_STARTED_S = 3.0  # every worker dead before any trained a step: a setup error (data, config)
 WORKER_GRACE_S = 5.0  # after the server finished, how long workers get to exit on their own
 MECHANISM_FULL = "proxy"
 MECHANISM_UNSHAPED = "proxy (rate unshaped: faster than loopback emulation)"
@@ -242,6 +244,7 @@ class LocalCluster:
         self.tail = MetricsTail(self.nodes_dir, self.topology.server.name, [w.name for w in self.topology.workers])
         self.final_link_stats: dict[str, dict[str, int]] = {}
         self.stopped_after_end: list[str] = []
+        self._all_gone_since: Optional[float] = None
         self._killed_at: dict[str, float] = {}  # node -> when kill() hit it (cleared by restart)
 
     # ------------------------------------------------------------------ lifecycle
@@ -260,8 +263,9 @@ class LocalCluster:
         self._t0 = time.time()
         self._start_toxiproxy()
         self._start_server(resume=False)
+        self._created = [p.name for p in self.plans]  # before creating: a failure half-way still cleans up
         self.listen = create_link_proxies(self.toxiproxy, self.plans, f"127.0.0.1:{self.server_port}")
-        self._created = [p.name for p in self.plans]
+        self._write_proxies_file()
         for w in self.topology.workers:
             self._start_worker(w.name)
 
@@ -276,6 +280,13 @@ class LocalCluster:
                 if p.name in self.toxiproxy.proxies():
                     raise SimError(f"Toxiproxy at {self.toxiproxy_url} already has a proxy {p.name!r} "
                                    "(another sim running?); delete it or use another Toxiproxy")
+
+    def _write_proxies_file(self) -> None:
+        """RUN_DIR/proxies.json: where each link listens (to inspect a run, or to check it left nothing open)."""
+        info = {"api": self.toxiproxy.api_url, "embedded": self._embedded is not None, "server_port": self.server_port,
+                "proxies": [{"name": p.name, "listen": self.listen[p.name],
+                             "upstream": self.listen[p.next] if p.next else f"127.0.0.1:{self.server_port}"} for p in self.plans]}
+        (self.run_dir / "proxies.json").write_text(json.dumps(info, indent=2))
 
     def slowdown(self, node: str) -> float:
         return min(MAX_SLOWDOWN, max(1.0, 1.0 / self.topology.nodes[node].device.speed))
@@ -318,7 +329,18 @@ class LocalCluster:
                          d / "stdout.log")
 
     def stop(self) -> None:
-        """Stop every process, snapshot the link counters, then remove the proxies. Idempotent."""
+        """Stop every process, snapshot the link counters, then remove the proxies. Idempotent.
+        A second Ctrl-C during this cleanup is ignored, so it cannot leave processes behind."""
+        restore = None
+        if threading.current_thread() is threading.main_thread():
+            restore = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self._stop()
+        finally:
+            if restore is not None:
+                signal.signal(signal.SIGINT, restore)
+
+    def _stop(self) -> None:
         try:
             self.procs.stop_all()
         finally:
@@ -350,6 +372,7 @@ class LocalCluster:
             killed = self._killed_at.get(server)
             if not proc.alive() and (killed is None or time.time() - killed > KILLED_SERVER_GRACE_S):
                 break
+            self._check_workers_alive()
             time.sleep(poll)
         # The server said BYE to every worker; one that missed it (a close racing the message) would
         # keep redialling its proxy, which accepts and then finds no server. Nothing is left to do for
@@ -362,6 +385,23 @@ class LocalCluster:
         self.stopped_after_end = [w.name for w in self.topology.workers if self.alive(w.name)]
         self.tail.poll()
         return self.procs.procs[server].returncode or 0
+
+    def _check_workers_alive(self) -> None:
+        """Every worker gone (and none finished cleanly) means the server would wait for nobody:
+        fail with the first worker's error instead. A fault injector restarting nodes has
+        ALL_WORKERS_GONE_S to bring one back (WORKERS_NEVER_STARTED_S when none ever trained)."""
+        workers = [self.procs.procs.get(w.name) for w in self.topology.workers]
+        if any(p is None or p.alive() or p.returncode == 0 for p in workers):
+            self._all_gone_since = None
+            return
+        now = time.time()
+        self._all_gone_since = self._all_gone_since or now
+        limit = ALL_WORKERS_GONE_S if any(self.tail.steps.values()) else WORKERS_NEVER_STARTED_S
+        if now - self._all_gone_since > limit:
+            first = self.topology.workers[0].name
+            codes = ", ".join(f"{w.name}: {p.returncode}" for w, p in zip(self.topology.workers, workers))
+            raise SimError(f"every worker exited ({codes}); the server has nobody to train with. "
+                           f"{first}'s output:\n{_tail(self._node_dir(first) / 'stdout.log')}")
 
     # ------------------------------------------------------------------ ClusterControl
 
