@@ -69,7 +69,7 @@ def run_sim(opts: SimOptions, out: TextIO = sys.stdout) -> int:
     if opts.algo is not None and opts.algo not in EVAL_STEPS:
         raise SimError(f"unknown algorithm {opts.algo!r}: use edp or syncps")
     if opts.backend == "compose":
-        return _run_compose(opts)
+        return _run_compose(opts, out)
     topo = load_topology(opts.file)
     if opts.check:
         from smolcluster.sim.linkcheck import run_check
@@ -78,14 +78,14 @@ def run_sim(opts: SimOptions, out: TextIO = sys.stdout) -> int:
     return run_local(topo, opts, out=out)
 
 
-def _run_compose(opts: SimOptions) -> int:
+def _run_compose(opts: SimOptions, out: TextIO) -> int:
     from smolcluster.sim import compose
 
     entry = getattr(compose, "run_compose", None)
     if entry is None:
         raise SimError("the compose backend has no entry point yet (smolcluster.sim.compose.run_compose is missing); "
                        "use --backend local for now")
-    return int(entry(opts) or 0)
+    return int(entry(opts, out=out) or 0)
 
 
 # --------------------------------------------------------------------------- local run
