@@ -396,7 +396,8 @@ class LocalCluster:
             return
         now = time.time()
         self._all_gone_since = self._all_gone_since or now
-        limit = ALL_WORKERS_GONE_S if any(self.tail.steps.values()) else WORKERS_NEVER_STARTED_S
+        on_purpose = any(w.name in self._killed_at for w in self.topology.workers)  # a fault: give it time to restart
+        limit = ALL_WORKERS_GONE_S if on_purpose or any(self.tail.steps.values()) else WORKERS_NEVER_STARTED_S
         if now - self._all_gone_since > limit:
             first = self.topology.workers[0].name
             codes = ", ".join(f"{w.name}: {p.returncode}" for w, p in zip(self.topology.workers, workers))

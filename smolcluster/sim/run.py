@@ -68,6 +68,8 @@ def run_sim(opts: SimOptions, out: TextIO = sys.stdout) -> int:
         raise SimError(f"unknown backend {opts.backend!r}: use local (processes + proxies) or compose (docker)")
     if opts.algo is not None and opts.algo not in EVAL_STEPS:
         raise SimError(f"unknown algorithm {opts.algo!r}: use edp or syncps")
+    if opts.as_json and not opts.check:
+        raise SimError("--json goes with --check (the link check's output); a training run writes RUN_DIR/summary.json")
     if opts.backend == "compose":
         return _run_compose(opts, out)
     topo = load_topology(opts.file)
