@@ -153,9 +153,10 @@ def _check_quant(name: str, q: Any) -> str | None:
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's bytes as a memoryview, without copying when it is already a contiguous CPU tensor."""
-    t = t.detach()
-    if t.device.type != "cpu" or not t.is_contiguous():
-        t = t.cpu().contiguous()
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_cpu or not t.is_contiguous():
+        t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)  # numpy has no bfloat16; same bytes
     return memoryview(t.numpy())
