@@ -430,7 +430,15 @@ def default_commands(topo: Topology, image: ImageSpec, proxies: Sequence[ProxyRo
                        "--slowdown", f"{1 / w.device.speed:g}"]
         if w.name in dial:
             out[w.name] += ["--connect", dial[w.name]]
+        if w.forwarding:
+            out[w.name] = [*KEEP_ROUTING, w.name, *out[w.name]]
     return out
+
+
+# A router's container must outlive its training process (the Pis behind mini3 still need mini3 when
+# mini3's worker is done, as on the real cluster); it stops on SIGINT/SIGTERM (compose down).
+KEEP_ROUTING = ["/bin/sh", "-c", '"$$@"; echo "training exited ($$?); still routing"; '
+                'trap "exit 0" INT TERM; sleep 2147483647 & wait']
 
 
 # --------------------------------------------------------------------------- running

@@ -221,11 +221,16 @@ class ComposeCluster:
                     killed is None or time.time() - killed > KILLED_SERVER_GRACE_S):
                 break
             time.sleep(poll)
+        # a router's container keeps running after its training process ended (it still routes): "done"
+        # is an exited container or an `end` line in the worker's metrics
+        def unfinished() -> list[str]:
+            self.tail.poll()
+            return [w.name for w in self.topology.workers if w.name not in self.tail.ended and self.alive(w.name)]
+
         deadline = time.time() + WORKER_GRACE_S
-        while time.time() < deadline and any(self.alive(w.name) for w in self.topology.workers):
+        while time.time() < deadline and unfinished():
             time.sleep(0.2)
-        self.stopped_after_end = [w.name for w in self.topology.workers if self.alive(w.name)]
-        self.tail.poll()
+        self.stopped_after_end = unfinished()
         return code
 
     # ------------------------------------------------------------------ ClusterControl
