@@ -19,7 +19,7 @@ from smolcluster.sim.compose import leftovers
 from smolcluster.sim.compose_run import run_compose
 from smolcluster.sim.run import SimOptions
 
-from .conftest import HYBRID
+HYBRID = Path(__file__).resolve().parents[2] / "topologies" / "hybrid.yaml"
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
