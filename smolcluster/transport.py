@@ -309,12 +309,27 @@ class Connection:
             finally:
                 self._send_lock.release()
 
-    def close(self, reason: str = "") -> None:
-        """Close once; later calls do nothing. Wakes a recv or send blocked in another thread."""
+    def close(self, reason: str = "", *, graceful: bool = False, linger: float = 1.0) -> None:
+        """Close once; later calls do nothing. Wakes a recv or send blocked in another thread.
+
+        graceful: half-close first and wait up to `linger` s for the peer to close too (a reader thread sees
+        its EOF, or we drain). Closing with unread data makes the kernel send a reset, which can destroy
+        the last frame we sent (a BYE) before the peer reads it.
+        """
         if self._closed.is_set():
             return
         self._close_reason = reason
         self._closed.set()
+        if graceful:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            if self._recv_lock.acquire(timeout=linger):  # no reader, or it saw EOF: drain ourselves
+                try:
+                    _linger(self._sock, seconds=linger)
+                finally:
+                    self._recv_lock.release()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -23,7 +23,7 @@ import torch
 from smolcluster import checkpoint as ckpt
 from smolcluster.config import rank_of, to_dict, training_ranks
 from smolcluster.data import ShardLoader, evaluate, shard_indices
-from smolcluster.errors import ConnectFailed, SmolclusterError, TransportError, WireError
+from smolcluster.errors import ConnectFailed, SmolclusterError, TransportError, TruncatedFrame, WireError
 from smolcluster.models import loss_fn
 from smolcluster.node_context import NodeContext
 from smolcluster.quantization import dequantize_state, quantize_state, quantized_schema
@@ -124,9 +124,10 @@ class Peer:
                 return
 
     def close(self, reason: str = "") -> None:
+        """Send what is queued (a BYE, say), then close without losing it to a reset."""
         self._outbox.put(None)
         self._thread.join(timeout=self._io_timeout)
-        self.conn.close(reason)
+        self.conn.close(reason, graceful=True)
 
 
 class ServerBase:
@@ -612,7 +613,7 @@ class WorkerBase:
                 break
             except ConnectFailed:
                 raise  # retried until the deadline already: the server is not coming back
-            except TransportError as e:
+            except (TransportError, TruncatedFrame) as e:  # a frame cut off by a closing connection is a lost connection
                 # Through a proxy the TCP connect always succeeds and the handshake fails instead, so
                 # connect()'s own deadline never trips: bound the whole outage here.
                 lost_since = lost_since or time.time()

@@ -15,6 +15,7 @@ from smolcluster.wire import Message, MessageKind
 pytestmark = pytest.mark.slow
 
 FLOOR = {"syncps": 0.92, "edp": 0.90}
+SLOW = "8"  # stretch compute so a run outlasts a restart (torch import takes seconds on a busy machine)
 
 
 def accounted(summary: dict) -> None:
@@ -48,14 +49,14 @@ def test_worker_killed_and_restarted(local_cluster, algo):
     c = local_cluster(algo, cluster={"timeout": 0.5})
     c.start_server()
     for r in (1, 2, 3):
-        c.start_worker(r)
+        c.start_worker(r, "--slowdown", SLOW)  # long enough for a restarted worker to come back
     c.wait_for(lambda: any(m["event"] == "update" and m["version"] >= 60 for m in c.metrics()), 120, "60 updates")
     c.procs.signal("w2", signal.SIGKILL)
     killed_at = max(m["version"] for m in c.metrics() if m["event"] == "update")
     # the others carry on without it
     c.wait_for(lambda: max(m["version"] for m in c.metrics() if m["event"] == "update") >= killed_at + 40, 120,
                "progress after the kill")
-    c.start_worker(2)
+    c.start_worker(2, "--slowdown", SLOW)
     c.wait_for(lambda: sum(1 for m in c.metrics() if m["event"] == "join" and m["host"] == "w2") >= 2, 60, "rejoin")
     rejoin = [m for m in c.metrics() if m["event"] == "join" and m["host"] == "w2"][-1]
     assert rejoin["version"] > killed_at  # the rejoiner received current weights, not the initial ones
@@ -72,7 +73,7 @@ def test_server_killed_and_resumed_from_checkpoint(local_cluster, algo):
     c = local_cluster(algo, cluster={"checkpoint_interval": 25})
     c.start_server()
     for r in (1, 2, 3):
-        c.start_worker(r)
+        c.start_worker(r, "--slowdown", SLOW)
     c.wait_for(lambda: sum(1 for m in c.metrics() if m["event"] == "checkpoint") >= 2, 120, "two checkpoints")
     c.procs.signal("server", signal.SIGKILL)
     c.procs.wait("server", timeout=10)
