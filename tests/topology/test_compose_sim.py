@@ -90,12 +90,13 @@ def test_syncps_trains_in_containers_and_the_server_resumes_after_a_crash(docker
 
 
 def test_failed_run_is_torn_down(docker_env, offline_image, tmp_path, monkeypatch):
-    # No MNIST anywhere the containers can see and no internet: the server fails; nothing may be left.
-    empty = tmp_path / "no-mnist"
-    empty.mkdir()
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/smolcluster/mnist either
+    # A corrupt MNIST file: every node fails while loading data; nothing may be left behind.
+    bad = tmp_path / "bad-mnist"
+    bad.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (bad / name).write_bytes(b"not an IDX file")
     with pytest.raises(SimError, match="without a summary"):
-        _sim(tmp_path, monkeypatch, empty, algo="edp", max_steps=5)
+        _sim(tmp_path, monkeypatch, bad, algo="edp", max_steps=5)
     compose_file = tmp_path / "run" / "compose" / "docker-compose.yml"
     project = next(l.split("-p ")[1].split()[0] for l in compose_file.read_text().splitlines() if "-p " in l)
     _assert_clean(docker_env, project)
