@@ -219,6 +219,58 @@ def sim(
     raise typer.Exit(run_sim(opts))
 
 
+# --------------------------------------------------------------------------- faults
+
+
+@faults_app.command("show")
+def faults_show(
+    file: Path = typer.Argument(..., help="Topology file (its faults: list is included)."),
+    faults: Optional[Path] = typer.Option(None, "--faults", help="Fault schedule file to check and add."),
+) -> None:
+    """Check a fault schedule against a topology and print every fault it fires (random: entries drawn)."""
+    from smolcluster.faults import schedule_for
+    from smolcluster.topology import load_topology
+
+    expanded = schedule_for(load_topology(file), faults).expand()
+    for f in expanded:
+        typer.echo(f"{f.name:<36} {f.describe()}")
+    typer.echo(f"{len(expanded)} faults")
+
+
+@faults_app.command("matrix")
+def faults_matrix(
+    as_json: bool = typer.Option(False, "--json", help='Print {"results": [...]} instead of the table.'),
+    topology: Optional[Path] = typer.Option(None, "--topology", help="Topology to run on (default tests/faults/small.yaml: a server and workers w1, w2)."),
+    faults: Optional[str] = typer.Option(None, "--faults", help="Comma-separated fault scenarios (default: all)."),
+    algos: str = typer.Option("edp,syncps", "--algos", help="Comma-separated algorithms."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the run directories go (default runs/faults-matrix-<time>)."),
+) -> None:
+    """Run every fault x algorithm as a short real sim and print outcome, final accuracy and recovery time."""
+    import json as _json
+    import sys as _sys
+    import time as _time
+
+    from smolcluster.errors import ConfigError
+    from smolcluster.faults.matrix import ALGORITHMS, SCENARIO_NAMES, SMALL_TOPOLOGY, format_matrix, matrix_json, run_matrix
+
+    names = [n.strip() for n in faults.split(",")] if faults else list(SCENARIO_NAMES)
+    algo_list = [a.strip() for a in algos.split(",") if a.strip()]
+    for n in names:
+        if n not in SCENARIO_NAMES:
+            raise ConfigError(None, "--faults", f"unknown fault scenario {n!r}", f"use some of: {', '.join(SCENARIO_NAMES)}")
+    for a in algo_list:
+        if a not in ALGORITHMS:
+            raise ConfigError(None, "--algos", f"unknown algorithm {a!r}", "use edp and/or syncps")
+    out = out_dir or Path("runs") / f"faults-matrix-{_time.strftime('%Y%m%d-%H%M%S')}"
+
+    def progress(o) -> None:
+        print(f"{o.fault} x {o.algorithm}: {'pass' if o.passed else 'FAIL'} ({o.wall_s:.0f} s, {o.run_dir})", file=_sys.stderr)
+
+    results = run_matrix(names, algo_list, out, topology or SMALL_TOPOLOGY, progress=progress)
+    typer.echo(_json.dumps(matrix_json(results), indent=2) if as_json else format_matrix(results))
+    raise typer.Exit(0 if all(r.passed for r in results) else 1)
+
+
 # --------------------------------------------------------------------------- reports
 
 
