@@ -18,7 +18,7 @@ from typing import TextIO
 
 from smolcluster.linkemu.proxy import split_hostport
 from smolcluster.sim import compose as cmp
-from smolcluster.sim.compose_run import SERVER_PORT, ComposeCluster, image_for, host_mnist_dir
+from smolcluster.sim.compose_run import SERVER_PORT, ComposeCluster, host_mnist_dir, image_for, path_mechanism
 from smolcluster.sim.docker_env import DockerEnv
 from smolcluster.sim.linkcheck import (BULK_SECONDS, MIN_CHECKABLE_RTT_MS, RTT_SAMPLES, TOLERANCE,
                                        PathResult, _within, format_check)
@@ -57,7 +57,7 @@ def _check_path(env: DockerEnv, cluster: ComposeCluster, p: cmp.ProxyRoute) -> P
         mbps = cmp._json_result(r, f"throughput {p.worker} -> {p.listen}")["mbit"]
         server.wait(timeout=30)
 
-    mechanism = cluster.links_of(p.worker)[0].mechanism if cluster.links_of(p.worker) else "?"
+    mechanism = path_mechanism(cluster.kernel_mechanisms(p.worker))
     rtt_checked, mbps_checked = rtt_exp >= MIN_CHECKABLE_RTT_MS, mbps_exp <= MAX_CHECKABLE_MBIT_COMPOSE and mechanism != "proxy (rate unshaped: no tc qdisc)"
     notes = [f"mechanism {mechanism}; through the Toxiproxy service {p.listen} (latency toxics "
              f"{round(p.latency_ms)}±{round(p.jitter_ms)} ms one way unless netem delays in the kernel)"]

@@ -242,19 +242,25 @@ class ComposeCluster:
     # ------------------------------------------------------------------ ClusterControl
 
     def links(self) -> list[LinkHandle]:
-        dial_net = {w.name: next(n for n, a in self.topology.server.addresses.items()
-                                 if a == server_address_for(self.topology, w.name)) for w in self.topology.workers}
-        return [LinkHandle(name=p.name, src=p.worker, dst=self.server, network=dial_net[p.worker],
-                           mechanism=path_mechanism(self.kernel_mechanisms(p.worker))) for p in self.cp.proxies]
+        """One handle per hop of each worker's path, named by the Toxiproxy proxy that carries that path.
+
+        A worker's whole path goes through one proxy here, so a fault on hop mini3->mini1 acts on every
+        proxy whose path crosses it (mini3's and pi4's), and a hop's traffic is cut wherever it is.
+        """
+        out = []
+        for p in self.cp.proxies:
+            mechanism = path_mechanism(self.kernel_mechanisms(p.worker))
+            for hop in path_to_server(self.topology, p.worker):
+                out.append(LinkHandle(name=p.name, src=hop.src, dst=hop.dst, network=hop.network, mechanism=mechanism))
+        return out
 
     def links_of(self, node: str) -> list[LinkHandle]:
-        """Every worker path that crosses `node` (a router's partition cuts the workers behind it too)."""
-        out = []
+        """Every worker path that touches `node` (a router's partition cuts the workers behind it too), once."""
+        seen: dict[str, LinkHandle] = {}
         for link in self.links():
-            on_path = {link.src, link.dst} | {h.dst for h in path_to_server(self.topology, link.src)}
-            if node in on_path:
-                out.append(link)
-        return out
+            if node in (link.src, link.dst) and link.name not in seen:
+                seen[link.name] = link
+        return list(seen.values())
 
     def _docker(self, node: str, *args: str) -> None:
         cid = self._ids.get(cmp._service(node))
