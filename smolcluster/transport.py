@@ -29,7 +29,7 @@ from smolcluster.errors import (
     TransportError,
     WireError,
 )
-from smolcluster.wire import Message, MessageKind, Schema, WireLimits, encode_frame, read_frame, send_frame
+from smolcluster.wire import LayoutCache, Message, MessageKind, Schema, WireLimits, encode_frame, read_frame, send_frame
 
 # Large kernel buffers let a whole chunk of a model move per syscall; the kernel caps them at its maximum.
 SOCKET_BUFFER_BYTES = 4 << 20
@@ -181,6 +181,8 @@ class Connection:
         self._recv_lock = threading.RLock()
         self._send_seq = 0
         self._recv_seq = 0
+        self._send_layouts = LayoutCache()  # one per direction: tables repeat frame after frame
+        self._recv_layouts = LayoutCache()
         self._last_send = time.monotonic()
         self._closed = threading.Event()
         self._close_reason = ""
@@ -212,7 +214,7 @@ class Connection:
     def _send_locked(self, msg: Message, timeout: float | None) -> int:
         self._check_open()
         key = self._keys.send if self._keys else None
-        buffers = encode_frame(msg, seq=self._send_seq, mac_key=key, limits=self.config.limits)
+        buffers = encode_frame(msg, seq=self._send_seq, mac_key=key, limits=self.config.limits, cache=self._send_layouts)
         s = self._stream
         s.tx_timeout = self.config.io_timeout if timeout is None else timeout
         s.tx_deadline = time.monotonic() + s.tx_timeout
@@ -241,7 +243,8 @@ class Connection:
                 s.start_frame()
                 try:
                     msg = read_frame(s, limits=self.config.limits, schema=schema, reject_nonfinite=reject_nonfinite,
-                                     mac_key=key, expected_seq=self._recv_seq if key else None, peer=self.peer)
+                                     mac_key=key, expected_seq=self._recv_seq if key else None, peer=self.peer,
+                                     cache=self._recv_layouts)
                 except RecvTimeout:
                     if s.rx_frame_deadline is None:
                         raise  # nothing of a frame was read: still in sync

@@ -165,11 +165,75 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 # --------------------------------------------------------------------------- encode
 
 
+class LayoutCache:
+    """Per-connection memo of tensor tables. A model's table (names, dtypes, shapes, offsets) is the same
+    in frame after frame, so the sender reuses its JSON and the receiver, when a header starts with a
+    table it already validated byte for byte, skips parsing and re-validating it. Bounded; one per
+    connection and direction, never shared."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.encoded: dict[tuple, tuple[bytes, list[int], int]] = {}  # layout -> (header prefix, pads, payload)
+        self.decoded: list[tuple[bytes, int, Any, list, dict]] = []  # (prefix, payload_len, schema, specs, quant)
+
+    def remember_encoded(self, key: tuple, value: tuple[bytes, list[int], int]) -> None:
+        if len(self.encoded) >= self.size:
+            self.encoded.pop(next(iter(self.encoded)))
+        self.encoded[key] = value
+
+    def remember_decoded(self, entry: tuple[bytes, int, Any, list, dict]) -> None:
+        self.decoded.insert(0, entry)
+        del self.decoded[self.size:]
+
+
+def _header(prefix: bytes, fields: dict[str, Any]) -> bytes:
+    try:
+        return prefix + json.dumps(fields, separators=(",", ":")).encode() + b"}"
+    except (TypeError, ValueError) as e:
+        raise BadHeader(f"message fields are not JSON-serialisable: {e}") from None
+
+
+def _table_prefix(table: list[dict[str, Any]]) -> bytes:
+    """Header = {"tensors": TABLE, "fields": FIELDS}; the table comes first so it can be cached."""
+    return b'{"tensors":' + json.dumps(table, separators=(",", ":")).encode() + b',"fields":'
+
+
+def _finish_frame(msg: Message, header: bytes, buffers: list, payload_len: int, seq: int,
+                  mac_key: bytes | None, limits: WireLimits) -> list[memoryview | bytes]:
+    if len(header) > limits.max_header_bytes:
+        raise FrameTooLarge(f"header is {len(header)} bytes, the limit is {limits.max_header_bytes}")
+    flags = FLAG_MAC if mac_key is not None else 0
+    head = PREAMBLE.pack(MAGIC, VERSION, int(msg.kind), flags, len(header), payload_len, seq) + header
+    out: list[memoryview | bytes] = [head, *buffers]
+    if mac_key is not None:
+        mac = hmac.new(mac_key, head, hashlib.sha256)
+        for b in buffers:
+            mac.update(b)
+        out.append(mac.digest())
+    return out
+
+
 def encode_frame(
-    msg: Message, *, seq: int = 0, mac_key: bytes | None = None, limits: WireLimits = WireLimits()
+    msg: Message, *, seq: int = 0, mac_key: bytes | None = None, limits: WireLimits = WireLimits(),
+    cache: LayoutCache | None = None,
 ) -> list[memoryview | bytes]:
     """Encode `msg` as buffers for `send_frame`. Tensor data is referenced, not copied."""
+    key = None
+    if cache is not None and not msg.quant:
+        key = tuple((name, t.dtype, t.shape) for name, t in msg.tensors.items())
+        hit = cache.encoded.get(key)
+        if hit is not None:
+            prefix, pads, payload_len = hit
+            buffers: list[memoryview | bytes] = []
+            for pad, t in zip(pads, msg.tensors.values()):
+                if pad:
+                    buffers.append(_PADDING[:pad])
+                data = _tensor_bytes(t)
+                if data.nbytes:
+                    buffers.append(data)
+            return _finish_frame(msg, _header(prefix, msg.fields), buffers, payload_len, seq, mac_key, limits)
     table: list[dict[str, Any]] = []
+    pads: list[int] = []
     buffers: list[memoryview | bytes] = []
     offset = 0
     if len(msg.tensors) > limits.max_tensors:
@@ -186,6 +250,7 @@ def encode_frame(
                                f"(allowed: {', '.join(DTYPES)})")
         data = _tensor_bytes(t)
         pad = -offset % ALIGN
+        pads.append(pad)
         if pad:
             buffers.append(_PADDING[:pad])
             offset += pad
@@ -201,21 +266,10 @@ def encode_frame(
         offset += data.nbytes
     if offset > limits.max_payload_bytes:
         raise FrameTooLarge(f"payload is {offset} bytes, the limit is {limits.max_payload_bytes}")
-    try:
-        header = json.dumps({"fields": msg.fields, "tensors": table}, separators=(",", ":")).encode()
-    except (TypeError, ValueError) as e:
-        raise BadHeader(f"message fields are not JSON-serialisable: {e}") from None
-    if len(header) > limits.max_header_bytes:
-        raise FrameTooLarge(f"header is {len(header)} bytes, the limit is {limits.max_header_bytes}")
-    flags = FLAG_MAC if mac_key is not None else 0
-    head = PREAMBLE.pack(MAGIC, VERSION, int(msg.kind), flags, len(header), offset, seq) + header
-    out: list[memoryview | bytes] = [head, *buffers]
-    if mac_key is not None:
-        mac = hmac.new(mac_key, head, hashlib.sha256)
-        for b in buffers:
-            mac.update(b)
-        out.append(mac.digest())
-    return out
+    prefix = _table_prefix(table)
+    if key is not None:
+        cache.remember_encoded(key, (prefix, pads, offset))
+    return _finish_frame(msg, _header(prefix, msg.fields), buffers, offset, seq, mac_key, limits)
 
 
 def send_frame(sock: Any, buffers: list[memoryview | bytes]) -> int:
@@ -325,6 +379,29 @@ def _parse_header(raw: bytes | bytearray, payload_len: int, limits: WireLimits, 
     return header["fields"], specs, quant
 
 
+def _parse_header_cached(raw: bytearray, payload_len: int, limits: WireLimits, schema: Schema | None,
+                         peer: str | None, cache: LayoutCache | None):
+    """_parse_header, skipping the table when it is byte for byte one this connection already validated."""
+    if cache is None:
+        return _parse_header(raw, payload_len, limits, schema, peer)
+    for prefix, plen, known_schema, specs, quant in cache.decoded:
+        if plen == payload_len and known_schema is schema and raw.startswith(prefix) and raw.endswith(b"}"):
+            try:
+                fields = json.loads(bytes(raw[len(prefix):-1]).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
+                raise BadHeader(f"header is not valid UTF-8 JSON ({e})", peer=peer) from None
+            if not isinstance(fields, dict):
+                raise BadHeader("header 'fields' must be a JSON object", peer=peer)
+            return fields, specs, quant
+    fields, specs, quant = _parse_header(raw, payload_len, limits, schema, peer)
+    table = [{"name": n, "dtype": DTYPE_NAMES[d], "shape": list(sh), "offset": o, "length": ln}
+             | ({"quant": quant[n]} if n in quant else {}) for n, d, sh, o, ln in specs]
+    prefix = _table_prefix(table)
+    if raw.startswith(prefix):  # the sender wrote the canonical form: safe to recognise next time
+        cache.remember_decoded((prefix, payload_len, schema, specs, quant))
+    return fields, specs, quant
+
+
 def read_frame(
     sock: Any,
     *,
@@ -334,6 +411,7 @@ def read_frame(
     mac_key: bytes | None = None,
     expected_seq: int | None = None,
     peer: str | None = None,
+    cache: LayoutCache | None = None,
 ) -> Message:
     """Read one frame from `sock` (anything with recv_into) and return the Message.
 
@@ -371,7 +449,7 @@ def read_frame(
     parsed = None
     if not has_mac:
         # Unauthenticated: validate the table before allocating the payload.
-        parsed = _parse_header(header_raw, payload_len, limits, schema, peer)
+        parsed = _parse_header_cached(header_raw, payload_len, limits, schema, peer, cache)
     # torch.empty does not zero-fill: the payload is written once, by recv_into.
     payload = torch.empty(payload_len, dtype=torch.uint8)
     payload_view = memoryview(payload.numpy())
@@ -387,7 +465,7 @@ def read_frame(
     if expected_seq is not None and seq != expected_seq:
         raise ReplayedFrame(f"{kind.name} frame has sequence number {seq}, expected {expected_seq} (replayed or reordered)", peer=peer)
     if parsed is None:
-        parsed = _parse_header(header_raw, payload_len, limits, schema, peer)
+        parsed = _parse_header_cached(header_raw, payload_len, limits, schema, peer, cache)
     fields, specs, quant = parsed
 
     tensors: dict[str, torch.Tensor] = {}
