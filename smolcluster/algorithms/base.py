@@ -182,6 +182,8 @@ class ServerBase:
         listener.start()
         host, port = listener.address
         (self.ctx.run_dir / "server.json").write_text(json.dumps({"host": host, "port": port, "pid": os.getpid()}))
+        if self.version == 0:
+            self.save()  # so a crash at any point can --resume, even before the first periodic checkpoint
         self.log.info(f"{self.algorithm} server listening on {host}:{port}, waiting for {self.cluster.num_workers} workers")
         self.ctx.metrics.write("start", algorithm=self.algorithm, version=self.version, step=self.step, port=port)
         try:

@@ -74,7 +74,7 @@ def test_server_killed_and_resumed_from_checkpoint(local_cluster, algo):
     c.start_server()
     for r in (1, 2, 3):
         c.start_worker(r, "--slowdown", SLOW)
-    c.wait_for(lambda: sum(1 for m in c.metrics() if m["event"] == "checkpoint") >= 2, 120, "two checkpoints")
+    c.wait_for(lambda: sum(1 for m in c.metrics() if m["event"] == "checkpoint") >= 3, 120, "two checkpoints after the initial one")
     c.procs.signal("server", signal.SIGKILL)
     c.procs.wait("server", timeout=10)
     saved = load_checkpoint(c.server_dir / "checkpoints")
