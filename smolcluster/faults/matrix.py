@@ -36,10 +36,11 @@ from smolcluster.faults.injector import read_fault_log
 ALGORITHMS = ("edp", "syncps")
 SMALL_TOPOLOGY = Path(__file__).resolve().parents[2] / "tests" / "faults" / "small.yaml"
 
-# Sized for tests/faults/small.yaml (server + 2 workers, ~15 s of training): faults fire at
-# TRIGGER_STEP, after the first checkpoint (checkpoint_interval 20), well before MAX_STEPS.
-MAX_STEPS = {"edp": 250, "syncps": 160}
-TRIGGER_STEP = {"edp": 50, "syncps": 40}
+# Sized for tests/faults/small.yaml (server + 2 workers, 20 ms links: ~12 s of training, mostly
+# waiting on the links, so little CPU): faults fire at TRIGGER_STEP (~3 s in, after the first
+# checkpoint), and a 3 s fault leaves ~5 s to recover before MAX_STEPS.
+MAX_STEPS = {"edp": 330, "syncps": 220}
+TRIGGER_STEP = {"edp": 90, "syncps": 60}
 FLOOR = {"edp": 0.85, "syncps": 0.85}  # without faults both reach ~0.92 at these step counts
 BOUND_S = 120.0  # a run takes ~25 s here; four times that, and a bit, means it hung
 
@@ -126,6 +127,9 @@ def run_scenario(sc: Scenario, algo: str, run_dir: Path, topology: Path = SMALL_
         except subprocess.TimeoutExpired:
             code = None
             _stop(proc)
+        except BaseException:  # Ctrl-C or a test timeout: never leave a sim (and its nodes) behind
+            _stop(proc)
+            raise
     wall = time.time() - t0
     problems = [f"did not finish within {sc.bound_s:.0f} s (hang); killed"] if code is None else []
     if code not in (0, None):
