@@ -231,7 +231,8 @@ def faults_show(
     from smolcluster.faults import schedule_for
     from smolcluster.topology import load_topology
 
-    expanded = schedule_for(load_topology(file), faults).expand()
+    topo = load_topology(file)
+    expanded = schedule_for(topo, faults).expand(topo.training.seed)  # as `smolcluster sim` draws it
     for f in expanded:
         typer.echo(f"{f.name:<36} {f.describe()}")
     typer.echo(f"{len(expanded)} faults")

@@ -39,10 +39,9 @@ class _Active:
 class FaultInjector:
     def __init__(self, schedule: FaultSchedule | Sequence[Fault], cluster: ClusterControl, seed: int = 0,
                  poll_s: float = 0.1, logger: logging.Logger | None = None):
-        # `seed` is kept for backends that draw their own randomness; random: entries carry their
-        # own seed so a schedule means the same thing wherever it runs.
+        # `seed` draws random: entries that do not name their own seed (the run's seed, typically)
         self.seed = seed
-        self.faults: list[Fault] = schedule.expand() if isinstance(schedule, FaultSchedule) else list(schedule)
+        self.faults: list[Fault] = schedule.expand(seed) if isinstance(schedule, FaultSchedule) else list(schedule)
         self.cluster = cluster
         self.poll_s = poll_s
         self.log = logger or logging.getLogger("smolcluster.faults")

@@ -14,8 +14,8 @@ A schedule is a list of entries, in a topology's `faults:` list or in a file of 
 Triggers: `at` (seconds since the run started) or `at_step` (server model version).
 Targets: `node: NAME` or `link: A->B` (either direction of a hop between adjacent nodes).
 `duration` (s): the fault heals itself that long after it fired.
-`random:` entries expand into concrete faults from their own seeded generator: the same seed
-gives the same schedule.
+`random:` entries expand into concrete faults from their own seeded generator (`seed`, else the
+run's seed): the same seed gives the same schedule.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class Fault:
 class RandomFaults:
     """`random:` entry: faults drawn as a Poisson process of `rate_per_min` between start and end."""
 
-    seed: int
+    seed: int | None  # None: the run's seed (the injector's), offset by the entry's index
     rate_per_min: float
     actions: tuple[str, ...]
     targets: tuple[tuple[str, str], ...]  # (kind, name)
@@ -113,8 +113,8 @@ class RandomFaults:
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # action -> parameters
     index: int = 0  # position in the schedule, for names
 
-    def expand(self) -> list[Fault]:
-        rng = random.Random(self.seed)
+    def expand(self, default_seed: int = 0) -> list[Fault]:
+        rng = random.Random(self.seed if self.seed is not None else default_seed * 1_000_003 + self.index)
         out: list[Fault] = []
         t = self.start
         while True:
@@ -138,9 +138,10 @@ class FaultSchedule:
     faults: tuple[Fault, ...] = ()
     random: tuple[RandomFaults, ...] = ()
 
-    def expand(self) -> list[Fault]:
-        """Every concrete fault, random ones drawn, ordered by trigger (time faults first, then steps)."""
-        drawn = [f for r in self.random for f in r.expand()]
+    def expand(self, seed: int = 0) -> list[Fault]:
+        """Every concrete fault, random ones drawn, ordered by trigger (time faults first, then steps).
+        `seed` is used by random: entries that do not set their own."""
+        drawn = [f for r in self.random for f in r.expand(seed)]
         return sorted([*self.faults, *drawn], key=lambda f: (f.at is None, f.at if f.at is not None else f.at_step))
 
     def __add__(self, other: "FaultSchedule") -> "FaultSchedule":
@@ -293,10 +294,10 @@ def parse_random(file: Path, key: str, body: Any, topo: Topology, index: int) ->
     for k in body:
         if k not in _RANDOM_KEYS:
             raise ConfigError(file, f"{key}.{k}", "unknown key", f"{_close(str(k), list(_RANDOM_KEYS))}use: {', '.join(_RANDOM_KEYS)}")
-    for required in ("seed", "rate_per_min", "actions", "end"):
+    for required in ("rate_per_min", "actions", "end"):
         if required not in body:
-            raise ConfigError(file, f"{key}.{required}", "missing", "random needs seed, rate_per_min, actions and end")
-    seed = _number(file, f"{key}.seed", body["seed"], integer=True)
+            raise ConfigError(file, f"{key}.{required}", "missing", "random needs rate_per_min, actions and end (seed is optional)")
+    seed = _number(file, f"{key}.seed", body["seed"], integer=True) if body.get("seed") is not None else None
     rate = _number(file, f"{key}.rate_per_min", body["rate_per_min"], strict=True)
     start = _number(file, f"{key}.start", body.get("start", 0.0))
     end = _number(file, f"{key}.end", body["end"])

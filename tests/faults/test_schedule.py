@@ -145,3 +145,36 @@ def test_multi_hop_links_on_the_hybrid_topology():
     assert f.target == "pi4->mini3"
     with pytest.raises(ConfigError, match="not linked"):
         parse_faults([{"at": 1, "link": "pi4->mini1", "action": "partition"}], topo)
+
+
+def test_random_without_a_seed_uses_the_runs_seed(topo):
+    schedule = parse_faults([{"random": {"rate_per_min": 20, "actions": ["pause"], "end": 60}},
+                             {"random": {"rate_per_min": 20, "actions": ["pause"], "end": 60}}], topo)
+    a, b, c = schedule.expand(42), schedule.expand(42), schedule.expand(43)
+    assert [f.to_dict() for f in a] == [f.to_dict() for f in b]
+    assert [f.at for f in a] != [f.at for f in c]
+    # two entries with the same settings still draw different faults
+    first = [f.at for f in a if f.name.startswith("random0-")]
+    second = [f.at for f in a if f.name.startswith("random1-")]
+    assert first and second and first != second
+
+
+def test_faults_show_prints_the_expanded_schedule(tmp_path):
+    from typer.testing import CliRunner
+
+    from smolcluster.cli import app
+
+    faults_file = tmp_path / "f.yaml"
+    faults_file.write_text(yaml.safe_dump({"faults": [
+        {"at": 2, "node": "w1", "action": "pause", "duration": 1},
+        {"random": {"seed": 5, "rate_per_min": 10, "actions": ["partition"], "targets": ["w2->srv"], "end": 30}}]}))
+    result = CliRunner().invoke(app, ["faults", "show", str(SMALL), "--faults", str(faults_file)])
+    assert result.exit_code == 0, result.output
+    assert "pause node w1 at 2s for 1s" in result.output
+    drawn = parse_faults(yaml.safe_load(faults_file.read_text())["faults"], load_topology(SMALL)).expand()
+    assert f"{len(drawn)} faults" in result.output and len(drawn) > 2
+    assert result.output.count("partition link w2->srv") == len(drawn) - 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"faults": [{"at": 2, "node": "w1", "action": "pauze"}]}))
+    result = CliRunner().invoke(app, ["faults", "show", str(SMALL), "--faults", str(bad)])
+    assert result.exit_code != 0 and "did you mean 'pause'" in str(result.exception or result.output)
