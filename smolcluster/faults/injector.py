@@ -7,7 +7,8 @@
 
 Every fault fired or healed is one line in RUN_DIR/faults.jsonl:
     {"time": unix, "elapsed": s, "fault": name, "action": "fired"|"healed"|"failed", "target": ...,
-     "target_kind": "node"|"link", "kind": action, "version": server version, ...}
+     "target_kind": "node"|"link", "kind": action, "version": server version, "took_s": s, ...}
+`time` is when the action began; `took_s` how long it took (restarting a server takes seconds).
 A fault that cannot be applied (e.g. its proxy is gone) is logged as "failed" with the error; the
 run goes on.
 """
@@ -113,37 +114,41 @@ class FaultInjector:
             return None
 
     def _fire(self, fault: Fault, now: float) -> None:
+        started = time.time()  # the line's time is when the fault began, so reactions are never "before" it
         try:
             touched = actions.fire(fault, self.cluster)
         except (SmolclusterError, OSError, KeyError, RuntimeError) as e:
-            self._write(fault, "failed", error=f"{type(e).__name__}: {e}")
+            self._write(fault, "failed", started, error=f"{type(e).__name__}: {e}")
             self.log.warning(f"fault {fault.name} ({fault.describe()}) could not be applied: {e}")
             return
-        self._write(fault, "fired", touched=touched, trigger=fault.trigger, duration=fault.duration,
+        self._write(fault, "fired", started, touched=touched, trigger=fault.trigger, duration=fault.duration,
                     params=fault.params, origin=fault.origin)
         self.log.info(f"fault {fault.name}: {fault.describe()} fired")
         if fault.action in ("resume", "heal", "restart"):
             for act in [a for a in self.active if actions.undoes(fault, a.fault)]:
                 self.active.remove(act)
-                self._write(act.fault, "healed", by=fault.name)
+                self._write(act.fault, "healed", started, by=fault.name)
         elif fault.duration is not None or fault.action not in ("kill", "server_crash"):
             # a kill without a duration is permanent: stop() does not bring the node back
             self.active.append(_Active(fault, now + fault.duration if fault.duration is not None else None))
 
     def _heal(self, fault: Fault, reason: str) -> None:
+        started = time.time()
         try:
             actions.heal(fault, self.cluster)
         except (SmolclusterError, OSError, KeyError, RuntimeError) as e:
-            self._write(fault, "failed", error=f"heal: {type(e).__name__}: {e}")
+            self._write(fault, "failed", started, error=f"heal: {type(e).__name__}: {e}")
             self.log.warning(f"fault {fault.name} could not be healed: {e}")
             return
-        self._write(fault, "healed", reason=reason)
+        self._write(fault, "healed", started, reason=reason)
         self.log.info(f"fault {fault.name} healed ({reason})")
 
-    def _write(self, fault: Fault, what: str, **extra: Any) -> None:
-        record = {"time": time.time(), "elapsed": round(self.cluster.elapsed(), 3), "fault": fault.name, "action": what,
+    def _write(self, fault: Fault, what: str, at: float, **extra: Any) -> None:
+        """One faults.jsonl line; `at` (unix time) is when the action started (a restart can take seconds)."""
+        elapsed = self.cluster.elapsed() - (time.time() - at)
+        record = {"time": at, "elapsed": round(elapsed, 3), "fault": fault.name, "action": what,
                   "target": fault.target, "target_kind": fault.target_kind, "kind": fault.action,
-                  "version": self._version()} | extra
+                  "version": self._version(), "took_s": round(time.time() - at, 3)} | extra
         self.events.append(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
