@@ -241,7 +241,7 @@ def faults_show(
 @faults_app.command("matrix")
 def faults_matrix(
     as_json: bool = typer.Option(False, "--json", help='Print {"results": [...]} instead of the table.'),
-    topology: Optional[Path] = typer.Option(None, "--topology", help="Topology to run on (default tests/faults/small.yaml: a server and workers w1, w2)."),
+    topology: Optional[Path] = typer.Option(None, "--topology", help="Topology to run on (default topologies/faults-small.yaml: a server and workers w1, w2)."),
     faults: Optional[str] = typer.Option(None, "--faults", help="Comma-separated fault scenarios (default: all)."),
     algos: str = typer.Option("edp,syncps", "--algos", help="Comma-separated algorithms."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the run directories go (default runs/faults-matrix-<time>)."),

@@ -3,7 +3,7 @@
 `smolcluster faults matrix` and the fault-injection suite (tests/faults/) both use SCENARIOS and
 check_run(), so the table a user prints and what CI asserts are the same thing.
 
-Each run is `smolcluster sim tests/faults/small.yaml --faults <scenario>.yaml` in a subprocess (the
+Each run is `smolcluster sim topologies/faults-small.yaml --faults <scenario>.yaml` in a subprocess (the
 real command, with a hard time bound: a hang is killed and reported, never waited out). A run
 passes when:
 - it ends by itself within the bound, exit code 0;
@@ -34,9 +34,9 @@ from smolcluster.checkpoint import load_checkpoint
 from smolcluster.faults.injector import read_fault_log
 
 ALGORITHMS = ("edp", "syncps")
-SMALL_TOPOLOGY = Path(__file__).resolve().parents[2] / "tests" / "faults" / "small.yaml"
+SMALL_TOPOLOGY = Path(__file__).resolve().parents[2] / "topologies" / "faults-small.yaml"
 
-# Sized for tests/faults/small.yaml (server + 2 workers, 20 ms links: ~12 s of training, mostly
+# Sized for topologies/faults-small.yaml (server + 2 workers, 20 ms links: ~12 s of training, mostly
 # waiting on the links, so little CPU): faults fire at TRIGGER_STEP (~3 s in, after the first
 # checkpoint), and a 3 s fault leaves ~5 s to recover before MAX_STEPS.
 MAX_STEPS = {"edp": 330, "syncps": 220}

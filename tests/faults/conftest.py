@@ -1,6 +1,6 @@
 """Fixtures for fault injection, reusable by any test that needs a live cluster to break.
 
-`cluster` starts tests/faults/small.yaml (server srv, workers w1 and w2) on the local backend and
+`cluster` starts topologies/faults-small.yaml (server srv, workers w1 and w2) on the local backend and
 yields a RunningCluster: `.control` is the ClusterControl the fault injector drives, `.toxiproxy`
 a toxiproxy-python client pointed at the cluster's proxies, `.nodes` the live node processes and
 `.signal(node, sig)` / `.state(node)` for process faults. Parametrize it indirectly to choose the
@@ -26,7 +26,7 @@ from smolcluster.sim.local import LocalCluster
 from smolcluster.sim.plan import RunOverrides
 from smolcluster.topology import load_topology
 
-SMALL = Path(__file__).parent / "small.yaml"
+SMALL = Path(__file__).resolve().parents[2] / "topologies" / "faults-small.yaml"
 
 
 @dataclass

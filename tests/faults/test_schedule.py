@@ -11,7 +11,7 @@ from smolcluster.errors import ConfigError
 from smolcluster.faults import load_faults_file, parse_faults, schedule_for
 from smolcluster.topology import load_topology
 
-SMALL = Path(__file__).parent / "small.yaml"
+SMALL = Path(__file__).resolve().parents[2] / "topologies" / "faults-small.yaml"
 HYBRID = Path(__file__).resolve().parents[2] / "topologies" / "hybrid.yaml"
 
 
