@@ -192,7 +192,7 @@ def format_check(topo: Topology, results: list[PathResult]) -> str:
         rtt_mark = ("ok" if _within(r.rtt_ms_measured, r.rtt_ms_expected) else "FAIL") if r.rtt_checked else "n/e"
         bw_mark = ("ok" if _within(r.mbps_measured, r.mbps_expected) else "FAIL") if r.mbps_checked else "n/e"
         rows.append([f"{r.src}->{r.dst}", " | ".join(r.hops), f"{r.rtt_ms_expected:g}", f"{r.rtt_ms_measured:.2f}", rtt_mark,
-                     f"{r.mbps_expected:g}", f"{r.mbps_measured:.1f}", bw_mark, "PASS" if r.ok else "FAIL"])
+                     f"{r.mbps_expected:g}", f"{r.mbps_measured:.1f}", bw_mark, _verdict(r)])
     lines = [f"link check: {topo.name} ({topo.file}); tolerance ±{TOLERANCE:.0%}; "
              f"n/e = not emulable on loopback (RTT < {MIN_CHECKABLE_RTT_MS:g} ms or rate > {MAX_CHECKABLE_MBIT:g} Mbit/s): measured, not judged",
              table(["path", "proxies", "RTT exp ms", "RTT ms", "", "Mbit/s exp", "Mbit/s", "", "result"], rows)]
@@ -200,8 +200,17 @@ def format_check(topo: Topology, results: list[PathResult]) -> str:
     if notes:
         lines += ["notes:", *notes]
     failed = [r for r in results if not r.ok]
-    lines.append(f"{len(results) - len(failed)}/{len(results)} paths pass" + (f"; FAILED: {', '.join(r.src for r in failed)}" if failed else ""))
+    judged = [r for r in results if r.rtt_checked or r.mbps_checked]
+    lines.append(f"{len(judged) - len(failed)}/{len(judged)} judged paths pass"
+                 + (f"; {len(results) - len(judged)} not emulable here (measured only)" if len(judged) < len(results) else "")
+                 + (f"; FAILED: {', '.join(r.src for r in failed)}" if failed else ""))
     return "\n".join(lines) + "\n"
+
+
+def _verdict(r: PathResult) -> str:
+    if not r.ok:
+        return "FAIL"
+    return "PASS" if r.rtt_checked or r.mbps_checked else "not judged"
 
 
 def run_check(topo: Topology, toxiproxy_url: Optional[str] = None, as_json: bool = False, out: TextIO = sys.stdout,
