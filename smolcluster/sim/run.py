@@ -338,7 +338,8 @@ def format_summary(s: dict) -> str:
     return "\n".join([
         "", "nodes (bytes out = towards the server; a worker's bytes come from its first-hop proxy)",
         table(["node", "role", "device", "slowdown", "steps", "samples/s", "staleness", "bytes out", "bytes in", "late", "rejected"], node_rows),
-        "", "links (one proxy per hop; up = towards the server)",
+        "", "links (" + ("one proxy per worker path" if s.get("backend") == "compose" else "one proxy per hop")
+        + "; up = towards the server)",
         table(["link", "profile", "mechanism", "bytes up", "bytes down", "conns"], link_rows),
         "", *overall, ""])
 
