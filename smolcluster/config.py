@@ -213,7 +213,7 @@ def cluster_config_file(config_dir: Path, algorithm: str) -> Path:
 
 def load_run_config(config_dir: str | Path, algorithm: str) -> RunConfig:
     if algorithm not in ALGORITHMS:
-        raise ConfigError(None, "--algo", f"unknown algorithm {algorithm!r}", "use edp or syncps")
+        raise ConfigError("command line", "--algo", f"unknown algorithm {algorithm!r}", "use edp or syncps")
     config_dir = Path(config_dir)
     nn_file = config_dir / "nn_config.yaml"
     cl_file = cluster_config_file(config_dir, algorithm)
