@@ -58,7 +58,9 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     if q.numel() == 0:
         return torch.zeros(q.shape, dtype=torch.float32)
     x = (q.reshape(rows, -1).double() - zero_point.double()[:, None]) * scale.double()[:, None]
-    return x.to(torch.float32).reshape(q.shape)
+    # A range reaching float32's max can round just past it; the true value is finite, so clamp.
+    f32 = torch.finfo(torch.float32)
+    return x.clamp_(f32.min, f32.max).to(torch.float32).reshape(q.shape)
 
 
 def quantize_state(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
