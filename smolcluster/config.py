@@ -52,6 +52,7 @@ class NNConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: str = "MNIST"
     data_dir: str | None = None  # IDX files; else $SMOLCLUSTER_DATA_DIR; else download
+    text_file: str | None = None  # dataset text: a UTF-8 file (default: a corpus of Python stdlib sources)
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,8 @@ def parse_nn_config(raw: dict, file: Path) -> NNConfig:
     _expect(file, "gradient_clipping", cfg.gradient_clipping is None or cfg.gradient_clipping > 0,
             f"got {cfg.gradient_clipping}, must be > 0 or null", "use e.g. 1.0, or null to disable")
     _expect(file, "dataset", cfg.dataset in ("MNIST", "text"), f"unknown dataset {cfg.dataset!r}", "use MNIST (or text with model GPT)")
+    _expect(file, "dataset", (cfg.dataset == "text") == (model.type == "GPT"),
+            f"dataset {cfg.dataset} does not fit model {model.type}", "use MNIST with SimpleNN, or text with GPT")
     return cfg
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from smolcluster.config import RunConfig, training_ranks
-from smolcluster.data import ImageSet, ShardLoader, load_mnist, resolve_data_dir, shard_indices
-
-MNIST_TRAIN_SIZE = 60_000
+from smolcluster.data import resolve_data_dir
+from smolcluster.tasks import Batches, Task, build_task
 from smolcluster.models import build_model
 from smolcluster.telemetry import MetricsWriter, WandbRun
 from smolcluster.transport import TransportConfig
@@ -42,28 +42,28 @@ class NodeContext:
         return torch.optim.Adam(model.parameters(), lr=lr)
 
     def data_dir(self) -> Path | None:
-        raw = self.cfg.nn.data_dir
-        if raw and not Path(raw).is_absolute():
-            raw = str((self.cfg.config_dir / raw).resolve())
-        return resolve_data_dir(raw)
+        return resolve_data_dir(self._relative(self.cfg.nn.data_dir))
 
-    def load_test_set(self) -> ImageSet:
-        return load_mnist("test", self.data_dir())
+    def _relative(self, raw: str | None) -> str | None:
+        """Config paths are relative to the config dir."""
+        if raw and not Path(raw).expanduser().is_absolute():
+            return str((self.cfg.config_dir / raw).resolve())
+        return str(Path(raw).expanduser()) if raw else None
 
-    def shard_loader(self, rank: int) -> ShardLoader:
-        """This rank's disjoint, seeded slice of the training set."""
-        ranks = training_ranks(self.cfg.cluster)
-        train = load_mnist("train", self.data_dir())
-        idx = shard_indices(len(train.labels), len(ranks), ranks.index(rank), self.cfg.cluster.seed)
-        # keep only this shard's images: a node holds 1/n of MNIST, not all of it
-        shard = ImageSet(images=train.images[idx].clone(), labels=train.labels[idx].clone())
-        del train
-        return ShardLoader(shard, torch.arange(len(idx)), self.cfg.nn.batch_size, seed=self.cfg.cluster.seed + rank)
+    @cached_property
+    def task(self) -> Task:
+        """Batches per training rank and evaluation (MNIST, or text for GPT)."""
+        text_file = self._relative(self.cfg.nn.text_file)
+        return build_task(self.cfg.nn, data_dir=self.data_dir(), text_file=Path(text_file) if text_file else None,
+                          num_shards=len(training_ranks(self.cfg.cluster)), seed=self.cfg.cluster.seed)
 
-    def shard_steps_per_epoch(self) -> int:
-        """Steps per epoch, the same on every rank (shards are equal up to the remainder we drop)."""
-        shards = len(training_ranks(self.cfg.cluster))
-        return (MNIST_TRAIN_SIZE // shards) // self.cfg.nn.batch_size
+    def batches(self, rank: int) -> Batches:
+        """This rank's disjoint, seeded slice of the training data."""
+        return self.task.batches(training_ranks(self.cfg.cluster).index(rank))
+
+    def steps_per_epoch(self) -> int:
+        """The same on every rank (shards are equal up to the remainder we drop)."""
+        return self.task.steps_per_epoch
 
     def stretch(self, compute_seconds: float) -> None:
         """Sleep so that compute takes `slowdown` times as long, as on a slower device."""

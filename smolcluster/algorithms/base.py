@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from smolcluster import checkpoint as ckpt
-from smolcluster.config import rank_of, to_dict, training_ranks
-from smolcluster.data import ShardLoader, evaluate, shard_indices
+from smolcluster.config import rank_of, to_dict
 from smolcluster.errors import ConnectFailed, SmolclusterError, TransportError, TruncatedFrame, WireError
 from smolcluster.models import loss_fn
 from smolcluster.node_context import NodeContext
+from smolcluster.tasks import Batches
 from smolcluster.quantization import dequantize_state, quantize_state, quantized_schema
 from smolcluster.telemetry import peak_rss_mb
 from smolcluster.transport import Connection, Listener, RetryPolicy, connect
@@ -158,14 +158,13 @@ class ServerBase:
         self.optimizer = ctx.build_optimizer(self.model)
         self.schema: Schema = schema_of(self.model)
         self.push_schema: Schema = {**self.schema, **quantized_schema(self.schema)} if self.cluster.use_quantization else self.schema
-        self.testset = ctx.load_test_set()
         self.version = 0
         self.step = 0
         self.server_data_step = 0
         self.worker_progress: dict[str, int] = {}
-        self.own_loader: ShardLoader | None = None
+        self.own_loader: Batches | None = None
         if self.cluster.server_trains:
-            self.own_loader = ctx.shard_loader(rank=0)
+            self.own_loader = ctx.batches(rank=0)
         self._snapshot: tuple[int, dict[str, torch.Tensor], dict[str, dict]] | None = None
         self.checkpoint_dir = Path(self.cluster.checkpoint_dir) if self.cluster.checkpoint_dir else ctx.run_dir / "checkpoints"
         self.started = time.time()
@@ -192,6 +191,7 @@ class ServerBase:
             self.stop_reason = "interrupted"
             self.log.warning("interrupted: writing a final checkpoint and summary")
         finally:
+            self._account_pending_leaves()
             # BYE first: closing the listener closes every accepted connection, and a worker that
             # loses its connection without a BYE keeps reconnecting instead of finishing.
             for peer in list(self.peers.values()):
@@ -203,6 +203,16 @@ class ServerBase:
 
     def loop(self) -> None:
         raise NotImplementedError
+
+    def _account_pending_leaves(self) -> None:
+        """At the end, count connections that already failed (e.g. a bad frame) but were still queued."""
+        while True:
+            try:
+                ev = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(ev, Left):
+                self._left(ev)
 
     # ------------------------------------------------------------------ connection threads
 
@@ -409,7 +419,7 @@ class ServerBase:
             self.save()
 
     def run_eval(self) -> tuple[float, float]:
-        loss, acc = evaluate(self.model, self.testset)
+        loss, acc = self.ctx.task.evaluate(self.model)
         self.last_eval = (loss, acc)
         self.ctx.metrics.write("eval", version=self.version, step=self.step, test_loss=loss, test_accuracy=acc)
         self.ctx.wandb.log({"val/loss": loss, "val/accuracy": acc, "version": self.version}, step=self.version)
@@ -417,7 +427,7 @@ class ServerBase:
         return loss, acc
 
     def done_training_data(self) -> bool:
-        return self.own_loader is None or self.server_data_step >= self.nn.num_epochs * self.own_loader.steps_per_epoch
+        return self.own_loader is None or self.server_data_step >= self.nn.num_epochs * self.ctx.steps_per_epoch()
 
     # ------------------------------------------------------------------ checkpoints and summary
 
@@ -508,8 +518,8 @@ class WorkerBase:
         self.optimizer = ctx.build_optimizer(self.model)
         self.schema = schema_of(self.model)
         self.recv_schema = {**self.schema, **quantized_schema(self.schema)} if self.cluster.use_quantization else self.schema
-        self.loader = ctx.shard_loader(rank=self.rank)
-        self.total_steps = self.nn.num_epochs * ctx.shard_steps_per_epoch()
+        self.loader = ctx.batches(rank=self.rank)
+        self.total_steps = self.nn.num_epochs * ctx.steps_per_epoch()
         self.conn: Connection | None = None
         self.version = 0
         self.steps_done = 0
@@ -646,12 +656,3 @@ class WorkerBase:
         self.ctx.metrics.write("end", steps=self.steps_done, samples=self.samples_done, samples_per_s=sps,
                                peak_rss_mb=peak_rss_mb())
         self.log.info(f"finished: {self.steps_done} steps, {sps:.1f} samples/s")
-
-
-def shard_for(ctx: NodeContext, rank: int) -> tuple[int, int]:
-    """(shard index, number of shards) for a training rank; ranks never share a shard."""
-    ranks = training_ranks(ctx.cfg.cluster)
-    return ranks.index(rank), len(ranks)
-
-
-__all__ = ["ServerBase", "WorkerBase", "Peer", "ServerFinished", "shard_for", "shard_indices", "dequantize_state"]

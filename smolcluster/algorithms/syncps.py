@@ -23,7 +23,7 @@ class Server(ServerBase):
     algorithm = "syncps"
 
     def total_steps(self) -> int:
-        total = self.nn.num_epochs * self.ctx.shard_steps_per_epoch()
+        total = self.nn.num_epochs * self.ctx.steps_per_epoch()
         return min(total, self.cluster.max_steps) if self.cluster.max_steps else total
 
     def loop(self) -> None:

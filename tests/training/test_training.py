@@ -125,6 +125,7 @@ def test_bad_pushes_rejected_and_model_unchanged(local_cluster, algo):
     for k, v in welcome2.tensors.items():
         assert torch.equal(v, before[k])
     conn2.close()
+    c.wait_for(lambda: sum(1 for m in c.metrics() if m["event"] == "reject") == 2, 30, "both rejections recorded")
     c.procs.signal("server", signal.SIGINT)
     c.wait_server(timeout=60)
     s = c.summary()
