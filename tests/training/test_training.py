@@ -134,3 +134,17 @@ def test_bad_pushes_rejected_and_model_unchanged(local_cluster, algo):
     assert sum(v for k, v in s["rejected_reasons"].items() if k != "non-finite") == 1
     log = (c.server_dir / "server.log").read_text()
     assert "non-finite" in log and "SchemaMismatch" in log
+
+
+def test_edp_with_int8_quantization_trains_and_sends_a_quarter(local_cluster):
+    c = local_cluster("edp", cluster={"use_quantization": True})
+    c.start_server()
+    for r in (1, 2, 3):
+        c.start_worker(r)
+    assert c.wait_server(timeout=240) == 0, c.log("server")
+    s = c.summary()
+    assert s["final_test_accuracy"] >= FLOOR["edp"], s
+    assert s["pushes_rejected"] == 0
+    full = 101_770 * 4  # float32 bytes of the model
+    per_push = s["bytes_received"] / s["pushes_applied"]
+    assert per_push < 0.3 * full, per_push  # int8 values + per-row scale and zero point
