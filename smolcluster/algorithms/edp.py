@@ -132,7 +132,7 @@ class Worker(WorkerBase):
             else:
                 continue
             if want_weights:
-                self.load_weights(reply, alpha=1.0)
+                self.load_weights(reply, alpha=self.nn.polyak_alpha)  # 1.0 (default): take the server's weights
 
     def push_message(self, step: int, loss: float, samples: int, grad_sum: dict[str, torch.Tensor],
                      steps: int, want_weights: bool) -> Message:

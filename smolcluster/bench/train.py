@@ -163,14 +163,14 @@ def _events(path: Path) -> list[dict]:
 
 
 def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, seed: int, data_dir: str | None,
-           workdir: Path, **cluster_overrides) -> BenchRun:
+           workdir: Path, nn_overrides: dict | None = None, **cluster_overrides) -> BenchRun:
     """Server + workers as real processes on loopback, configured like the seed's defaults."""
     names = [f"w{i}" for i in range(1, workers + 1)]
     tag = algo + "".join(f"-{k}{v}" for k, v in cluster_overrides.items())
     cfg_dir, run_dir = workdir / f"{tag}-config", workdir / f"{tag}-run"
     cfg_dir.mkdir(parents=True)
     nn = {"batch_size": batch_size, "learning_rate": lr, "num_epochs": epochs, "eval_steps": 10**6,
-          "data_dir": data_dir}
+          "data_dir": data_dir} | (nn_overrides or {})
     cluster = {"host_ip": {n: "127.0.0.1" for n in names + ["server"]}, "port": 0, "num_workers": workers,
                "workers": names, "server": "server", "seed": seed, "wandb": "off", "checkpoint_interval": 0,
                "min_workers": workers, "timeout": 5.0, "idle_timeout": 60.0,
