@@ -186,6 +186,9 @@ class ServerBase:
         self.log.info(f"{self.algorithm} server listening on {host}:{port}, waiting for {self.cluster.num_workers} workers")
         self.ctx.metrics.write("start", algorithm=self.algorithm, version=self.version, step=self.step, port=port)
         try:
+            # Evaluate the starting model first: unreadable evaluation data fails now, not after the
+            # workers trained for a while, and the accuracy curve gets its first point.
+            self.run_eval()
             self.loop()
         except KeyboardInterrupt:
             self.stop_reason = "interrupted"

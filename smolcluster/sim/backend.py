@@ -14,12 +14,37 @@ Run directory layout (all backends):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from smolcluster.linkemu.client import ToxiproxyClient
 from smolcluster.topology import Topology
+
+
+ALL_WORKERS_GONE_S = 60.0  # every worker dead this long (after training began, or after a deliberate kill)
+WORKERS_NEVER_STARTED_S = 3.0  # every worker dead before any trained a step: a setup error (data, config)
+
+
+class WorkersGoneWatch:
+    """Every worker exited with an error and none finished cleanly: the server would wait for nobody.
+    A backend feeds it the workers' exit codes (None while running) on every poll."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def problem(self, codes: dict[str, int | None], *, on_purpose: bool, trained: bool) -> str | None:
+        if any(code is None or code == 0 for code in codes.values()):
+            self.since = None
+            return None
+        now = time.time()
+        self.since = self.since or now
+        limit = ALL_WORKERS_GONE_S if on_purpose or trained else WORKERS_NEVER_STARTED_S
+        if now - self.since <= limit:
+            return None
+        return (f"every worker exited ({', '.join(f'{n}: {c}' for n, c in codes.items())}); "
+                "the server has nobody to train with.")
 
 
 @dataclass(frozen=True)

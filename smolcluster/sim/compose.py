@@ -437,8 +437,11 @@ def default_commands(topo: Topology, image: ImageSpec, proxies: Sequence[ProxyRo
 
 # A router's container must outlive its training process (the Pis behind mini3 still need mini3 when
 # mini3's worker is done, as on the real cluster); it stops on SIGINT/SIGTERM (compose down).
-KEEP_ROUTING = ["/bin/sh", "-c", '"$$@"; echo "training exited ($$?); still routing"; '
-                'trap "exit 0" INT TERM; sleep 2147483647 & wait']
+# The training exit code goes to /run/nodes/NAME/training_exit_code, so the runner can tell a
+# router whose worker crashed from one still training.
+KEEP_ROUTING = ["/bin/sh", "-c", '"$$@"; code=$$?; mkdir -p "/run/nodes/$$0"; echo $$code > "/run/nodes/$$0/training_exit_code"; '
+                'echo "training exited ($$code); still routing"; trap "exit 0" INT TERM; sleep 2147483647 & wait']
+TRAINING_EXIT_CODE = "training_exit_code"
 
 
 # --------------------------------------------------------------------------- running

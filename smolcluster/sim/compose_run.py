@@ -30,7 +30,7 @@ from smolcluster.data import DATA_DIR_ENV, default_cache_dir
 from smolcluster.errors import ProxyError, SimError
 from smolcluster.linkemu.client import ToxiproxyClient
 from smolcluster.sim import compose as cmp
-from smolcluster.sim.backend import LinkHandle
+from smolcluster.sim.backend import LinkHandle, WorkersGoneWatch
 from smolcluster.sim.docker_env import DockerEnv, DockerUnavailable, detect_docker
 from smolcluster.sim.local import KILLED_SERVER_GRACE_S, WORKER_GRACE_S, MetricsTail
 from smolcluster.sim.plan import RunOverrides, write_run_configs
@@ -105,6 +105,7 @@ class ComposeCluster:
         self.toxics: dict[str, list[dict]] = {}
         self._ids: dict[str, str] = {}
         self._killed_at: dict[str, float] = {}
+        self._gone = WorkersGoneWatch()
         self._t0 = time.time()
         self._up = False
 
@@ -226,6 +227,7 @@ class ComposeCluster:
             if status not in ("running", "paused", "restarting", "created") and (
                     killed is None or time.time() - killed > KILLED_SERVER_GRACE_S):
                 break
+            self._check_workers_alive()
             time.sleep(poll)
         # a router's container keeps running after its training process ended (it still routes): "done"
         # is an exited container or an `end` line in the worker's metrics
@@ -238,6 +240,32 @@ class ComposeCluster:
             time.sleep(0.2)
         self.stopped_after_end = unfinished()
         return code
+
+    def _worker_exit_code(self, node: str, states: dict[str, tuple[str, int]]) -> int | None:
+        """None while the worker trains; its exit code once the training process ended (a router's
+        container keeps running to route, so its wrapper records the code in a file)."""
+        if node in self.tail.ended:
+            return 0
+        status, code = states.get(node, ("missing", 1))
+        if status not in ("running", "paused", "restarting", "created"):
+            return code
+        marker = self.nodes_dir / node / cmp.TRAINING_EXIT_CODE
+        try:
+            return int(marker.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _check_workers_alive(self) -> None:
+        """Every worker gone with an error: fail now with its output instead of waiting for the server."""
+        states = self.states()
+        codes = {w.name: self._worker_exit_code(w.name, states) for w in self.topology.workers}
+        on_purpose = any(w.name in self._killed_at for w in self.topology.workers)
+        problem = self._gone.problem(codes, on_purpose=on_purpose, trained=any(self.tail.steps.values()))
+        if problem:
+            first = self.topology.workers[0].name
+            log = self.nodes_dir / first / "stdout.log"
+            self.save_logs()
+            raise SimError(f"{problem} {first}'s output: {log}\n{log.read_text()[-2000:] if log.exists() else ''}")
 
     # ------------------------------------------------------------------ ClusterControl
 

@@ -41,7 +41,7 @@ from smolcluster.errors import ProxyError, SimError
 from smolcluster.linkemu.api import ToxiproxyServer
 from smolcluster.linkemu.client import ToxiproxyClient
 from smolcluster.profiles import LinkProfile
-from smolcluster.sim.backend import LinkHandle
+from smolcluster.sim.backend import LinkHandle, WorkersGoneWatch
 from smolcluster.sim.plan import RunOverrides, write_run_configs
 from smolcluster.sim.processes import ProcessGroup
 from smolcluster.topology import Hop, Topology, path_to_server, to_dict
@@ -50,8 +50,6 @@ EMULABLE_MBIT = 1000.0  # rates above this are not paced by the proxy (faster th
 KILLED_SERVER_GRACE_S = 30.0  # wait() keeps going this long after kill(server), for a restart (server crash fault)
 MAX_SLOWDOWN = 12.5  # a Pi 4 (speed 0.08) computes 12.5x slower than a Mac mini; nothing slower than that
 SERVER_START_TIMEOUT_S = 90.0
-ALL_WORKERS_GONE_S = 60.0  # every worker dead this long (after training began): the run cannot go on
-WORKERS_NEVER_STARTED_S = 3.0  # every worker dead before any trained a step: a setup error (data, config)
 WORKER_GRACE_S = 5.0  # after the server finished, how long workers get to exit on their own
 MECHANISM_FULL = "proxy"
 MECHANISM_UNSHAPED = "proxy (rate unshaped: faster than loopback emulation)"
@@ -244,7 +242,7 @@ class LocalCluster:
         self.tail = MetricsTail(self.nodes_dir, self.topology.server.name, [w.name for w in self.topology.workers])
         self.final_link_stats: dict[str, dict[str, int]] = {}
         self.stopped_after_end: list[str] = []
-        self._all_gone_since: Optional[float] = None
+        self._gone = WorkersGoneWatch()
         self._killed_at: dict[str, float] = {}  # node -> when kill() hit it (cleared by restart)
 
     # ------------------------------------------------------------------ lifecycle
@@ -390,19 +388,15 @@ class LocalCluster:
         """Every worker gone (and none finished cleanly) means the server would wait for nobody:
         fail with the first worker's error instead. A fault injector restarting nodes has
         ALL_WORKERS_GONE_S to bring one back (WORKERS_NEVER_STARTED_S when none ever trained)."""
-        workers = [self.procs.procs.get(w.name) for w in self.topology.workers]
-        if any(p is None or p.alive() or p.returncode == 0 for p in workers):
-            self._all_gone_since = None
-            return
-        now = time.time()
-        self._all_gone_since = self._all_gone_since or now
+        codes = {}
+        for w in self.topology.workers:
+            p = self.procs.procs.get(w.name)
+            codes[w.name] = 0 if p is None else p.returncode  # None while running
         on_purpose = any(w.name in self._killed_at for w in self.topology.workers)  # a fault: give it time to restart
-        limit = ALL_WORKERS_GONE_S if on_purpose or any(self.tail.steps.values()) else WORKERS_NEVER_STARTED_S
-        if now - self._all_gone_since > limit:
+        problem = self._gone.problem(codes, on_purpose=on_purpose, trained=any(self.tail.steps.values()))
+        if problem:
             first = self.topology.workers[0].name
-            codes = ", ".join(f"{w.name}: {p.returncode}" for w, p in zip(self.topology.workers, workers))
-            raise SimError(f"every worker exited ({codes}); the server has nobody to train with. "
-                           f"{first}'s output:\n{_tail(self._node_dir(first) / 'stdout.log')}")
+            raise SimError(f"{problem} {first}'s output:\n{_tail(self._node_dir(first) / 'stdout.log')}")
 
     # ------------------------------------------------------------------ ClusterControl
 

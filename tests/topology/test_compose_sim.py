@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,24 @@ def test_failed_run_is_torn_down(docker_env, offline_image, tmp_path, monkeypatc
     project = next(l.split("-p ")[1].split()[0] for l in compose_file.read_text().splitlines() if "-p " in l)
     _assert_clean(docker_env, project)
     assert (tmp_path / "run" / "nodes" / "mini1" / "stdout.log").exists()  # the reason is kept
+
+
+def test_every_worker_failing_stops_the_run(docker_env, offline_image, mnist_dir, tmp_path, monkeypatch):
+    # Test set fine (the server starts and waits), training set corrupt (every worker fails, mini3
+    # while its container keeps routing): the run must stop with the workers' error, not wait forever.
+    bad = tmp_path / "half-mnist"
+    bad.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (bad / name).write_bytes((mnist_dir / name).read_bytes())
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (bad / name).write_bytes(b"not an IDX file")
+    t0 = time.time()
+    with pytest.raises(SimError, match="every worker exited"):
+        _sim(tmp_path, monkeypatch, bad, algo="syncps", max_steps=5)
+    assert time.time() - t0 < 240
+    compose_file = tmp_path / "run" / "compose" / "docker-compose.yml"
+    project = next(l.split("-p ")[1].split()[0] for l in compose_file.read_text().splitlines() if "-p " in l)
+    _assert_clean(docker_env, project)
 
 
 def test_render_only_writes_a_project_usable_by_hand(tmp_path, monkeypatch, mnist_dir):
