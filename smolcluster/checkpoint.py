@@ -1,4 +1,4 @@
-"""Server checkpoints: the full server state in one file, written atomically, no pickle.
+"""Server checkpoints: the full server state in one file, written atomically, nothing unpickled.
 
 The file is one smolcluster wire frame (see wire.py): JSON fields for the scalar state and
 optimizer hyper-parameters, tensors for the model and the optimizer's buffers. Writing goes to a

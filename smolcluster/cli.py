@@ -148,7 +148,7 @@ def bench_proxy(
 
 @bench_app.command("wire")
 def bench_wire(as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table.")) -> None:
-    """A model state over loopback TCP and back: smolwire (keyless and keyed) vs raw bytes vs pickle."""
+    """A model state over loopback TCP and back: smolwire (keyless and keyed) vs raw bytes vs the original's pickled dicts."""
     from smolcluster.bench.wire import main as wire_main
 
     wire_main(as_json=as_json)

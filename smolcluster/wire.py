@@ -1,4 +1,4 @@
-"""Wire format: one frame per message. No pickle, ever.
+"""Wire format: one frame per message. Nothing is ever unpickled.
 
 CONTRACT (the rest of the code is written against this; the implementation fills it in):
 
