@@ -22,7 +22,7 @@ from collections import deque
 from typing import Any, Optional
 
 from smolcluster.errors import ProxyError
-from smolcluster.linkemu.toxics import CLOSE, EOF, RESET, STREAMS, Item, Payload, Toxic, ToxicState
+from smolcluster.linkemu.toxics import EOF, RESET, STREAMS, Item, Payload, Toxic, ToxicState
 
 CHUNK = 128 * 1024  # bytes per recv: big enough that Python's per-call cost stays small
 QUEUE_LIMIT = 16 * 1024 * 1024  # queued bytes per direction before the reader stops reading (backpressure)

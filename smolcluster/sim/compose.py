@@ -21,7 +21,6 @@ IPAM gateways; compose v2 reads it too (it ignores the version key).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re

@@ -80,7 +80,7 @@ def run_compose_check(topo: Topology, env: DockerEnv, run_dir: Path, as_json: bo
         out.write(json.dumps({"topology": topo.name, "backend": "compose", "tolerance": TOLERANCE, "shaping": mechanisms,
                               "paths": [r.to_json() for r in results]}, indent=2) + "\n")
     else:
-        out.write(f"compose backend; kernel shaping per interface: "
+        out.write("compose backend; kernel shaping per interface: "
                   + ", ".join(f"{k}={v}" for k, v in sorted(mechanisms.items())) + "\n"
                   f"(in containers rates up to {MAX_CHECKABLE_MBIT_COMPOSE:g} Mbit/s shaped by tc are judged)\n")
         out.write(format_check(topo, results))

@@ -7,9 +7,8 @@ import hmac
 import json
 import queue
 import socket
-from typing import Any, Iterator
+from typing import Any
 
-import pytest
 import torch
 
 from smolcluster.transport import Connection, Listener, TransportConfig, connect
