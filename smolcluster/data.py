@@ -258,9 +258,6 @@ class ShardLoader:
         self._epoch = -1
         self._order: torch.Tensor | None = None
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:  # one permutation per epoch, cached (int64 of the shard size)
             perm = torch.from_numpy(_rng(self.seed, epoch, 0xE90C).permutation(len(self.indices)))

@@ -579,13 +579,6 @@ def measure_throughput(env: DockerEnv, cp: ComposeProject, src: str, dst: str, a
     return _json_result(r, f"throughput {src} -> {dst} ({address})")
 
 
-def measure_rtt(env: DockerEnv, cp: ComposeProject, src: str, dst: str, address: str, port: int = 5202,
-                count: int = 20) -> dict:
-    with measure_server(env, cp, dst, port):
-        r = exec_in(env, cp, src, _measure_cmd(cp, "rtt", address, str(port), "--count", str(count)), timeout=120, check=False)
-    return _json_result(r, f"rtt {src} -> {dst} ({address})")
-
-
 def can_connect(env: DockerEnv, cp: ComposeProject, src: str, address: str, port: int, timeout: float = 3.0) -> tuple[bool, str]:
     """(True, "") when a TCP connection from `src` to address:port opens, else (False, the error)."""
     r = exec_in(env, cp, src, _measure_cmd(cp, "connect", address, str(port), "--timeout", str(timeout)),

@@ -32,10 +32,6 @@ class DockerEnv:
     compose_version: str  # e.g. "2.27.0" or "1.29.2"
     engine_version: str
 
-    @property
-    def compose_v1(self) -> bool:
-        return self.compose[-1] == "docker-compose" or self.compose_version.startswith("1.")
-
     def run(self, args: Sequence[str], timeout: float = 120.0, check: bool = True,
             input: str | None = None, cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
         """Run `docker ARGS`; raise DockerCommandFailed (with its output) on failure or timeout."""
@@ -117,12 +113,3 @@ def _find_compose(docker: str, timeout: float) -> tuple[tuple[str, ...], str]:
             return cmd, version
     raise DockerUnavailable(f"the Docker engine runs but neither `docker compose` (v2) nor `docker-compose` (v1) "
                             f"is installed: {INSTALL_HINT}")
-
-
-def docker_available() -> tuple[bool, str]:
-    """(True, description) when the compose backend can run here, else (False, the reason). For test skips."""
-    try:
-        env = detect_docker()
-    except DockerUnavailable as e:
-        return False, str(e)
-    return True, f"engine {env.engine_version}, compose {' '.join(env.compose)} {env.compose_version}"
