@@ -128,15 +128,19 @@ def _scalar_fields(cls: type, file: Path, raw: dict, prefix: str = "") -> dict[s
     return out
 
 
-def read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, *, what: str = "file", missing_fix: str | None = None,
+              layout: str = "write 'key: value' lines") -> dict:
+    """A YAML file whose top level is a mapping; every problem is a ConfigError naming the file.
+    `what`, `missing_fix` and `layout` tailor the messages to the kind of file (config, topology, profiles)."""
     if not path.exists():
-        raise ConfigError(path, "<file>", "file not found", f"create it or pass --config-dir pointing at a folder with {path.name}")
+        raise ConfigError(path, "<file>", f"{what} not found",
+                          missing_fix or f"create it or pass --config-dir pointing at a folder with {path.name}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(path, "<file>", f"not valid YAML: {e}", "fix the YAML syntax") from None
+        raise ConfigError(path, "<file>", f"not valid YAML: {e}", "fix the YAML syntax (indentation, colons, quotes)") from None
     if not isinstance(data, dict):
-        raise ConfigError(path, "<file>", "top level must be a mapping of keys to values", "write 'key: value' lines")
+        raise ConfigError(path, "<file>", "top level must be a mapping", layout)
     return data
 
 

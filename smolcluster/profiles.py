@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from smolcluster.config import read_yaml
 from smolcluster.errors import ConfigError
 
 PROFILES_FILE = "profiles.yaml"
@@ -129,14 +129,8 @@ def _fields(file: Path | str, key: str, raw: Any, specs: dict, required: bool, d
 
 
 def _read(path: Path) -> dict:
-    if not path.exists():
-        raise ConfigError(path, "<file>", "profiles file not found", "create it, or fix the 'profiles:' key of the topology")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(path, "<file>", f"not valid YAML: {e}", "fix the YAML syntax") from None
-    if not isinstance(data, dict):
-        raise ConfigError(path, "<file>", "top level must be a mapping", "write 'links:' and 'devices:' sections")
+    data = read_yaml(path, what="profiles file", missing_fix="create it, or fix the 'profiles:' key of the topology",
+                     layout="write 'links:' and 'devices:' sections")
     unknown = set(data) - {"links", "devices"}
     if unknown:
         raise ConfigError(path, sorted(unknown)[0], "unknown key", "use only 'links:' and 'devices:' sections")

@@ -29,8 +29,8 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from smolcluster.config import read_yaml
 from smolcluster.errors import ConfigError
 from smolcluster.profiles import (
     DeviceProfile,
@@ -188,18 +188,6 @@ def _default_gateway(subnet: IPv4Network) -> IPv4Address | None:
     if subnet.num_addresses < 4:
         return None  # /31 and /32 have no room for a gateway next to the nodes
     return subnet.broadcast_address - 1
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise ConfigError(path, "<file>", "topology file not found", "check the path, e.g. topologies/hybrid.yaml")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(path, "<file>", f"not valid YAML: {e}", "fix the YAML syntax (indentation, colons, quotes)") from None
-    if not isinstance(data, dict):
-        raise ConfigError(path, "<file>", "top level must be a mapping", "start with 'networks:' and 'nodes:' sections")
-    return data
 
 
 def _load_profiles(file: Path, raw: Any) -> tuple[dict[str, LinkProfile], dict[str, DeviceProfile]]:
@@ -366,7 +354,8 @@ def _training_value(file: Path, key: str, v: Any, f: dataclasses.Field) -> Any:
 def load_topology(path: str | Path) -> Topology:
     """Parse and validate a topology file. Every problem is a ConfigError naming file, key and fix."""
     file = Path(path)
-    raw = _read_yaml(file)
+    raw = read_yaml(file, what="topology file", missing_fix="check the path, e.g. topologies/hybrid.yaml",
+                    layout="start with 'networks:' and 'nodes:' sections")
     _unknown(file, "", raw, _TOP_KEYS)
     links, devices = _load_profiles(file, raw.get("profiles"))
     networks = _parse_networks(file, raw.get("networks"), links)
