@@ -44,36 +44,39 @@ class BenchRun:
 # --------------------------------------------------------------------------- in-process trainers (run as subprocesses)
 
 
+def _sgd_step(model, opt, x, y) -> None:
+    import torch
+
+    from smolcluster.models import loss_fn
+
+    opt.zero_grad(set_to_none=True)
+    loss_fn(model, x, y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def _train_single(batch_size: int, shards: int, epochs: int, lr: float, seed: int, data_dir: str | None) -> dict:
     """One process. With shards > 1 each step's batch is the union of the shards' batches for that
-    step, exactly what a synchronous parameter server with `shards` workers averages."""
+    step (the same shards and order the workers use), exactly what synchronous PS averages."""
     import torch
 
     from smolcluster.config import ModelConfig
-    from smolcluster.data import ShardLoader, evaluate, load_mnist, shard_indices
-    from smolcluster.models import build_model, loss_fn
+    from smolcluster.models import build_model
+    from smolcluster.tasks import MnistTask
     from smolcluster.telemetry import peak_rss_mb
 
     torch.set_num_threads(1)
-    train, test = load_mnist("train", data_dir), load_mnist("test", data_dir)
-    if shards == 1:
-        loaders = [ShardLoader(train, torch.arange(len(train.labels)), batch_size, seed=seed)]
-    else:
-        loaders = [ShardLoader(train, shard_indices(len(train.labels), shards, i, seed), batch_size, seed=seed + i + 1)
-                   for i in range(shards)]
+    task = MnistTask(data_dir, shards, batch_size, seed)
+    loaders = [task.batches(i) for i in range(shards)]
     model = build_model(ModelConfig(), seed=seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * ((len(train.labels) // shards) // batch_size)
+    steps = epochs * task.steps_per_epoch
     t0 = time.perf_counter()
     for step in range(steps):
         batches = [loader.batch_at(step) for loader in loaders]
-        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, x, y).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _sgd_step(model, opt, torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
     wall = time.perf_counter() - t0
-    _, acc = evaluate(model, test)
+    _, acc = task.evaluate(model)
     return {"wall_time_s": wall, "samples": steps * batch_size * shards, "final_test_accuracy": acc,
             "peak_rss_mb": peak_rss_mb()}
 
@@ -85,31 +88,24 @@ def _train_ddp(rank: int, world: int, port: int, batch_size: int, epochs: int, l
     from torch.nn.parallel import DistributedDataParallel
 
     from smolcluster.config import ModelConfig
-    from smolcluster.data import ImageSet, ShardLoader, evaluate, load_mnist, shard_indices
-    from smolcluster.models import build_model, loss_fn
+    from smolcluster.models import build_model
+    from smolcluster.tasks import MnistTask
     from smolcluster.telemetry import peak_rss_mb
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    train = load_mnist("train", data_dir)
-    idx = shard_indices(len(train.labels), world, rank, seed)
-    shard = ImageSet(train.images[idx].clone(), train.labels[idx].clone())
-    del train
-    loader = ShardLoader(shard, torch.arange(len(idx)), batch_size, seed=seed + rank)
+    task = MnistTask(data_dir, world, batch_size, seed)
+    loader = task.batches(rank)
     model = DistributedDataParallel(build_model(ModelConfig(), seed=seed))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * ((60_000 // world) // batch_size)
+    steps = epochs * task.steps_per_epoch
     dist.barrier()
     t0 = time.perf_counter()
     for step in range(steps):
-        x, y = loader.batch_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, x, y).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _sgd_step(model, opt, *loader.batch_at(step))
     dist.barrier()
     wall = time.perf_counter() - t0
-    acc = evaluate(model.module, load_mnist("test", data_dir))[1] if rank == 0 else 0.0
+    acc = task.evaluate(model.module)[1] if rank == 0 else 0.0
     dist.destroy_process_group()
     return {"wall_time_s": wall, "samples": steps * batch_size * world, "final_test_accuracy": acc, "peak_rss_mb": peak_rss_mb()}
 
