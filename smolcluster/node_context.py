@@ -14,6 +14,7 @@ from smolcluster.config import RunConfig, training_ranks
 from smolcluster.data import resolve_data_dir
 from smolcluster.tasks import Batches, Task, build_task
 from smolcluster.models import build_model
+from smolcluster.optim import build_optimizer
 from smolcluster.telemetry import MetricsWriter, WandbRun
 from smolcluster.transport import TransportConfig
 
@@ -36,10 +37,7 @@ class NodeContext:
         return build_model(self.cfg.nn.model, seed=self.cfg.cluster.seed)
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        lr = self.cfg.nn.learning_rate
-        if self.cfg.nn.optimizer == "sgd":
-            return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        return torch.optim.Adam(model.parameters(), lr=lr)
+        return build_optimizer(self.cfg.nn.optimizer, model.parameters(), self.cfg.nn.learning_rate)
 
     def data_dir(self) -> Path | None:
         return resolve_data_dir(self._relative(self.cfg.nn.data_dir))

@@ -25,6 +25,7 @@ from smolcluster.config import rank_of, to_dict
 from smolcluster.errors import ConnectFailed, SmolclusterError, TransportError, TruncatedFrame, WireError
 from smolcluster.models import loss_fn
 from smolcluster.node_context import NodeContext
+from smolcluster.optim import clip_, clip_grads_, tensor_norms
 from smolcluster.tasks import Batches
 from smolcluster.quantization import dequantize_state, quantize_state, quantized_schema
 from smolcluster.telemetry import peak_rss_mb
@@ -378,14 +379,20 @@ class ServerBase:
         self.log.warning(f"rejected push from {host}: {reason}{': ' + detail if detail else ''}")
         self.ctx.metrics.write("reject", rank=rank, reason=reason, detail=detail[:200], version=self.version)
 
-    def apply_gradients(self, grads: dict[str, torch.Tensor], lr_scale: float = 1.0) -> dict[str, float]:
-        """Set .grad, clip, step the optimizer once. Returns per-layer gradient norms."""
+    def apply_gradients(self, grads: dict[str, torch.Tensor], lr_scale: float = 1.0,
+                        norms: dict[str, float] | None = None) -> dict[str, float]:
+        """Set .grad, clip, step the optimizer once. Returns per-layer gradient norms.
+
+        `grads` become the parameters' .grad as they are (the caller hands over tensors it owns, e.g.
+        views of a receive buffer); `norms`, when the caller already computed them, are reused."""
         params = dict(self.model.named_parameters())
         for name, p in params.items():
-            p.grad = grads[name].to(p.dtype).reshape(p.shape).clone()
-        norms = {n: float(p.grad.norm()) for n, p in params.items()} if self.nn.track_gradients else {}
+            g = grads[name]
+            p.grad = g.view(p.shape) if g.dtype == p.dtype and g.is_contiguous() else g.to(p.dtype).reshape(p.shape)
+        if norms is None:
+            norms = tensor_norms({n: p.grad for n, p in params.items()})
         if self.nn.gradient_clipping:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.nn.gradient_clipping)
+            clip_([p.grad for p in params.values()], norms, self.nn.gradient_clipping)
         base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         for g in self.optimizer.param_groups:
             g["lr"] = g["lr"] * lr_scale
@@ -393,7 +400,7 @@ class ServerBase:
         for g, lr in zip(self.optimizer.param_groups, base_lrs):
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        return norms
+        return norms if self.nn.track_gradients else {}
 
     def own_gradients(self) -> tuple[dict[str, torch.Tensor], int, float]:
         """The server's own contribution (server_trains): gradients on its shard at the next batch."""
@@ -583,8 +590,7 @@ class WorkerBase:
 
     def local_step(self) -> None:
         """Clip (as the server does) and step the local optimizer."""
-        if self.nn.gradient_clipping:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.nn.gradient_clipping)
+        clip_grads_(self.model, self.nn.gradient_clipping)
         self.optimizer.step()
 
     def exchange(self, msg: Message, timeout: float) -> Message:

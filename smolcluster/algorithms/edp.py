@@ -16,6 +16,7 @@ import time
 import torch
 
 from smolcluster.algorithms.base import Peer, ServerBase, WorkerBase
+from smolcluster.optim import all_finite, tensor_norms
 from smolcluster.quantization import quantize_state
 from smolcluster.wire import Message, MessageKind
 
@@ -61,18 +62,19 @@ class Server(ServerBase):
         except (ValueError, KeyError) as e:
             self.reject(peer.rank, "bad-tensors", str(e))
             return self._ack(peer, "rejected", f, tau=0)
-        if not all(torch.isfinite(t).all() for t in tensors.values()):
+        norms = tensor_norms(tensors)
+        if not all_finite(norms):
             self.reject(peer.rank, "non-finite", f"{f.get('mode', 'weights')} contain NaN or Inf")
             return self._ack(peer, "rejected", f, tau=0)
         tau = self.version - base
-        norms: dict[str, float] = {}
         if f.get("mode") == "gradients":
-            norms = self.apply_gradients(tensors, lr_scale=1.0 / (1 + tau))
+            norms = self.apply_gradients(tensors, lr_scale=1.0 / (1 + tau), norms=norms)
         else:
             alpha = 1.0 / (1 + tau)
             with torch.no_grad():
                 for name, w in self.model.state_dict().items():
                     w.add_(tensors[name].to(w.dtype) - w, alpha=alpha)
+            norms = {}  # weights, not gradients: nothing to report as gradient norms
         self.version += 1
         self.step = self.version
         samples = int(f.get("samples", 0))
@@ -113,13 +115,16 @@ class Worker(WorkerBase):
             if grad_mode:
                 for n, p in self.model.named_parameters():
                     grad_sum[n] = grad_sum[n] + p.grad if n in grad_sum else p.grad.detach().clone()
-            self.local_step()
+            want_weights = (step + 1) % pull_every == 0
+            pushing = (step + 1) % push_every == 0 or step + 1 == self.total_steps
+            # A local step whose result the pull is about to overwrite (and no pushed weights carry) is wasted.
+            if not (want_weights and self.nn.polyak_alpha >= 1.0 and (grad_mode or not pushing)):
+                self.local_step()
             step += 1
             since_push += 1
             self.steps_done += 1
             self.samples_done += samples
-            want_weights = step % pull_every == 0
-            if step % push_every == 0 or step == self.total_steps:
+            if pushing:
                 push = self.push_message(step, loss, samples * since_push, grad_sum, since_push, want_weights)
                 reply = self.exchange(push, timeout=reply_timeout)
                 grad_sum, since_push = {}, 0

@@ -16,6 +16,7 @@ import time
 import torch
 
 from smolcluster.algorithms.base import Peer, ServerBase, WorkerBase
+from smolcluster.optim import all_finite, tensor_norms
 from smolcluster.wire import Message, MessageKind
 
 
@@ -117,7 +118,7 @@ class Server(ServerBase):
         except (ValueError, KeyError) as e:
             self.reject(peer.rank, "bad-tensors", str(e))
             return self._reply_current(peer, "rejected", str(e))
-        if not all(torch.isfinite(g).all() for g in grads.values()):
+        if not all_finite(tensor_norms(grads)):
             self.reject(peer.rank, "non-finite", "gradients contain NaN or Inf")
             return self._reply_current(peer, "rejected", "non-finite gradients")
         samples = int(f.get("samples", self.nn.batch_size))

@@ -3,7 +3,8 @@
   single-bs32      one process, batch 32 (the quality reference for EDP)
   single-bsN       one process, batch 32 x training ranks (the reference for SyncPS's global batch)
   syncps           parameter server + N worker processes over loopback TCP
-  edp              parameter server + N worker processes over loopback TCP
+  edp              parameter server + N workers, the default config: weights pushed and pulled every 5 steps
+  edp-gradients    parameter server + N workers, gradients pushed every step, weights pulled every step
   ddp-gloo         torch.distributed DistributedDataParallel, gloo backend, N processes
 
 Every run is its own process(es), same model, optimizer, epochs and seed; wall time counts training
@@ -45,13 +46,13 @@ class BenchRun:
 
 
 def _sgd_step(model, opt, x, y) -> None:
-    import torch
-
+    """One step exactly as a smolcluster worker takes it (same clipping, same optimizer)."""
     from smolcluster.models import loss_fn
+    from smolcluster.optim import clip_grads_
 
     opt.zero_grad(set_to_none=True)
     loss_fn(model, x, y).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    clip_grads_(model, 1.0)
     opt.step()
 
 
@@ -62,6 +63,7 @@ def _train_single(batch_size: int, shards: int, epochs: int, lr: float, seed: in
 
     from smolcluster.config import ModelConfig
     from smolcluster.models import build_model
+    from smolcluster.optim import build_optimizer
     from smolcluster.tasks import MnistTask
     from smolcluster.telemetry import peak_rss_mb
 
@@ -69,7 +71,7 @@ def _train_single(batch_size: int, shards: int, epochs: int, lr: float, seed: in
     task = MnistTask(data_dir, shards, batch_size, seed)
     loaders = [task.batches(i) for i in range(shards)]
     model = build_model(ModelConfig(), seed=seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = build_optimizer("adam", model.parameters(), lr)
     steps = epochs * task.steps_per_epoch
     t0 = time.perf_counter()
     for step in range(steps):
@@ -89,6 +91,7 @@ def _train_ddp(rank: int, world: int, port: int, batch_size: int, epochs: int, l
 
     from smolcluster.config import ModelConfig
     from smolcluster.models import build_model
+    from smolcluster.optim import build_optimizer
     from smolcluster.tasks import MnistTask
     from smolcluster.telemetry import peak_rss_mb
 
@@ -97,7 +100,7 @@ def _train_ddp(rank: int, world: int, port: int, batch_size: int, epochs: int, l
     task = MnistTask(data_dir, world, batch_size, seed)
     loader = task.batches(rank)
     model = DistributedDataParallel(build_model(ModelConfig(), seed=seed))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = build_optimizer("adam", model.parameters(), lr)
     steps = epochs * task.steps_per_epoch
     dist.barrier()
     t0 = time.perf_counter()
@@ -159,7 +162,7 @@ def _events(path: Path) -> list[dict]:
 
 
 def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, seed: int, data_dir: str | None,
-           workdir: Path, nn_overrides: dict | None = None, **cluster_overrides) -> BenchRun:
+           workdir: Path, nn_overrides: dict | None = None, label: str = "", **cluster_overrides) -> BenchRun:
     """Server + workers as real processes on loopback, configured like the seed's defaults."""
     names = [f"w{i}" for i in range(1, workers + 1)]
     tag = algo + "".join(f"-{k}{v}" for k, v in cluster_overrides.items())
@@ -199,7 +202,7 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
     summary = json.loads((run_dir / "server" / "summary.json").read_text())
     rss = max([e.get("peak_rss_mb", 0) for e in ends] + [e.get("peak_rss_mb", 0) for e in server if e["event"] == "end"])
     global_batch = batch_size * workers if algo == "syncps" else batch_size
-    return BenchRun(algo, workers + 1, global_batch, epochs, round(wall, 2), round(samples / wall, 1),
+    return BenchRun(label or algo, workers + 1, global_batch, epochs, round(wall, 2), round(samples / wall, 1),
                     summary["final_test_accuracy"], round(rss, 1))
 
 
@@ -213,7 +216,11 @@ def run_all(workers: int = 3, epochs: int = 1, lr: float = 0.001, seed: int = 42
             (f"single process, batch {32 * workers} (the workers' shards, unioned)",
              lambda: run_single(32, workers, epochs, lr, seed, data_dir)),
             (f"SyncPS, {workers} workers", lambda: run_ps("syncps", workers, 32, epochs, lr, seed, data_dir, Path(tmp))),
-            (f"EDP, {workers} workers", lambda: run_ps("edp", workers, 32, epochs, lr, seed, data_dir, Path(tmp))),
+            (f"EDP, {workers} workers, weights every 5 steps",
+             lambda: run_ps("edp", workers, 32, epochs, lr, seed, data_dir, Path(tmp))),
+            (f"EDP, {workers} workers, gradients every step",
+             lambda: run_ps("edp", workers, 32, epochs, lr, seed, data_dir, Path(tmp), label="edp-gradients",
+                            push_mode="gradients", push_interval=1, worker_update_interval=1)),
             (f"DDP (gloo), {workers} processes", lambda: run_ddp(workers, 32, epochs, lr, seed, data_dir)),
         ]
         for i, (label, fn) in enumerate(plan, start=1):
@@ -228,29 +235,32 @@ def targets(runs: list[BenchRun]) -> list[tuple[str, bool, str]]:
     by = {r.name: r for r in runs}
     single32 = by["single-bs32"]
     single_n = next(r for r in runs if r.name.startswith("single-bs") and r is not single32)
-    sync, edp, ddp = by["syncps"], by["edp"], by["ddp-gloo"]
+    sync, ddp = by["syncps"], by["ddp-gloo"]
+    edps = [r for r in runs if r.name.startswith("edp")]
     pp = 100.0
-    return [
-        ("SyncPS accuracy within 0.5 pt of single, same global batch",
-         abs(sync.final_test_accuracy - single_n.final_test_accuracy) * pp <= 0.5,
-         f"{(sync.final_test_accuracy - single_n.final_test_accuracy) * pp:+.2f} pt"),
-        ("EDP accuracy within 1.5 pt of single batch 32",
-         abs(edp.final_test_accuracy - single32.final_test_accuracy) * pp <= 1.5,
-         f"{(edp.final_test_accuracy - single32.final_test_accuracy) * pp:+.2f} pt"),
-        ("EDP samples/s >= DDP", edp.samples_per_s >= ddp.samples_per_s, f"{edp.samples_per_s / ddp.samples_per_s:.2f}x DDP"),
+    out = [("SyncPS accuracy within 0.5 pt of single, same global batch",
+            abs(sync.final_test_accuracy - single_n.final_test_accuracy) * pp <= 0.5,
+            f"{(sync.final_test_accuracy - single_n.final_test_accuracy) * pp:+.2f} pt")]
+    for edp in edps:
+        out += [(f"{edp.name} accuracy within 1.5 pt of single batch 32",
+                 abs(edp.final_test_accuracy - single32.final_test_accuracy) * pp <= 1.5,
+                 f"{(edp.final_test_accuracy - single32.final_test_accuracy) * pp:+.2f} pt"),
+                (f"{edp.name} samples/s >= DDP", edp.samples_per_s >= ddp.samples_per_s,
+                 f"{edp.samples_per_s / ddp.samples_per_s:.2f}x DDP")]
+    peak = max(r.peak_rss_mb for r in [sync, *edps])
+    return out + [
         ("SyncPS samples/s >= 0.6x DDP", sync.samples_per_s >= 0.6 * ddp.samples_per_s,
          f"{sync.samples_per_s / ddp.samples_per_s:.2f}x DDP"),
-        ("peak RSS of SyncPS/EDP processes <= 400 MB", max(sync.peak_rss_mb, edp.peak_rss_mb) <= 400,
-         f"{max(sync.peak_rss_mb, edp.peak_rss_mb):.0f} MB"),
+        ("peak RSS of SyncPS/EDP processes <= 400 MB", peak <= 400, f"{peak:.0f} MB"),
     ]
 
 
 def format_table(runs: list[BenchRun]) -> str:
     ddp = next(r for r in runs if r.name == "ddp-gloo")
-    head = f"{'run':<14}{'procs':>6}{'batch':>7}{'epochs':>7}{'wall s':>9}{'samples/s':>11}{'vs DDP':>8}{'accuracy':>10}{'peak MB':>9}"
+    head = f"{'run':<16}{'procs':>6}{'batch':>7}{'epochs':>7}{'wall s':>9}{'samples/s':>11}{'vs DDP':>8}{'accuracy':>10}{'peak MB':>9}"
     lines = [head, "-" * len(head)]
     for r in runs:
-        lines.append(f"{r.name:<14}{r.processes:>6}{r.batch_size:>7}{r.epochs:>7}{r.wall_time_s:>9.1f}"
+        lines.append(f"{r.name:<16}{r.processes:>6}{r.batch_size:>7}{r.epochs:>7}{r.wall_time_s:>9.1f}"
                      f"{r.samples_per_s:>11.0f}{r.samples_per_s / ddp.samples_per_s:>7.2f}x"
                      f"{r.final_test_accuracy:>10.4f}{r.peak_rss_mb:>9.0f}")
     lines.append("")
