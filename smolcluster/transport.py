@@ -33,7 +33,6 @@ from smolcluster.wire import LayoutCache, Message, MessageKind, Schema, WireLimi
 
 # Large kernel buffers let a whole chunk of a model move per syscall; the kernel caps them at its maximum.
 SOCKET_BUFFER_BYTES = 4 << 20
-_BLOCKING = bool(int(__import__("os").environ.get("XB", "0")))
 _CLOSED_ERRORS = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 
 
@@ -67,7 +66,7 @@ def _tune(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
         except OSError:
             pass  # the platform default still works, only slower
-    sock.setblocking(_BLOCKING)
+    sock.setblocking(False)
 
 
 def _peer_name(addr: Any) -> str:

@@ -298,10 +298,13 @@ def send_frame(sock: Any, buffers: list[memoryview | bytes]) -> int:
 # --------------------------------------------------------------------------- decode
 
 
-def _recv_exactly(sock: Any, view: memoryview, what: str, peer: str | None, frame_start: bool = False) -> None:
-    pos = 0
+def _recv_exactly(sock: Any, view: memoryview, what: str, peer: str | None, frame_start: bool = False,
+                  pos: int = 0, at_least: int | None = None) -> int:
+    """Fill view[pos:] (or, with `at_least`, stop once that many bytes are in; more may arrive in the same
+    call). Returns the fill position."""
     size = view.nbytes
-    while pos < size:
+    want = size if at_least is None else at_least
+    while pos < want:
         try:
             n = sock.recv_into(view[pos:])
         except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as e:
@@ -311,6 +314,7 @@ def _recv_exactly(sock: Any, view: memoryview, what: str, peer: str | None, fram
                 raise ConnectionClosed("peer closed the connection", peer=peer)
             raise TruncatedFrame(f"connection closed after {pos} of {size} bytes of the {what}", peer=peer)
         pos += n
+    return pos
 
 
 def _parse_header(raw: bytes | bytearray, payload_len: int, limits: WireLimits, schema: Schema | None,
@@ -379,7 +383,7 @@ def _parse_header(raw: bytes | bytearray, payload_len: int, limits: WireLimits, 
     return header["fields"], specs, quant
 
 
-def _parse_header_cached(raw: bytearray, payload_len: int, limits: WireLimits, schema: Schema | None,
+def _parse_header_cached(raw: bytes, payload_len: int, limits: WireLimits, schema: Schema | None,
                          peer: str | None, cache: LayoutCache | None):
     """_parse_header, skipping the table when it is byte for byte one this connection already validated."""
     if cache is None:
@@ -444,19 +448,26 @@ def read_frame(
         raise MissingKey(f"peer sent an authenticated {kind.name} frame, but this node has no cluster key "
                          "(set the same SMOLCLUSTER_CLUSTER_KEY or key file on every node)", peer=peer)
 
-    header_raw = bytearray(header_len)
-    _recv_exactly(sock, memoryview(header_raw), "header", peer)
+    # Header, payload and MAC land in one buffer (both lengths were checked against the limits above), so
+    # a frame usually takes one read after the preamble. The header starts at `lead` so the payload is
+    # 8-byte aligned for the tensor views. torch.empty does not zero-fill: recv_into writes every byte once.
+    lead = -header_len % ALIGN
+    mac_len = MAC_BYTES if has_mac else 0
+    frame = torch.empty(lead + header_len + payload_len + mac_len, dtype=torch.uint8)
+    body = memoryview(frame.numpy())[lead:]
+    pos = 0
     parsed = None
     if not has_mac:
-        # Unauthenticated: validate the table before allocating the payload.
+        # Unauthenticated: validate the header as soon as it is in, before waiting for any payload.
+        pos = _recv_exactly(sock, body, "header", peer, at_least=header_len)
+        header_raw = bytes(body[:header_len])
         parsed = _parse_header_cached(header_raw, payload_len, limits, schema, peer, cache)
-    # torch.empty does not zero-fill: the payload is written once, by recv_into.
-    payload = torch.empty(payload_len, dtype=torch.uint8)
-    payload_view = memoryview(payload.numpy())
-    _recv_exactly(sock, payload_view, "payload", peer)
+    _recv_exactly(sock, body, "payload" if not has_mac else "frame", peer, pos=pos)
     if has_mac:
-        got = bytearray(MAC_BYTES)
-        _recv_exactly(sock, memoryview(got), "MAC", peer)
+        header_raw = bytes(body[:header_len])
+    payload_view = body[header_len:header_len + payload_len]
+    if has_mac:
+        got = body[header_len + payload_len:]
         mac = hmac.new(mac_key, pre, hashlib.sha256)  # type: ignore[arg-type]
         mac.update(header_raw)
         mac.update(payload_view)
