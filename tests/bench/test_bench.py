@@ -1,0 +1,45 @@
+"""The benchmark commands users run: they finish, print the documented JSON, and what they compare is
+really comparable (SyncPS computes the same step as one process on the unioned batch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smolcluster", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_bench_wire_json_has_every_case_and_baseline() -> None:
+    from smolcluster.bench.wire import run
+
+    result = run(min_seconds=0.2, include_large=False)
+    (case,) = result["cases"]
+    assert case["name"] == "mnist-784-128-10" and case["params"] == 101_770
+    assert case["payload_bytes"] == 101_770 * 4
+    for key in ("smolwire_gbps", "smolwire_keyed_gbps", "raw_gbps", "pickle_gbps"):
+        assert case[key] > 0, key
+
+
+@pytest.mark.slow
+def test_bench_train_runs_all_six_and_syncps_matches_the_unioned_batch(mnist_dir: Path) -> None:
+    out = _cli("bench", "train", "--json", env={"SMOLCLUSTER_DATA_DIR": str(mnist_dir)}, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    runs = {r["name"]: r for r in result["runs"]}
+    assert set(runs) == {"single-bs32", "single-bs96", "syncps", "edp", "edp-gradients", "ddp-gloo"}
+    for r in runs.values():
+        assert set(r) >= {"processes", "batch_size", "epochs", "wall_time_s", "samples_per_s", "final_test_accuracy", "peak_rss_mb"}
+        assert r["final_test_accuracy"] > 0.90, r  # every way of training actually learns
+    # SyncPS averages the three shards' gradients: the very step single-bs96 takes.
+    assert abs(runs["syncps"]["final_test_accuracy"] - runs["single-bs96"]["final_test_accuracy"]) <= 0.005
+    assert runs["syncps"]["batch_size"] == 96 and runs["edp"]["batch_size"] == 32
+    assert {t["target"] for t in result["targets"]} >= {"SyncPS samples/s >= 0.6x DDP"}
+    assert "[1/6]" in out.stderr and "[6/6]" in out.stderr  # progress is shown while it runs
