@@ -50,8 +50,8 @@ class MnistTask:
     def batches(self, shard: int) -> ShardLoader:
         train = load_mnist("train", self.data_dir)
         idx = shard_indices(len(train.labels), self.num_shards, shard, self.seed)
-        # keep only this shard's images: a node holds 1/n of MNIST, not all of it
-        part = ImageSet(images=train.images[idx].clone(), labels=train.labels[idx].clone())
+        # keep only this shard's images: a node holds 1/n of MNIST, not all of it (indexing copies)
+        part = ImageSet(images=train.images[idx], labels=train.labels[idx])
         del train
         return ShardLoader(part, torch.arange(len(idx)), self.batch_size, seed=self.seed + shard + 1)
 
