@@ -429,9 +429,11 @@ class ServerBase:
             self.save()
 
     def run_eval(self) -> tuple[float, float]:
+        t0 = time.perf_counter()
         loss, acc = self.ctx.task.evaluate(self.model)
         self.last_eval = (loss, acc)
-        self.ctx.metrics.write("eval", version=self.version, step=self.step, test_loss=loss, test_accuracy=acc)
+        self.ctx.metrics.write("eval", version=self.version, step=self.step, test_loss=loss, test_accuracy=acc,
+                               seconds=round(time.perf_counter() - t0, 4))
         self.ctx.wandb.log({"val/loss": loss, "val/accuracy": acc, "version": self.version}, step=self.version)
         self.log.info(f"version {self.version}: test accuracy {acc:.4f}, loss {loss:.4f}")
         return loss, acc

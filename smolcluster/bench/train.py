@@ -8,8 +8,10 @@
   ddp-gloo         torch.distributed DistributedDataParallel, gloo backend, N processes
 
 Every run is its own process(es), same model, optimizer, epochs and seed; wall time counts training
-only (from the first update to the last, no imports, data loading or final evaluation), so the
-figures compare the training loops and their communication.
+only (from the first update to the last, no imports, data loading or evaluation), so the figures
+compare the training loops and their communication. Every run is evaluated on the test set after
+each epoch's worth of samples, so the table shows where each one stands after one epoch as well as
+at the end.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class BenchRun:
     samples_per_s: float
     final_test_accuracy: float
     peak_rss_mb: float
+    epoch_test_accuracy: list[float]  # after each epoch's worth of samples; the last is the final accuracy
 
 
 # --------------------------------------------------------------------------- in-process trainers (run as subprocesses)
@@ -72,15 +75,16 @@ def _train_single(batch_size: int, shards: int, epochs: int, lr: float, seed: in
     loaders = [task.batches(i) for i in range(shards)]
     model = build_model(ModelConfig(), seed=seed)
     opt = build_optimizer("adam", model.parameters(), lr)
-    steps = epochs * task.steps_per_epoch
-    t0 = time.perf_counter()
-    for step in range(steps):
-        batches = [loader.batch_at(step) for loader in loaders]
-        _sgd_step(model, opt, torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
-    wall = time.perf_counter() - t0
-    _, acc = task.evaluate(model)
-    return {"wall_time_s": wall, "samples": steps * batch_size * shards, "final_test_accuracy": acc,
-            "peak_rss_mb": peak_rss_mb()}
+    wall, accs = 0.0, []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        for step in range(epoch * task.steps_per_epoch, (epoch + 1) * task.steps_per_epoch):
+            batches = [loader.batch_at(step) for loader in loaders]
+            _sgd_step(model, opt, torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+        wall += time.perf_counter() - t0
+        accs.append(task.evaluate(model)[1])
+    return {"wall_time_s": wall, "samples": epochs * task.steps_per_epoch * batch_size * shards,
+            "final_test_accuracy": accs[-1], "epoch_test_accuracy": accs, "peak_rss_mb": peak_rss_mb()}
 
 
 def _train_ddp(rank: int, world: int, port: int, batch_size: int, epochs: int, lr: float, seed: int,
@@ -101,16 +105,18 @@ def _train_ddp(rank: int, world: int, port: int, batch_size: int, epochs: int, l
     loader = task.batches(rank)
     model = DistributedDataParallel(build_model(ModelConfig(), seed=seed))
     opt = build_optimizer("adam", model.parameters(), lr)
-    steps = epochs * task.steps_per_epoch
-    dist.barrier()
-    t0 = time.perf_counter()
-    for step in range(steps):
-        _sgd_step(model, opt, *loader.batch_at(step))
-    dist.barrier()
-    wall = time.perf_counter() - t0
-    acc = task.evaluate(model.module)[1] if rank == 0 else 0.0
+    wall, accs = 0.0, []
+    for epoch in range(epochs):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for step in range(epoch * task.steps_per_epoch, (epoch + 1) * task.steps_per_epoch):
+            _sgd_step(model, opt, *loader.batch_at(step))
+        dist.barrier()
+        wall += time.perf_counter() - t0
+        accs.append(task.evaluate(model.module)[1] if rank == 0 else 0.0)  # the others wait at the next barrier
     dist.destroy_process_group()
-    return {"wall_time_s": wall, "samples": steps * batch_size * world, "final_test_accuracy": acc, "peak_rss_mb": peak_rss_mb()}
+    return {"wall_time_s": wall, "samples": epochs * task.steps_per_epoch * batch_size * world,
+            "final_test_accuracy": accs[-1], "epoch_test_accuracy": accs, "peak_rss_mb": peak_rss_mb()}
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -134,7 +140,8 @@ def run_single(batch_size: int, shards: int, epochs: int, lr: float, seed: int, 
     r = _subprocess_json(["single", str(batch_size), str(shards), str(epochs), str(lr), str(seed), data_dir or ""],
                          timeout=1800)
     return BenchRun(f"single-bs{batch_size * shards}", 1, batch_size * shards, epochs, round(r["wall_time_s"], 2),
-                    round(r["samples"] / r["wall_time_s"], 1), r["final_test_accuracy"], round(r["peak_rss_mb"], 1))
+                    round(r["samples"] / r["wall_time_s"], 1), r["final_test_accuracy"], round(r["peak_rss_mb"], 1),
+                    r["epoch_test_accuracy"])
 
 
 def run_ddp(world: int, batch_size: int, epochs: int, lr: float, seed: int, data_dir: str | None) -> BenchRun:
@@ -154,7 +161,8 @@ def run_ddp(world: int, batch_size: int, epochs: int, lr: float, seed: int, data
     wall = max(r["wall_time_s"] for r in results)
     samples = results[0]["samples"]
     return BenchRun("ddp-gloo", world, batch_size * world, epochs, round(wall, 2), round(samples / wall, 1),
-                    results[0]["final_test_accuracy"], round(max(r["peak_rss_mb"] for r in results), 1))
+                    results[0]["final_test_accuracy"], round(max(r["peak_rss_mb"] for r in results), 1),
+                    results[0]["epoch_test_accuracy"])
 
 
 def _events(path: Path) -> list[dict]:
@@ -168,12 +176,18 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
     tag = algo + "".join(f"-{k}{v}" for k, v in cluster_overrides.items())
     cfg_dir, run_dir = workdir / f"{tag}-config", workdir / f"{tag}-run"
     cfg_dir.mkdir(parents=True)
-    nn = {"batch_size": batch_size, "learning_rate": lr, "num_epochs": epochs, "eval_steps": 10**6,
-          "data_dir": data_dir} | (nn_overrides or {})
     cluster = {"host_ip": {n: "127.0.0.1" for n in names + ["server"]}, "port": 0, "num_workers": workers,
                "workers": names, "server": "server", "seed": seed, "wandb": "off", "checkpoint_interval": 0,
                "min_workers": workers, "timeout": 5.0, "idle_timeout": 60.0,
                "worker_update_interval": 1 if algo == "syncps" else 5, "push_interval": 5} | cluster_overrides
+    # The server evaluates every `eval_steps` versions: make that one epoch's worth of samples. A SyncPS
+    # version is one step of every worker; an EDP version is one push, carrying push_interval steps.
+    from smolcluster.tasks import MnistTask
+
+    steps_per_epoch = MnistTask(None, workers, batch_size, seed).steps_per_epoch
+    per_epoch = steps_per_epoch if algo == "syncps" else workers * steps_per_epoch / cluster["push_interval"]
+    nn = {"batch_size": batch_size, "learning_rate": lr, "num_epochs": epochs, "eval_steps": max(1, round(per_epoch)),
+          "data_dir": data_dir} | (nn_overrides or {})
     (cfg_dir / "nn_config.yaml").write_text(yaml.safe_dump(nn))
     (cfg_dir / f"cluster_config_{algo}.yaml").write_text(yaml.safe_dump(cluster))
     with ProcessGroup() as group:
@@ -196,19 +210,24 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
     server = _events(run_dir / "server" / "metrics.jsonl")
     updates = [e["time"] for e in server if e["event"] == "update"]
     start = next(e["time"] for e in server if e["event"] == "training_start")
-    wall = max(updates) - start
+    evals = [e for e in server if e["event"] == "eval" and e["version"] > 0]
+    # Evaluations inside the training span paused it: take them out, as the single and DDP runs do.
+    wall = max(updates) - start - sum(e.get("seconds", 0.0) for e in evals if e["time"] <= max(updates))
     ends = [e for n in names for e in _events(run_dir / n / "metrics.jsonl") if e["event"] == "end"]
     samples = sum(e["samples"] for e in ends)
     summary = json.loads((run_dir / "server" / "summary.json").read_text())
     rss = max([e.get("peak_rss_mb", 0) for e in ends] + [e.get("peak_rss_mb", 0) for e in server if e["event"] == "end"])
     global_batch = batch_size * workers if algo == "syncps" else batch_size
+    epoch_accs = [e["test_accuracy"] for e in evals if e["version"] % nn["eval_steps"] == 0][:epochs - 1]
     return BenchRun(label or algo, workers + 1, global_batch, epochs, round(wall, 2), round(samples / wall, 1),
-                    summary["final_test_accuracy"], round(rss, 1))
+                    summary["final_test_accuracy"], round(rss, 1), [*epoch_accs, summary["final_test_accuracy"]])
 
 
-def run_all(workers: int = 3, epochs: int = 1, lr: float = 0.001, seed: int = 42, data_dir: str | None = None,
+def run_all(workers: int = 3, epochs: int = 5, lr: float = 0.001, seed: int = 42, data_dir: str | None = None,
             progress=print) -> list[BenchRun]:
     data_dir = data_dir or os.environ.get("SMOLCLUSTER_DATA_DIR")
+    if data_dir:  # the runs' configs live in a temporary folder: a relative path must not move with them
+        data_dir = str(Path(data_dir).resolve())
     runs: list[BenchRun] = []
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-") as tmp:
         plan = [
@@ -257,12 +276,14 @@ def targets(runs: list[BenchRun]) -> list[tuple[str, bool, str]]:
 
 def format_table(runs: list[BenchRun]) -> str:
     ddp = next(r for r in runs if r.name == "ddp-gloo")
-    head = f"{'run':<16}{'procs':>6}{'batch':>7}{'epochs':>7}{'wall s':>9}{'samples/s':>11}{'vs DDP':>8}{'accuracy':>10}{'peak MB':>9}"
+    head = (f"{'run':<16}{'procs':>6}{'batch':>7}{'epochs':>7}{'wall s':>9}{'samples/s':>11}{'vs DDP':>8}"
+            f"{'acc ep1':>9}{'accuracy':>10}{'peak MB':>9}")
     lines = [head, "-" * len(head)]
     for r in runs:
         lines.append(f"{r.name:<16}{r.processes:>6}{r.batch_size:>7}{r.epochs:>7}{r.wall_time_s:>9.1f}"
                      f"{r.samples_per_s:>11.0f}{r.samples_per_s / ddp.samples_per_s:>7.2f}x"
-                     f"{r.final_test_accuracy:>10.4f}{r.peak_rss_mb:>9.0f}")
+                     f"{r.epoch_test_accuracy[0]:>9.4f}{r.final_test_accuracy:>10.4f}{r.peak_rss_mb:>9.0f}")
+    lines.append("acc ep1 = test accuracy after one epoch's worth of samples; accuracy = at the end")
     lines.append("")
     for label, ok, detail in targets(runs):
         lines.append(f"  [{'PASS' if ok else 'FAIL'}] {label}: {detail}")

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 
-def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
+         cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "smolcluster", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
 
 
 def test_bench_wire_json_has_every_case_and_baseline() -> None:
@@ -28,9 +29,25 @@ def test_bench_wire_json_has_every_case_and_baseline() -> None:
         assert case[key] > 0, key
 
 
+def test_bench_wire_breakdown_adds_one_layer_per_row() -> None:
+    from smolcluster.bench.wire_breakdown import VARIANTS, format_table, run
+
+    rows = run(min_seconds=0.2)
+    assert [r["variant"] for r in rows] == list(VARIANTS)
+    assert rows[0]["vs_raw"] == 1.0 and rows[0]["added_us"] is None
+    for r in rows:
+        assert r["round_trip_us"] > 0 and r["gbps"] > 0, r
+    # each row's added time is its round trip minus the previous row's
+    for prev, row in zip(rows, rows[1:]):
+        assert abs(row["added_us"] - (row["round_trip_us"] - prev["round_trip_us"])) < 0.2
+    assert "Connection" in format_table(rows)
+
+
 @pytest.mark.slow
 def test_bench_train_runs_all_six_and_syncps_matches_the_unioned_batch(mnist_dir: Path) -> None:
-    out = _cli("bench", "train", "--json", env={"SMOLCLUSTER_DATA_DIR": str(mnist_dir)}, timeout=900)
+    # A relative data dir, as the README writes it: the runs' configs live in a temporary folder.
+    out = _cli("bench", "train", "--json", "--epochs", "2", env={"SMOLCLUSTER_DATA_DIR": mnist_dir.name},
+               cwd=mnist_dir.parent, timeout=1200)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     runs = {r["name"]: r for r in result["runs"]}
@@ -38,6 +55,8 @@ def test_bench_train_runs_all_six_and_syncps_matches_the_unioned_batch(mnist_dir
     for r in runs.values():
         assert set(r) >= {"processes", "batch_size", "epochs", "wall_time_s", "samples_per_s", "final_test_accuracy", "peak_rss_mb"}
         assert r["final_test_accuracy"] > 0.90, r  # every way of training actually learns
+        assert r["epochs"] == 2 and len(r["epoch_test_accuracy"]) == 2, r  # evaluated after each epoch
+        assert r["epoch_test_accuracy"][0] > 0.85 and r["epoch_test_accuracy"][-1] == r["final_test_accuracy"], r
     # SyncPS averages the three shards' gradients: the very step single-bs96 takes.
     assert abs(runs["syncps"]["final_test_accuracy"] - runs["single-bs96"]["final_test_accuracy"]) <= 0.005
     assert runs["syncps"]["batch_size"] == 96 and runs["edp"]["batch_size"] == 32
