@@ -117,7 +117,7 @@ def proxy(
 def bench_train(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
     workers: int = typer.Option(3, "--workers", help="Worker processes for SyncPS, EDP and DDP."),
-    epochs: int = typer.Option(1, "--epochs", help="Epochs over MNIST for every run."),
+    epochs: int = typer.Option(5, "--epochs", help="Epochs over MNIST for every run (accuracy is also reported after the first)."),
 ) -> None:
     """Single process vs SyncPS vs EDP vs torch DDP (gloo) on MNIST: time, throughput, accuracy, memory."""
     import sys as _sys
@@ -147,8 +147,20 @@ def bench_proxy(
 
 
 @bench_app.command("wire")
-def bench_wire(as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table.")) -> None:
+def bench_wire(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    breakdown: bool = typer.Option(False, "--breakdown", help="Instead: the MNIST case layer by layer, from raw TCP "
+                                   "to a full Connection, to show where the time beyond raw goes."),
+) -> None:
     """A model state over loopback TCP and back: smolwire (keyless and keyed) vs raw bytes vs the original's pickled dicts."""
+    if breakdown:
+        import json
+
+        from smolcluster.bench import wire_breakdown
+
+        rows = wire_breakdown.run()
+        typer.echo(json.dumps({"variants": rows}) if as_json else wire_breakdown.format_table(rows))
+        return
     from smolcluster.bench.wire import main as wire_main
 
     wire_main(as_json=as_json)
