@@ -116,8 +116,8 @@ def proxy(
 @bench_app.command("train")
 def bench_train(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
-    workers: int = typer.Option(3, "--workers", help="Worker processes for SyncPS, EDP and DDP."),
-    epochs: int = typer.Option(5, "--epochs", help="Epochs over MNIST for every run (accuracy is also reported after the first)."),
+    workers: int = typer.Option(3, "--workers", min=1, help="Worker processes for SyncPS, EDP and DDP."),
+    epochs: int = typer.Option(5, "--epochs", min=1, help="Epochs over MNIST for every run (accuracy is also reported after the first)."),
 ) -> None:
     """Single process vs SyncPS vs EDP vs torch DDP (gloo) on MNIST: time, throughput, accuracy, memory."""
     import sys as _sys

@@ -228,6 +228,10 @@ def run_all(workers: int = 3, epochs: int = 5, lr: float = 0.001, seed: int = 42
     data_dir = data_dir or os.environ.get("SMOLCLUSTER_DATA_DIR")
     if data_dir:  # the runs' configs live in a temporary folder: a relative path must not move with them
         data_dir = str(Path(data_dir).resolve())
+    from smolcluster.data import load_mnist
+
+    for split in ("train", "test"):  # a missing dataset is one clear DataError now, not six failed runs
+        load_mnist(split, data_dir)
     runs: list[BenchRun] = []
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-") as tmp:
         plan = [
