@@ -80,6 +80,15 @@ def run_sim(opts: SimOptions, out: TextIO = sys.stdout) -> int:
     return run_local(topo, opts, out=out)
 
 
+def _last_error_line(log: Path) -> str:
+    """The node's own `error: ...` line (what the CLI prints for a SmolclusterError), if it wrote one."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), "")
+
+
 def _run_compose(opts: SimOptions, out: TextIO) -> int:
     from smolcluster.sim import compose
 
@@ -135,7 +144,10 @@ def run_local(topo: Topology, opts: SimOptions, out: TextIO = sys.stdout,
         return 130
     summary_path = cluster.nodes_dir / topo.server.name / "summary.json"
     if code != 0 or not summary_path.exists():
-        raise SimError(f"the server exited with code {code} without a summary; see {summary_path.parent / 'stdout.log'}")
+        log = summary_path.parent / "stdout.log"
+        reason = _last_error_line(log)
+        raise SimError(f"the server exited with code {code} without a summary"
+                       + (f": {reason}" if reason else "") + f"; see {log}")
     summary = build_summary(cluster, json.loads(summary_path.read_text()))
     if injector.events:  # what each fault hit and how the cluster reacted
         from smolcluster.report import describe_fault, fault_reactions, load_run

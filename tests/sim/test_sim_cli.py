@@ -128,6 +128,22 @@ def test_workers_that_cannot_start_fail_the_run_clearly(tmp_path, mnist_dir):
     assert not leftovers, [p.info["cmdline"] for p in leftovers]
 
 
+def test_a_server_that_cannot_start_fails_the_run_with_its_reason(tmp_path, mnist_dir):
+    data = tmp_path / "mnist"  # good training files, a corrupt test set: the server's first evaluation fails
+    data.mkdir()
+    for f in mnist_dir.glob("train-*"):
+        (data / f.name).symlink_to(f)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (data / name).write_bytes(b"not an IDX file")
+    r = subprocess.run(sim_cmd("topologies/hybrid.yaml", "--run-dir", str(tmp_path / "run")), cwd=REPO, env=env_with(data),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    # the server's own error, not only "see its log"
+    assert "without a summary: " in r.stderr and "t10k-images-idx3-ubyte" in r.stderr and "not an MNIST file" in r.stderr, r.stderr
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers, [p.info["cmdline"] for p in leftovers]
+
+
 def test_link_check_home_wifi_passes_and_says_what_it_cannot_emulate():
     r = subprocess.run(sim_cmd("topologies/home-wifi.yaml", "--check", "--json"), cwd=REPO, capture_output=True, text=True,
                        timeout=120)
