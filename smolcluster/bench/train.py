@@ -23,9 +23,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -46,6 +48,13 @@ class BenchRun:
 
 
 # --------------------------------------------------------------------------- in-process trainers (run as subprocesses)
+
+EPOCH_LINE = "epoch "  # trainers print "epoch K/N: test accuracy A" to stderr; the orchestrator relays them
+
+
+def _report_epoch(epoch: int, epochs: int, accuracy: float) -> None:
+    print(f"{EPOCH_LINE}{epoch + 1}/{epochs}: test accuracy {accuracy:.4f}", file=sys.stderr, flush=True)
+
 
 
 def _sgd_step(model, opt, x, y) -> None:
@@ -83,6 +92,7 @@ def _train_single(batch_size: int, shards: int, epochs: int, lr: float, seed: in
             _sgd_step(model, opt, torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
         wall += time.perf_counter() - t0
         accs.append(task.evaluate(model)[1])
+        _report_epoch(epoch, epochs, accs[-1])
     return {"wall_time_s": wall, "samples": epochs * task.steps_per_epoch * batch_size * shards,
             "final_test_accuracy": accs[-1], "epoch_test_accuracy": accs, "peak_rss_mb": peak_rss_mb()}
 
@@ -114,6 +124,8 @@ def _train_ddp(rank: int, world: int, port: int, batch_size: int, epochs: int, l
         dist.barrier()
         wall += time.perf_counter() - t0
         accs.append(task.evaluate(model.module)[1] if rank == 0 else 0.0)  # the others wait at the next barrier
+        if rank == 0:
+            _report_epoch(epoch, epochs, accs[-1])
     dist.destroy_process_group()
     return {"wall_time_s": wall, "samples": epochs * task.steps_per_epoch * batch_size * world,
             "final_test_accuracy": accs[-1], "epoch_test_accuracy": accs, "peak_rss_mb": peak_rss_mb()}
@@ -128,36 +140,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _subprocess_json(args: list[str], timeout: float) -> dict:
-    out = subprocess.run([sys.executable, "-m", "smolcluster.bench.train", *args], capture_output=True, text=True,
-                         timeout=timeout, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"bench subprocess failed: {' '.join(args)}\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _trainer(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "smolcluster.bench.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
-def run_single(batch_size: int, shards: int, epochs: int, lr: float, seed: int, data_dir: str | None) -> BenchRun:
-    r = _subprocess_json(["single", str(batch_size), str(shards), str(epochs), str(lr), str(seed), data_dir or ""],
-                         timeout=1800)
+def _collect(proc: subprocess.Popen, timeout: float, progress: Callable[[str], None]) -> tuple[str, str]:
+    """(stdout, stderr) of a trainer, relaying its epoch lines as they come; killed after `timeout` s."""
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        err = []
+        for line in proc.stderr:  # type: ignore[union-attr]
+            if line.startswith(EPOCH_LINE):
+                progress(f"      {line.strip()}")
+            err.append(line)
+        out = proc.stdout.read()  # type: ignore[union-attr]  # one JSON line, printed at the very end
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    return out, "".join(err)
+
+
+def _result(args: list[str], proc: subprocess.Popen, out: str, err: str) -> dict:
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench subprocess failed: {' '.join(args)}\n{err[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_single(batch_size: int, shards: int, epochs: int, lr: float, seed: int, data_dir: str | None,
+               progress: Callable[[str], None] = lambda _: None) -> BenchRun:
+    args = ["single", str(batch_size), str(shards), str(epochs), str(lr), str(seed), data_dir or ""]
+    proc = _trainer(args)
+    r = _result(args, proc, *_collect(proc, 1800, progress))
     return BenchRun(f"single-bs{batch_size * shards}", 1, batch_size * shards, epochs, round(r["wall_time_s"], 2),
                     round(r["samples"] / r["wall_time_s"], 1), r["final_test_accuracy"], round(r["peak_rss_mb"], 1),
                     r["epoch_test_accuracy"])
 
 
-def run_ddp(world: int, batch_size: int, epochs: int, lr: float, seed: int, data_dir: str | None) -> BenchRun:
+def run_ddp(world: int, batch_size: int, epochs: int, lr: float, seed: int, data_dir: str | None,
+            progress: Callable[[str], None] = lambda _: None) -> BenchRun:
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "smolcluster.bench.train", "ddp", str(rank), str(world), str(port),
-                               str(batch_size), str(epochs), str(lr), str(seed), data_dir or ""],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
+    args = [["ddp", str(rank), str(world), str(port), str(batch_size), str(epochs), str(lr), str(seed), data_dir or ""]
+            for rank in range(world)]
+    procs = [_trainer(a) for a in args]
+    outs: list[tuple[str, str]] = [("", "")] * world
+
+    def read(rank: int) -> None:  # one reader per process, so no pipe fills up while another is read
+        outs[rank] = _collect(procs[rank], 1800, progress if rank == 0 else lambda _: None)  # rank 0 evaluates
+
+    readers = [threading.Thread(target=read, args=(rank,)) for rank in range(world)]
     try:
-        outs = [p.communicate(timeout=1800) for p in procs]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join()
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.wait()
     if any(p.returncode for p in procs):
         raise RuntimeError("DDP run failed:\n" + "\n".join(err[-1500:] for _, err in outs))
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    results = [_result(a, p, *o) for a, p, o in zip(args, procs, outs)]
     wall = max(r["wall_time_s"] for r in results)
     samples = results[0]["samples"]
     return BenchRun("ddp-gloo", world, batch_size * world, epochs, round(wall, 2), round(samples / wall, 1),
@@ -169,8 +214,18 @@ def _events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def _report_server_epochs(metrics: Path, eval_steps: int, epochs: int, reported: int,
+                          progress: Callable[[str], None]) -> int:
+    """Relay the server's per-epoch evaluations that appeared since the last call; returns how many so far."""
+    evals = [e for e in _events(metrics) if e["event"] == "eval" and e["version"] > 0 and e["version"] % eval_steps == 0]
+    for k, e in enumerate(evals[reported:epochs], start=reported + 1):
+        progress(f"      {EPOCH_LINE}{k}/{epochs}: test accuracy {e['test_accuracy']:.4f}")
+    return max(reported, min(len(evals), epochs))
+
+
 def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, seed: int, data_dir: str | None,
-           workdir: Path, nn_overrides: dict | None = None, label: str = "", **cluster_overrides) -> BenchRun:
+           workdir: Path, nn_overrides: dict | None = None, label: str = "",
+           progress: Callable[[str], None] = lambda _: None, **cluster_overrides) -> BenchRun:
     """Server + workers as real processes on loopback, configured like the seed's defaults."""
     names = [f"w{i}" for i in range(1, workers + 1)]
     tag = algo + "".join(f"-{k}{v}" for k, v in cluster_overrides.items())
@@ -203,8 +258,15 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
         for rank, name in enumerate(names, start=1):
             group.start(name, ["worker", str(rank), name, "--algo", algo, "--config-dir", str(cfg_dir), "--run-dir",
                                str(run_dir / name), "--connect", f"127.0.0.1:{port}"], run_dir / name / "stdout.log")
-        if group.wait("server", timeout=1800) != 0:
+        deadline, reported = time.time() + 1800, 0
+        while group.procs["server"].alive() and time.time() < deadline:
+            time.sleep(0.5)
+            reported = _report_server_epochs(run_dir / "server" / "metrics.jsonl", nn["eval_steps"], epochs, reported, progress)
+        if group.procs["server"].alive():
+            raise RuntimeError(f"{algo} server did not finish within 30 minutes")
+        if group.wait("server", timeout=10) != 0:
             raise RuntimeError(f"{algo} server failed: {(run_dir / 'server' / 'stdout.log').read_text()[-1500:]}")
+        _report_server_epochs(run_dir / "server" / "metrics.jsonl", nn["eval_steps"], epochs, reported, progress)
         for name in names:
             group.wait(name, timeout=60)
     server = _events(run_dir / "server" / "metrics.jsonl")
@@ -235,16 +297,16 @@ def run_all(workers: int = 3, epochs: int = 5, lr: float = 0.001, seed: int = 42
     runs: list[BenchRun] = []
     with tempfile.TemporaryDirectory(prefix="smolcluster-bench-") as tmp:
         plan = [
-            ("single process, batch 32", lambda: run_single(32, 1, epochs, lr, seed, data_dir)),
+            ("single process, batch 32", lambda: run_single(32, 1, epochs, lr, seed, data_dir, progress)),
             (f"single process, batch {32 * workers} (the workers' shards, unioned)",
-             lambda: run_single(32, workers, epochs, lr, seed, data_dir)),
-            (f"SyncPS, {workers} workers", lambda: run_ps("syncps", workers, 32, epochs, lr, seed, data_dir, Path(tmp))),
+             lambda: run_single(32, workers, epochs, lr, seed, data_dir, progress)),
+            (f"SyncPS, {workers} workers", lambda: run_ps("syncps", workers, 32, epochs, lr, seed, data_dir, Path(tmp), progress=progress)),
             (f"EDP, {workers} workers, weights every 5 steps",
-             lambda: run_ps("edp", workers, 32, epochs, lr, seed, data_dir, Path(tmp))),
+             lambda: run_ps("edp", workers, 32, epochs, lr, seed, data_dir, Path(tmp), progress=progress)),
             (f"EDP, {workers} workers, gradients every step",
-             lambda: run_ps("edp", workers, 32, epochs, lr, seed, data_dir, Path(tmp), label="edp-gradients",
+             lambda: run_ps("edp", workers, 32, epochs, lr, seed, data_dir, Path(tmp), label="edp-gradients", progress=progress,
                             push_mode="gradients", push_interval=1, worker_update_interval=1)),
-            (f"DDP (gloo), {workers} processes", lambda: run_ddp(workers, 32, epochs, lr, seed, data_dir)),
+            (f"DDP (gloo), {workers} processes", lambda: run_ddp(workers, 32, epochs, lr, seed, data_dir, progress)),
         ]
         for i, (label, fn) in enumerate(plan, start=1):
             progress(f"[{i}/{len(plan)}] {label} ...")
