@@ -8,9 +8,11 @@ main thread touches the model, so the algorithm code in syncps.py / edp.py reads
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import signal
 import threading
 import time
 from collections import Counter
@@ -33,6 +35,30 @@ from smolcluster.transport import Connection, Listener, RetryPolicy, connect
 from smolcluster.wire import Message, MessageKind, Schema, schema_of
 
 # --------------------------------------------------------------------------- server side
+
+
+@contextlib.contextmanager
+def _signals_set_flag(server: Any):
+    """While the server loop runs, SIGINT and SIGTERM only set `server.interrupted`; next_event raises
+    KeyboardInterrupt at its next call (within half a second) and the server writes its checkpoint and
+    summary. A KeyboardInterrupt raised by the default handler can land in a weakref callback or a
+    __del__, where Python prints "Exception ignored" and drops it: the server then never stopped.
+    A second signal while stopping interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if server.interrupted:
+            raise KeyboardInterrupt
+        server.interrupted = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 @dataclass
@@ -153,6 +179,7 @@ class ServerBase:
         self.ever_joined = False
         self.last_peer_seen = time.time()
         self.stop_reason = ""
+        self.interrupted = False  # set by SIGINT/SIGTERM; next_event turns it into KeyboardInterrupt
 
         torch.manual_seed(self.cluster.seed)
         self.model = ctx.build_model()
@@ -187,10 +214,11 @@ class ServerBase:
         self.log.info(f"{self.algorithm} server listening on {host}:{port}, waiting for {self.cluster.num_workers} workers")
         self.ctx.metrics.write("start", algorithm=self.algorithm, version=self.version, step=self.step, port=port)
         try:
-            # Evaluate the starting model first: unreadable evaluation data fails now, not after the
-            # workers trained for a while, and the accuracy curve gets its first point.
-            self.run_eval()
-            self.loop()
+            with _signals_set_flag(self):
+                # Evaluate the starting model first: unreadable evaluation data fails now, not after the
+                # workers trained for a while, and the accuracy curve gets its first point.
+                self.run_eval()
+                self.loop()
         except KeyboardInterrupt:
             self.stop_reason = "interrupted"
             self.log.warning("interrupted: writing a final checkpoint and summary")
@@ -269,6 +297,8 @@ class ServerBase:
     # ------------------------------------------------------------------ events
 
     def next_event(self, timeout: float) -> Any:
+        if self.interrupted:
+            raise KeyboardInterrupt  # here, in plain code: see _signals_set_flag
         try:
             ev = self.events.get(timeout=max(0.0, timeout))
         except queue.Empty:

@@ -30,7 +30,10 @@ class Server(ServerBase):
     def loop(self) -> None:
         total = self.total_steps()
         self.open_step()  # pushes for step 0 may arrive while we wait for the others
-        self.wait_for_workers()
+        if not self.wait_for_workers():
+            self.stop_reason = f"no worker connected for {self.cluster.idle_timeout:.0f}s"
+            self.log.warning(f"stopping before the first step: {self.stop_reason}")
+            return
         self.deadline = time.time() + self.cluster.timeout
         while self.step < total:
             wait = self.deadline - time.time() if self.contribs else 0.5
@@ -44,16 +47,19 @@ class Server(ServerBase):
                 self.log.warning(f"stopping early: {self.stop_reason}")
                 return
 
-    def wait_for_workers(self) -> None:
-        """Start when every configured worker joined, or after idle_timeout with at least min_workers."""
+    def wait_for_workers(self) -> bool:
+        """Start when every configured worker joined, or after idle_timeout with at least min_workers.
+        False when workers joined and all of them left again for idle_timeout: nobody is coming."""
         t0 = time.time()
         while True:
             present = len(self.peers) + int(self.cluster.server_trains)
             if len(self.peers) == self.cluster.num_workers:
-                return
+                return True
             if present >= self.cluster.min_workers and time.time() - t0 > self.cluster.idle_timeout:
                 self.log.warning(f"starting with {len(self.peers)} of {self.cluster.num_workers} workers")
-                return
+                return True
+            if self.idle_too_long():
+                return False
             self.next_event(timeout=0.2)
 
     def open_step(self) -> None:

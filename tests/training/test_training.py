@@ -147,3 +147,29 @@ def test_edp_with_int8_quantization_trains_and_sends_a_quarter(local_cluster):
     full = 101_770 * 4  # float32 bytes of the model
     per_push = s["bytes_received"] / s["pushes_applied"]
     assert per_push < 0.3 * full, per_push  # int8 values + per-row scale and zero point
+
+
+@pytest.mark.parametrize("algo", ["syncps", "edp"])
+def test_sigterm_stops_the_server_cleanly_with_checkpoint_and_summary(local_cluster, algo):
+    c = local_cluster(algo)
+    c.start_server()
+    for r in (1, 2, 3):
+        c.start_worker(r, "--slowdown", SLOW)
+    c.wait_for(lambda: any(m["event"] == "update" and m["version"] >= 20 for m in c.metrics()), 120, "20 updates")
+    c.procs.signal("server", signal.SIGTERM)  # what a supervisor or `docker stop` sends
+    assert c.wait_server(timeout=30) == 0, c.log("server")
+    s = c.summary()
+    assert s["stop_reason"] == "interrupted" and s["steps"] >= 20, s
+    assert load_checkpoint(c.server_dir / "checkpoints").version == s["steps"]  # nothing trained is lost
+    for w in ("w1", "w2", "w3"):  # the workers were told (BYE) and finished instead of reconnecting forever
+        assert c.procs.wait(w, timeout=60) == 0, c.log(w)
+
+
+def test_syncps_server_stops_when_every_worker_left_before_the_first_step(local_cluster):
+    c = local_cluster("syncps", cluster={"idle_timeout": 2.0})
+    c.start_server()
+    conn, _ = _client(c, 1)  # joins, then goes away before the other two ever arrive
+    conn.close()
+    assert c.wait_server(timeout=30) == 0, c.log("server")
+    s = c.summary()
+    assert s["stop_reason"] == "no worker connected for 2s" and s["steps"] == 0, s
