@@ -56,7 +56,6 @@ def _report_epoch(epoch: int, epochs: int, accuracy: float) -> None:
     print(f"{EPOCH_LINE}{epoch + 1}/{epochs}: test accuracy {accuracy:.4f}", file=sys.stderr, flush=True)
 
 
-
 def _sgd_step(model, opt, x, y) -> None:
     """One step exactly as a smolcluster worker takes it (same clipping, same optimizer)."""
     from smolcluster.models import loss_fn
@@ -214,13 +213,29 @@ def _events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _report_server_epochs(metrics: Path, eval_steps: int, epochs: int, reported: int,
-                          progress: Callable[[str], None]) -> int:
-    """Relay the server's per-epoch evaluations that appeared since the last call; returns how many so far."""
-    evals = [e for e in _events(metrics) if e["event"] == "eval" and e["version"] > 0 and e["version"] % eval_steps == 0]
-    for k, e in enumerate(evals[reported:epochs], start=reported + 1):
-        progress(f"      {EPOCH_LINE}{k}/{epochs}: test accuracy {e['test_accuracy']:.4f}")
-    return max(reported, min(len(evals), epochs))
+class _EpochRelay:
+    """Relays the server's per-epoch evaluations while it runs. Reads only what metrics.jsonl gained
+    since the last call: the file grows by a line per update, and this polls beside the measured run."""
+
+    def __init__(self, metrics: Path, eval_steps: int, epochs: int, progress: Callable[[str], None]):
+        self.metrics, self.eval_steps, self.epochs, self.progress = metrics, eval_steps, epochs, progress
+        self.offset = 0
+        self.reported = 0
+
+    def poll(self) -> None:
+        if not self.metrics.exists():
+            return
+        with self.metrics.open("rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            e = json.loads(line)
+            if e["event"] == "eval" and e["version"] > 0 and e["version"] % self.eval_steps == 0 \
+                    and self.reported < self.epochs:
+                self.reported += 1
+                self.progress(f"      {EPOCH_LINE}{self.reported}/{self.epochs}: test accuracy {e['test_accuracy']:.4f}")
 
 
 def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, seed: int, data_dir: str | None,
@@ -258,15 +273,16 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
         for rank, name in enumerate(names, start=1):
             group.start(name, ["worker", str(rank), name, "--algo", algo, "--config-dir", str(cfg_dir), "--run-dir",
                                str(run_dir / name), "--connect", f"127.0.0.1:{port}"], run_dir / name / "stdout.log")
-        deadline, reported = time.time() + 1800, 0
+        relay = _EpochRelay(run_dir / "server" / "metrics.jsonl", nn["eval_steps"], epochs, progress)
+        deadline = time.time() + 1800
         while group.procs["server"].alive() and time.time() < deadline:
             time.sleep(0.5)
-            reported = _report_server_epochs(run_dir / "server" / "metrics.jsonl", nn["eval_steps"], epochs, reported, progress)
+            relay.poll()
         if group.procs["server"].alive():
             raise RuntimeError(f"{algo} server did not finish within 30 minutes")
         if group.wait("server", timeout=10) != 0:
             raise RuntimeError(f"{algo} server failed: {(run_dir / 'server' / 'stdout.log').read_text()[-1500:]}")
-        _report_server_epochs(run_dir / "server" / "metrics.jsonl", nn["eval_steps"], epochs, reported, progress)
+        relay.poll()
         for name in names:
             group.wait(name, timeout=60)
     server = _events(run_dir / "server" / "metrics.jsonl")

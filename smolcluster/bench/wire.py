@@ -11,6 +11,7 @@ Throughput counts both directions: 2 x payload bytes / round-trip time (median o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import pickle  # baseline only: never used on a real network path
@@ -18,7 +19,7 @@ import socket
 import statistics
 import struct
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -177,14 +178,27 @@ def _interleaved(fns: dict[str, Callable[[], None]], rounds: int, min_seconds: f
     return {m: statistics.median(t) for m, t in times.items()}
 
 
-def run(min_seconds: float = 3.0, include_large: bool = True) -> dict[str, Any]:
+@contextlib.contextmanager
+def echo_process(serve: Callable[[Any, Any], None]) -> Iterator[Any]:
+    """Run `serve(ready, stop)` in a child process; yields what it sends on `ready` (its ports) and
+    stops it on exit. A separate process, so both ends of a round trip really cross the kernel."""
     ctx = mp.get_context("spawn")  # portable (no fork on Windows/macOS default) and no inherited threads
     ready_parent, ready_child = ctx.Pipe()
     stop_parent, stop_child = ctx.Pipe()
-    proc = ctx.Process(target=_serve, args=(ready_child, stop_child), daemon=True)
+    proc = ctx.Process(target=serve, args=(ready_child, stop_child), daemon=True)
     proc.start()
     try:
-        ports = ready_parent.recv()
+        yield ready_parent.recv()
+    finally:
+        stop_parent.send(True)
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+
+
+def run(min_seconds: float = 3.0, include_large: bool = True) -> dict[str, Any]:
+    with echo_process(_serve) as ports:
         config = TransportConfig(heartbeat_timeout=600.0, io_timeout=600.0)
         cases = [("mnist-784-128-10", mnist_state())]
         if include_large:
@@ -242,12 +256,6 @@ def run(min_seconds: float = 3.0, include_large: bool = True) -> dict[str, Any]:
                 c.close()
             raw.close()
             pick.close()
-    finally:
-        stop_parent.send(True)
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join()
     return {"cases": results}
 
 

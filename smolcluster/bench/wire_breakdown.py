@@ -14,8 +14,8 @@ Runs are interleaved round-robin so machine noise hits all of them alike.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import multiprocessing as mp
 import socket
 import struct
 import threading
@@ -23,12 +23,12 @@ from typing import Any, Callable
 
 import torch
 
-from smolcluster.bench.wire import _interleaved, _raw_recv, _raw_send, _tuned, mnist_state
+from smolcluster.bench.wire import _interleaved, _raw_recv, _raw_send, _tuned, echo_process, mnist_state
 from smolcluster.transport import Connection, Listener, RetryPolicy, TransportConfig, connect
 from smolcluster.wire import (
-    ALIGN,
     MAGIC,
     PREAMBLE,
+    RECV_ALIGN,
     VERSION,
     LayoutCache,
     Message,
@@ -76,13 +76,10 @@ def _tensors_send(sock: socket.socket, tensors: dict[str, torch.Tensor]) -> None
 
 
 def _tensors_recv(sock: socket.socket, specs: list[_Spec]) -> dict[str, torch.Tensor]:
-    head = bytearray(8)
-    _fill(sock, memoryview(head))
-    (n,) = struct.unpack("!Q", head)
-    buf = torch.empty(n, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
-    _fill(sock, view)
-    return _views(view, specs)
+    buf = _raw_recv(sock)  # the same 8-byte length and recv_into loop as the raw baseline
+    if buf is None:
+        raise EOFError("peer closed")
+    return _views(memoryview(buf.numpy()), specs)
 
 
 def _framed_send(sock: socket.socket, tensors: dict[str, torch.Tensor], prefix: bytes, fields: dict) -> None:
@@ -96,7 +93,7 @@ def _framed_recv(sock: socket.socket, specs: list[_Spec], prefix: bytes) -> tupl
     pre = bytearray(PREAMBLE.size)
     _fill(sock, memoryview(pre))
     header_len, payload_len = PREAMBLE.unpack(pre)[4:6]
-    lead = -header_len % ALIGN
+    lead = -header_len % RECV_ALIGN  # where read_frame puts the payload too
     buf = torch.empty(lead + header_len + payload_len, dtype=torch.uint8)
     body = memoryview(buf.numpy())[lead:]
     _fill(sock, body)
@@ -161,24 +158,18 @@ def _serve(ready: Any, stop: Any) -> None:
 def run(min_seconds: float = 3.0) -> list[dict[str, Any]]:
     state = mnist_state()
     specs, prefix = _layout(state)
-    ctx = mp.get_context("spawn")
-    ready_parent, ready_child = ctx.Pipe()
-    stop_parent, stop_child = ctx.Pipe()
-    proc = ctx.Process(target=_serve, args=(ready_child, stop_child), daemon=True)
-    proc.start()
-    socks: dict[str, socket.socket] = {}
-    conn = None
-    try:
-        ports = ready_parent.recv()
+    flat = torch.cat([t.reshape(-1) for t in state.values()])
+    flat_view = memoryview(flat.view(torch.uint8).numpy())
+    msg = Message(MessageKind.ECHO, {"version": 1}, state)
+    send_cache, recv_cache = LayoutCache(), LayoutCache()
+    with echo_process(_serve) as ports, contextlib.ExitStack() as closing:
+        socks: dict[str, socket.socket] = {}
         for i, variant in enumerate(VARIANTS[:-1]):
-            socks[variant] = _tuned(socket.create_connection(("127.0.0.1", ports["plain"])))
-            socks[variant].sendall(bytes([i]))
+            socks[variant] = closing.enter_context(_tuned(socket.create_connection(("127.0.0.1", ports["plain"]))))
+            socks[variant].sendall(bytes([i]))  # tells the echo which variant this connection speaks
         conn = connect("127.0.0.1", ports["connection"], key=None, retry=RetryPolicy(deadline=30),
                        config=TransportConfig(heartbeat_timeout=600.0, io_timeout=600.0))
-        flat = torch.cat([t.reshape(-1) for t in state.values()])
-        flat_view = memoryview(flat.view(torch.uint8).numpy())
-        msg = Message(MessageKind.ECHO, {"version": 1}, state)
-        send_cache, recv_cache = LayoutCache(), LayoutCache()
+        closing.callback(conn.close)
         fns: dict[str, Callable[[], Any]] = {
             "raw": lambda: (_raw_send(socks["raw"], flat_view), _raw_recv(socks["raw"])),
             "tensors": lambda: (_tensors_send(socks["tensors"], state), _tensors_recv(socks["tensors"], specs)),
@@ -189,16 +180,6 @@ def run(min_seconds: float = 3.0) -> list[dict[str, Any]]:
             "Connection": lambda: (conn.send(msg), conn.recv()),
         }
         times = _interleaved(fns, rounds=200, min_seconds=min_seconds, max_rounds={})
-    finally:
-        for s in socks.values():
-            s.close()
-        if conn is not None:
-            conn.close()
-        stop_parent.send(True)
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join()
     payload = flat_view.nbytes
     rows, previous = [], None
     for variant in VARIANTS:
