@@ -298,8 +298,9 @@ def fault_reactions(run: RunData, window_s: float | None = None) -> list[dict[st
     fault that is never healed, to the target's next join, else the end of the run. Late pushes,
     disconnects and rejoins are counted up to FAULT_GRACE_S after the window (a resumed worker's first
     push is late). Throughput = server updates per second over a sliding window of `window_s` seconds
-    (default: long enough for ~10 updates at the pre-fault rate, at least 1 s); "recovered" is the
-    first moment t >= fired from which the next window runs at >= 80 % of the pre-fault rate.
+    (default: long enough for ~10 updates at the pre-fault rate, at least 1 s); the pre-fault rate is the
+    median over such windows in the 10 s before the fault (the plain mean when fewer than 3 fit); "recovered"
+    is the first moment t >= fired from which the next window runs at >= 80 % of the pre-fault rate.
     """
     updates = run.server_events("update")
     utimes = [e["time"] for e in updates]
@@ -337,11 +338,15 @@ def fault_reactions(run: RunData, window_s: float | None = None) -> list[dict[st
         rejoins = [{"rank": e.get("rank"), "host": e.get("host"), "after_s": round(e["time"] - t_fire, 3)}
                    for e in run.server_events("join") if t_fire < e["time"] <= t_grace]
 
-        # Pre-fault throughput over up to 10 s of training before the fault.
+        # Pre-fault throughput over up to 10 s of training before the fault: the median of its windows,
+        # so a start-up burst or one hiccup does not set the bar that "recovered" is measured against.
         first = utimes[0] if utimes else t_fire
         pre_span = min(10.0, t_fire - first)
         pre_rate = _rate(utimes, t_fire - pre_span, t_fire) if pre_span > 0 else 0.0
         win = window_s if window_s is not None else max(1.0, 10.0 / pre_rate if pre_rate > 0 else 1.0)
+        n_windows = int(pre_span // win)
+        if n_windows >= 3:
+            pre_rate = statistics.median(_rate(utimes, t_fire - (k + 1) * win, t_fire - k * win) for k in range(n_windows))
         recovered_after: float | None = None
         if pre_rate > 0:
             for t in [t_fire] + [u for u in utimes if u > t_fire]:

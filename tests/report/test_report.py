@@ -154,6 +154,19 @@ def test_fault_reactions_numbers(run_dir):
     assert r["recovered_after_s"] == pytest.approx(5.5)
 
 
+def test_startup_burst_does_not_set_the_recovery_bar(run_dir):
+    """A burst of 40 updates in the first 0.4 s lifts the mean pre-fault rate to 14/s; the baseline is the
+    steady 10/s (median of 1 s windows), so the cluster back at 10/s counts as recovered."""
+    path = run_dir / "nodes" / "srv" / "metrics.jsonl"
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    burst = [{"time": T0 + 1 + i * 0.01, "event": "update", "version": 0, "step": 0, "loss": 1.0, "source": 1,
+              "staleness": 1} for i in range(40)]
+    _write_jsonl(path, rows + burst)
+    [r] = fault_reactions(load_run(run_dir), window_s=1.0)
+    assert r["throughput_before"] == pytest.approx(10.0)
+    assert r["recovered_after_s"] == pytest.approx(5.5)
+
+
 def test_unhealed_fault_lasts_until_target_rejoins(run_dir):
     _write_jsonl(run_dir / "faults.jsonl", [{"time": T0 + 10, "elapsed": 10.0, "fault": "kill", "target": "w2", "action": "fired"}])
     [r] = fault_reactions(load_run(run_dir), window_s=1.0)
