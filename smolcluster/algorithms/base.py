@@ -38,22 +38,22 @@ from smolcluster.wire import Message, MessageKind, Schema, schema_of
 
 
 @contextlib.contextmanager
-def _signals_set_flag(server: Any):
-    """While the server loop runs, SIGINT and SIGTERM only set `server.interrupted`; next_event raises
-    KeyboardInterrupt at its next call (within half a second) and the server writes its checkpoint and
-    summary. A KeyboardInterrupt raised by the default handler can land in a weakref callback or a
-    __del__, where Python prints "Exception ignored" and drops it: the server then never stopped.
-    A second signal while stopping interrupts at once."""
+def _signals_set_flag(node: Any, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+    """While a node's loop runs, these signals only set `node.interrupted`; the loop checks the flag at a
+    point where stopping is clean (the server in next_event, within half a second; a worker at its next
+    step). A KeyboardInterrupt raised by the default handler can land in a weakref callback or a __del__,
+    where Python prints "Exception ignored" and drops it (a server then never stopped), or in the middle
+    of sending a frame. A second signal while stopping interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if server.interrupted:
+        if node.interrupted:
             raise KeyboardInterrupt
-        server.interrupted = True
+        node.interrupted = True
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
@@ -361,8 +361,9 @@ class ServerBase:
         if f.get("samples_per_s") is not None:
             st.reported_samples_per_s = float(f["samples_per_s"])
         self._retire(peer, "worker said bye")
-        self.log.info(f"{peer.hostname} (rank {ev.rank}) finished: {f.get('reason', '')}")
-        self.ctx.metrics.write("bye", rank=ev.rank, host=peer.hostname, finished=st.finished, version=self.version)
+        self.log.info(f"{peer.hostname} (rank {ev.rank}) {'finished' if st.finished else 'left'}: {f.get('reason', '')}")
+        self.ctx.metrics.write("bye", rank=ev.rank, host=peer.hostname, finished=st.finished, reason=str(f.get("reason", "")),
+                               version=self.version)
         self.on_leave(peer)
 
     def _retire(self, peer: Peer, reason: str) -> None:
@@ -540,6 +541,10 @@ class ServerBase:
 # --------------------------------------------------------------------------- worker side
 
 
+class WorkerInterrupted(Exception):
+    """Ctrl-C arrived; raised where the worker can still leave cleanly (at a step boundary)."""
+
+
 class ServerFinished(Exception):
     """The server said the run is over."""
 
@@ -569,10 +574,13 @@ class WorkerBase:
         self.train_time = 0.0
         self.compute_s = self.comm_s = self.wait_s = 0.0
         self.started = time.time()
+        self.interrupted = False  # set by Ctrl-C (SIGINT); the next step says BYE and stops
 
     def connect(self) -> Message:
         """Dial (with backoff), say hello, load the weights the server welcomes us with."""
         def on_retry(attempt: int, delay: float, err: Exception) -> None:
+            if self.interrupted:
+                raise WorkerInterrupted
             self.log.info(f"server {self.host}:{self.port} not reachable ({err}); retry {attempt} in {delay:.1f}s")
 
         retry = RetryPolicy(deadline=self.reconnect_deadline())
@@ -607,6 +615,8 @@ class WorkerBase:
 
     def compute_gradients(self, step: int) -> tuple[float, int]:
         """Forward/backward on the batch for `step`; leaves grads in .grad. Compute stretched to the device."""
+        if self.interrupted:
+            raise WorkerInterrupted
         x, y = self.loader.batch_at(step)
         t0 = time.perf_counter()
         self.model.zero_grad(set_to_none=True)
@@ -651,7 +661,17 @@ class WorkerBase:
         self.compute_s = self.comm_s = self.wait_s = 0.0
 
     def run(self) -> None:
-        """Train until done, reconnecting when the server goes away."""
+        """Train until done, reconnecting when the server goes away. Ctrl-C leaves cleanly: the step in
+        flight finishes, the server gets a BYE saying so, the metrics an "end" line (a second Ctrl-C stops
+        at once). SIGTERM keeps its default, an immediate stop: supervisors and the sim send it."""
+        try:
+            with _signals_set_flag(self, (signal.SIGINT,)):
+                self._run()
+        except WorkerInterrupted:
+            self.log.warning("interrupted: leaving the cluster")
+            self.say_bye(finished=False, reason="interrupted")
+
+    def _run(self) -> None:
         finished_by_server = False
         lost_since: float | None = None
         while True:
@@ -678,22 +698,24 @@ class WorkerBase:
                 if self.conn is not None:
                     self.conn.close(str(e))
                 time.sleep(0.5)
+                if self.interrupted:
+                    raise WorkerInterrupted from None
         self.say_bye(finished=True, server_ended=finished_by_server)
 
     def train(self, welcome: Message) -> None:
         raise NotImplementedError
 
-    def say_bye(self, *, finished: bool, server_ended: bool = False) -> None:
+    def say_bye(self, *, finished: bool, server_ended: bool = False, reason: str = "epochs done") -> None:
         elapsed = max(1e-9, time.time() - self.started)
         sps = self.samples_done / elapsed
         if self.conn is not None and not server_ended:
             try:
                 self.conn.send(Message(MessageKind.BYE, {"finished": finished, "steps": self.steps_done,
-                                                         "samples_per_s": sps, "reason": "epochs done"}), timeout=5)
+                                                         "samples_per_s": sps, "reason": reason}), timeout=5)
             except SmolclusterError:
                 pass
         if self.conn is not None:
             self.conn.close("bye")
         self.ctx.metrics.write("end", steps=self.steps_done, samples=self.samples_done, samples_per_s=sps,
-                               peak_rss_mb=peak_rss_mb())
-        self.log.info(f"finished: {self.steps_done} steps, {sps:.1f} samples/s")
+                               peak_rss_mb=peak_rss_mb(), stop_reason=reason if not server_ended else "server finished")
+        self.log.info(f"{'finished' if finished else 'stopped'}: {self.steps_done} steps, {sps:.1f} samples/s")

@@ -46,6 +46,8 @@ class Server(ServerBase):
                 self.stop_reason = f"no worker connected for {self.cluster.idle_timeout:.0f}s"
                 self.log.warning(f"stopping early: {self.stop_reason}")
                 return
+        if self.cluster.max_steps and self.step >= self.cluster.max_steps:
+            self.stop_reason = f"max_steps {self.cluster.max_steps} reached"  # as EDP says it
 
     def wait_for_workers(self) -> bool:
         """Start when every configured worker joined, or after idle_timeout with at least min_workers.

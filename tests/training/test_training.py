@@ -156,12 +156,38 @@ def test_sigterm_stops_the_server_cleanly_with_checkpoint_and_summary(local_clus
     for r in (1, 2, 3):
         c.start_worker(r, "--slowdown", SLOW)
     c.wait_for(lambda: any(m["event"] == "update" and m["version"] >= 20 for m in c.metrics()), 120, "20 updates")
+    # every worker joined (one still starting up would meet a closing server and retry until its deadline)
+    c.wait_for(lambda: {m["host"] for m in c.metrics() if m["event"] == "join"} == {"w1", "w2", "w3"}, 120, "all joins")
     c.procs.signal("server", signal.SIGTERM)  # what a supervisor or `docker stop` sends
     assert c.wait_server(timeout=30) == 0, c.log("server")
     s = c.summary()
     assert s["stop_reason"] == "interrupted" and s["steps"] >= 20, s
     assert load_checkpoint(c.server_dir / "checkpoints").version == s["steps"]  # nothing trained is lost
     for w in ("w1", "w2", "w3"):  # the workers were told (BYE) and finished instead of reconnecting forever
+        assert c.procs.wait(w, timeout=60) == 0, c.log(w)
+
+
+@pytest.mark.parametrize("algo", ["syncps", "edp"])
+def test_ctrl_c_on_a_worker_leaves_the_cluster_cleanly(local_cluster, algo):
+    c = local_cluster(algo, cluster={"max_steps": 200})  # fewer than one epoch of pushes without w2
+    c.start_server()
+    for r in (1, 2, 3):
+        c.start_worker(r, "--slowdown", SLOW)
+    # w2 is training (it recorded an exchange with the server), not still starting up
+    c.wait_for(lambda: any(m["event"] == "step" for m in c.metrics("w2")), 120, "w2's first exchange")
+    c.procs.signal("w2", signal.SIGINT)  # Ctrl-C in the worker's terminal
+    assert c.procs.wait("w2", timeout=30) == 0, c.log("w2")
+    [end] = [m for m in c.metrics("w2") if m["event"] == "end"]
+    assert end["stop_reason"] == "interrupted" and end["steps"] > 0, (end, c.log("w2"))
+    # The server was told (a BYE with the reason), so it did not see a lost connection ...
+    [bye] = [m for m in c.metrics() if m["event"] == "bye" and m["host"] == "w2"]
+    assert bye["reason"] == "interrupted" and bye["finished"] is False, bye
+    assert not [m for m in c.metrics() if m["event"] == "leave" and m["host"] == "w2"]
+    # ... and the others finish the run.
+    assert c.wait_server(timeout=240) == 0, c.log("server")
+    s = c.summary()
+    assert s["steps"] == 200 and s["stop_reason"] == "max_steps 200 reached", s
+    for w in ("w1", "w3"):
         assert c.procs.wait(w, timeout=60) == 0, c.log(w)
 
 
