@@ -29,7 +29,8 @@ from smolcluster.errors import (
     TransportError,
     WireError,
 )
-from smolcluster.wire import LayoutCache, Message, MessageKind, Schema, WireLimits, encode_frame, read_frame, send_frame
+from smolcluster.wire import (LayoutCache, Message, MessageKind, Schema, WireLimits, encode_frame, frame_mac, read_frame,
+                              send_frame)
 
 # Large kernel buffers let a whole chunk of a model move per syscall; the kernel caps them at its maximum.
 SOCKET_BUFFER_BYTES = 4 << 20
@@ -213,12 +214,15 @@ class Connection:
     def _send_locked(self, msg: Message, timeout: float | None) -> int:
         self._check_open()
         key = self._keys.send if self._keys else None
-        buffers = encode_frame(msg, seq=self._send_seq, mac_key=key, limits=self.config.limits, cache=self._send_layouts)
+        buffers = encode_frame(msg, seq=self._send_seq, mac_key=key, limits=self.config.limits, cache=self._send_layouts,
+                               defer_mac=True)
         s = self._stream
         s.tx_timeout = self.config.io_timeout if timeout is None else timeout
         s.tx_deadline = time.monotonic() + s.tx_timeout
         try:
             n = send_frame(s, buffers)
+            if key is not None:  # hashed after sending: the peer receives (and hashes) meanwhile
+                n += send_frame(s, [frame_mac(key, buffers)])
         except TransportError as e:
             # A partly sent frame leaves the stream unusable.
             self.close(f"send failed: {e.problem}")

@@ -199,26 +199,34 @@ def _table_prefix(table: list[dict[str, Any]]) -> bytes:
     return b'{"tensors":' + json.dumps(table, separators=(",", ":")).encode() + b',"fields":'
 
 
+def frame_mac(mac_key: bytes, buffers: list[memoryview | bytes]) -> bytes:
+    """HMAC-SHA256 over a frame's bytes (preamble, header, payload): the 32 bytes that end the frame."""
+    mac = hmac.new(mac_key, buffers[0], hashlib.sha256)
+    for b in buffers[1:]:
+        mac.update(b)
+    return mac.digest()
+
+
 def _finish_frame(msg: Message, header: bytes, buffers: list, payload_len: int, seq: int,
-                  mac_key: bytes | None, limits: WireLimits) -> list[memoryview | bytes]:
+                  mac_key: bytes | None, limits: WireLimits, defer_mac: bool) -> list[memoryview | bytes]:
     if len(header) > limits.max_header_bytes:
         raise FrameTooLarge(f"header is {len(header)} bytes, the limit is {limits.max_header_bytes}")
     flags = FLAG_MAC if mac_key is not None else 0
     head = PREAMBLE.pack(MAGIC, VERSION, int(msg.kind), flags, len(header), payload_len, seq) + header
     out: list[memoryview | bytes] = [head, *buffers]
-    if mac_key is not None:
-        mac = hmac.new(mac_key, head, hashlib.sha256)
-        for b in buffers:
-            mac.update(b)
-        out.append(mac.digest())
+    if mac_key is not None and not defer_mac:
+        out.append(frame_mac(mac_key, out))
     return out
 
 
 def encode_frame(
     msg: Message, *, seq: int = 0, mac_key: bytes | None = None, limits: WireLimits = WireLimits(),
-    cache: LayoutCache | None = None,
+    cache: LayoutCache | None = None, defer_mac: bool = False,
 ) -> list[memoryview | bytes]:
-    """Encode `msg` as buffers for `send_frame`. Tensor data is referenced, not copied."""
+    """Encode `msg` as buffers for `send_frame`. Tensor data is referenced, not copied.
+
+    With a key the frame ends with its MAC; `defer_mac` leaves it off, for a sender that sends the frame
+    first and `frame_mac(key, buffers)` after it, so the peer receives while this side hashes."""
     key = None
     if cache is not None and not msg.quant:
         key = tuple((name, t.dtype, t.shape) for name, t in msg.tensors.items())
@@ -232,7 +240,7 @@ def encode_frame(
                 data = _tensor_bytes(t)
                 if data.nbytes:
                     buffers.append(data)
-            return _finish_frame(msg, _header(prefix, msg.fields), buffers, payload_len, seq, mac_key, limits)
+            return _finish_frame(msg, _header(prefix, msg.fields), buffers, payload_len, seq, mac_key, limits, defer_mac)
     table: list[dict[str, Any]] = []
     pads: list[int] = []
     buffers: list[memoryview | bytes] = []
@@ -270,7 +278,7 @@ def encode_frame(
     prefix = _table_prefix(table)
     if key is not None:
         cache.remember_encoded(key, (prefix, pads, offset))
-    return _finish_frame(msg, _header(prefix, msg.fields), buffers, offset, seq, mac_key, limits)
+    return _finish_frame(msg, _header(prefix, msg.fields), buffers, offset, seq, mac_key, limits, defer_mac)
 
 
 def send_frame(sock: Any, buffers: list[memoryview | bytes]) -> int:
@@ -465,17 +473,21 @@ def read_frame(
         pos = _recv_exactly(sock, body, "header", peer, at_least=header_len)
         header_raw = bytes(body[:header_len])
         parsed = _parse_header_cached(header_raw, payload_len, limits, schema, peer, cache)
-    _recv_exactly(sock, body, "payload" if not has_mac else "frame", peer, pos=pos)
-    if has_mac:
+        _recv_exactly(sock, body, "payload", peer, pos=pos)
+    else:
+        # Hash header and payload as they arrive (the sender sends the MAC after them and hashes in the
+        # meantime), then check the MAC, before the header is parsed or any tensor is built.
+        mac = hmac.new(mac_key, pre, hashlib.sha256)  # type: ignore[arg-type]
+        signed = header_len + payload_len
+        while pos < signed:
+            end = _recv_exactly(sock, body, "frame", peer, pos=pos, at_least=pos + 1)
+            mac.update(body[pos:min(end, signed)])
+            pos = end
+        _recv_exactly(sock, body, "frame", peer, pos=pos)
+        if not hmac.compare_digest(mac.digest(), bytes(body[signed:])):
+            raise BadMac(f"{kind.name} frame (seq {seq}) does not verify: altered in transit or signed with another key", peer=peer)
         header_raw = bytes(body[:header_len])
     payload_view = body[header_len:header_len + payload_len]
-    if has_mac:
-        got = body[header_len + payload_len:]
-        mac = hmac.new(mac_key, pre, hashlib.sha256)  # type: ignore[arg-type]
-        mac.update(header_raw)
-        mac.update(payload_view)
-        if not hmac.compare_digest(mac.digest(), bytes(got)):
-            raise BadMac(f"{kind.name} frame (seq {seq}) does not verify: altered in transit or signed with another key", peer=peer)
     if expected_seq is not None and seq != expected_seq:
         raise ReplayedFrame(f"{kind.name} frame has sequence number {seq}, expected {expected_seq} (replayed or reordered)", peer=peer)
     if parsed is None:

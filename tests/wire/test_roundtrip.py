@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smolcluster import errors
-from smolcluster.wire import DTYPES, Message, MessageKind, TensorSpec, encode_frame, read_frame, schema_of, send_frame
+from smolcluster.wire import (DTYPES, Message, MessageKind, TensorSpec, encode_frame, frame_mac, read_frame, schema_of,
+                             send_frame)
 
 shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4).map(tuple)
 names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=20)
@@ -105,3 +106,45 @@ def test_schema_is_a_subset_check_with_exact_shape_and_dtype() -> None:
         send_frame(a, encode_frame(Message(MessageKind.PUSH, {}, {"w": torch.ones(2, dtype=torch.float64)})))
         with pytest.raises(errors.SchemaMismatch, match="float64"):
             read_frame(b, schema=schema)
+
+
+def _trickle(sock: socket.socket, data: bytes, mac: bytes) -> None:
+    """The frame in small uneven pieces, then the MAC on its own after a pause, as Connection sends it."""
+    pos, sizes, i = 0, [1, 7, 28, 100, 4096, 3], 0
+    while pos < len(data):
+        n = sizes[i % len(sizes)]
+        sock.sendall(data[pos:pos + n])
+        pos, i = pos + n, i + 1
+    threading.Event().wait(0.05)
+    sock.sendall(mac)
+
+
+@pytest.mark.parametrize("flip", [None, "header", "payload", "mac"])
+def test_mac_is_checked_over_a_frame_that_arrives_in_pieces(flip: str | None) -> None:
+    """The receiver hashes the frame as it arrives and checks the MAC that follows it; one altered byte
+    anywhere is a BadMac, and nothing is parsed or built from an unverified frame."""
+    key = b"k" * 32
+    msg = Message(MessageKind.PUSH, {"step": 3}, {"w": torch.randn(64, 33), "b": torch.arange(5)})
+    buffers = encode_frame(msg, seq=7, mac_key=key, defer_mac=True)
+    data = bytearray(b"".join(bytes(b) for b in buffers))
+    mac = bytearray(frame_mac(key, buffers))
+    assert bytes(data) + bytes(mac) == b"".join(bytes(b) for b in encode_frame(msg, seq=7, mac_key=key))
+    if flip == "header":
+        data[40] ^= 1
+    elif flip == "payload":
+        data[-5] ^= 1
+    elif flip == "mac":
+        mac[0] ^= 1
+    a, b = socket.socketpair()
+    with a, b:
+        t = threading.Thread(target=_trickle, args=(a, bytes(data), bytes(mac)))
+        t.start()
+        try:
+            if flip is None:
+                got = read_frame(b, mac_key=key, expected_seq=7)
+                assert got.fields == {"step": 3} and torch.equal(got.tensors["w"], msg.tensors["w"])
+            else:
+                with pytest.raises(errors.BadMac):
+                    read_frame(b, mac_key=key, expected_seq=7)
+        finally:
+            t.join()
