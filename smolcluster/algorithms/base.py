@@ -34,7 +34,7 @@ from smolcluster.telemetry import peak_rss_mb
 from smolcluster.transport import Connection, Listener, RetryPolicy, connect
 from smolcluster.wire import Message, MessageKind, Schema, schema_of
 
-# --------------------------------------------------------------------------- server side
+# --------------------------------------------------------------------------- signals (server and worker)
 
 
 @contextlib.contextmanager
@@ -59,6 +59,9 @@ def _signals_set_flag(node: Any, signals: tuple[int, ...] = (signal.SIGINT, sign
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
+
+
+# --------------------------------------------------------------------------- server side
 
 
 @dataclass
@@ -536,6 +539,10 @@ class ServerBase:
         if self.peers or not self.ever_joined:
             return False
         return time.time() - self.last_peer_seen > self.cluster.idle_timeout
+
+    def idle_stop_reason(self) -> str:
+        """The stop_reason of a server that stops because idle_too_long()."""
+        return f"no worker connected for {self.cluster.idle_timeout:.0f}s"
 
 
 # --------------------------------------------------------------------------- worker side

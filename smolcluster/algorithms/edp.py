@@ -36,7 +36,7 @@ class Server(ServerBase):
             if self.all_finished() and not training:
                 return
             if self.idle_too_long():
-                self.stop_reason = f"no worker connected for {self.cluster.idle_timeout:.0f}s"
+                self.stop_reason = self.idle_stop_reason()
                 self.log.warning(f"stopping: {self.stop_reason}; unfinished: "
                                  f"{[s.hostname for s in self.stats.values() if not s.finished]}")
                 return

@@ -31,7 +31,7 @@ class Server(ServerBase):
         total = self.total_steps()
         self.open_step()  # pushes for step 0 may arrive while we wait for the others
         if not self.wait_for_workers():
-            self.stop_reason = f"no worker connected for {self.cluster.idle_timeout:.0f}s"
+            self.stop_reason = self.idle_stop_reason()
             self.log.warning(f"stopping before the first step: {self.stop_reason}")
             return
         self.deadline = time.time() + self.cluster.timeout
@@ -43,7 +43,7 @@ class Server(ServerBase):
                 if self.step < total:
                     self.open_step()
             elif self.idle_too_long():
-                self.stop_reason = f"no worker connected for {self.cluster.idle_timeout:.0f}s"
+                self.stop_reason = self.idle_stop_reason()
                 self.log.warning(f"stopping early: {self.stop_reason}")
                 return
         if self.cluster.max_steps and self.step >= self.cluster.max_steps:

@@ -52,8 +52,13 @@ class BenchRun:
 EPOCH_LINE = "epoch "  # trainers print "epoch K/N: test accuracy A" to stderr; the orchestrator relays them
 
 
+def _epoch_line(epoch: int, epochs: int, accuracy: float) -> str:
+    """"epoch K/N: test accuracy A" for the K-th epoch (1-based)."""
+    return f"{EPOCH_LINE}{epoch}/{epochs}: test accuracy {accuracy:.4f}"
+
+
 def _report_epoch(epoch: int, epochs: int, accuracy: float) -> None:
-    print(f"{EPOCH_LINE}{epoch + 1}/{epochs}: test accuracy {accuracy:.4f}", file=sys.stderr, flush=True)
+    print(_epoch_line(epoch + 1, epochs, accuracy), file=sys.stderr, flush=True)
 
 
 def _sgd_step(model, opt, x, y) -> None:
@@ -235,7 +240,7 @@ class _EpochRelay:
             if e["event"] == "eval" and e["version"] > 0 and e["version"] % self.eval_steps == 0 \
                     and self.reported < self.epochs:
                 self.reported += 1
-                self.progress(f"      {EPOCH_LINE}{self.reported}/{self.epochs}: test accuracy {e['test_accuracy']:.4f}")
+                self.progress(f"      {_epoch_line(self.reported, self.epochs, e['test_accuracy'])}")
 
 
 def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, seed: int, data_dir: str | None,
