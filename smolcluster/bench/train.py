@@ -31,7 +31,7 @@ from typing import Callable
 
 import yaml
 
-from smolcluster.sim.processes import ProcessGroup
+from smolcluster.testbed.sim.processes import ProcessGroup
 
 
 @dataclass
@@ -63,8 +63,8 @@ def _report_epoch(epoch: int, epochs: int, accuracy: float) -> None:
 
 def _sgd_step(model, opt, x, y) -> None:
     """One step exactly as a smolcluster worker takes it (same clipping, same optimizer)."""
-    from smolcluster.models import loss_fn
-    from smolcluster.optim import clip_grads_
+    from smolcluster.core.training.models import loss_fn
+    from smolcluster.core.training.optim import clip_grads_
 
     opt.zero_grad(set_to_none=True)
     loss_fn(model, x, y).backward()
@@ -77,11 +77,11 @@ def _train_single(batch_size: int, shards: int, epochs: int, lr: float, seed: in
     step (the same shards and order the workers use), exactly what synchronous PS averages."""
     import torch
 
-    from smolcluster.config import ModelConfig
-    from smolcluster.models import build_model
-    from smolcluster.optim import build_optimizer
-    from smolcluster.tasks import MnistTask
-    from smolcluster.telemetry import peak_rss_mb
+    from smolcluster.core.training.config import ModelConfig
+    from smolcluster.core.training.models import build_model
+    from smolcluster.core.training.optim import build_optimizer
+    from smolcluster.core.training.tasks import MnistTask
+    from smolcluster.core.training.telemetry import peak_rss_mb
 
     torch.set_num_threads(1)
     task = MnistTask(data_dir, shards, batch_size, seed)
@@ -107,11 +107,11 @@ def _train_ddp(rank: int, world: int, port: int, batch_size: int, epochs: int, l
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from smolcluster.config import ModelConfig
-    from smolcluster.models import build_model
-    from smolcluster.optim import build_optimizer
-    from smolcluster.tasks import MnistTask
-    from smolcluster.telemetry import peak_rss_mb
+    from smolcluster.core.training.config import ModelConfig
+    from smolcluster.core.training.models import build_model
+    from smolcluster.core.training.optim import build_optimizer
+    from smolcluster.core.training.tasks import MnistTask
+    from smolcluster.core.training.telemetry import peak_rss_mb
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -257,7 +257,7 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
                "worker_update_interval": 1 if algo == "syncps" else 5, "push_interval": 5} | cluster_overrides
     # The server evaluates every `eval_steps` versions: make that one epoch's worth of samples. A SyncPS
     # version is one step of every worker; an EDP version is one push, carrying push_interval steps.
-    from smolcluster.tasks import MnistTask
+    from smolcluster.core.training.tasks import MnistTask
 
     steps_per_epoch = MnistTask(None, workers, batch_size, seed).steps_per_epoch
     per_epoch = steps_per_epoch if algo == "syncps" else workers * steps_per_epoch / cluster["push_interval"]
@@ -311,7 +311,7 @@ def run_all(workers: int = 3, epochs: int = 5, lr: float = 0.001, seed: int = 42
     data_dir = data_dir or os.environ.get("SMOLCLUSTER_DATA_DIR")
     if data_dir:  # the runs' configs live in a temporary folder: a relative path must not move with them
         data_dir = str(Path(data_dir).resolve())
-    from smolcluster.data import load_mnist
+    from smolcluster.core.training.data import load_mnist
 
     for split in ("train", "test"):  # a missing dataset is one clear DataError now, not six failed runs
         load_mnist(split, data_dir)

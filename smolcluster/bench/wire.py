@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from smolcluster.transport import Connection, Listener, RetryPolicy, TransportConfig, connect
-from smolcluster.wire import Message, MessageKind
+from smolcluster.core.net.transport import Connection, Listener, RetryPolicy, TransportConfig, connect
+from smolcluster.core.net.wire import Message, MessageKind
 
 BENCH_KEY = b"smolcluster-bench-key-0123456789"
 

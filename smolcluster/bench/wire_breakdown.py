@@ -24,8 +24,8 @@ from typing import Any, Callable
 import torch
 
 from smolcluster.bench.wire import _interleaved, _raw_recv, _raw_send, _tuned, echo_process, mnist_state
-from smolcluster.transport import Connection, Listener, RetryPolicy, TransportConfig, connect
-from smolcluster.wire import (
+from smolcluster.core.net.transport import Connection, Listener, RetryPolicy, TransportConfig, connect
+from smolcluster.core.net.wire import (
     MAGIC,
     PREAMBLE,
     RECV_ALIGN,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from smolcluster.data import (DATA_DIR_ENV, ImageSet, ShardLoader, TextData, evaluate, load_mnist,
+from smolcluster.core.training.data import (DATA_DIR_ENV, ImageSet, ShardLoader, TextData, evaluate, load_mnist,
                               resolve_data_dir, shard_indices)
-from smolcluster.errors import DataError
+from smolcluster.common.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +161,8 @@ def test_shard_smaller_than_batch_is_clear(train: ImageSet) -> None:
 
 
 def test_evaluate_untrained_is_chance(mnist_dir: Path) -> None:
-    from smolcluster.config import ModelConfig
-    from smolcluster.models import build_model
+    from smolcluster.core.training.config import ModelConfig
+    from smolcluster.core.training.models import build_model
 
     test = load_mnist("test", mnist_dir, download=False)
     model = build_model(ModelConfig(), seed=0)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from smolcluster.launch import plan_launch
+from smolcluster.deploy.launch import plan_launch
 
 REPO = Path(__file__).resolve().parents[2]
 

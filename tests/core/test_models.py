@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from smolcluster.config import ModelConfig
-from smolcluster.data import ShardLoader, TextData, evaluate, load_mnist, shard_indices
-from smolcluster.models import GPT, SimpleNN, build_model, loss_fn
+from smolcluster.core.training.config import ModelConfig
+from smolcluster.core.training.data import ShardLoader, TextData, evaluate, load_mnist, shard_indices
+from smolcluster.core.training.models import GPT, SimpleNN, build_model, loss_fn
 
 
 def test_simplenn_shape_and_param_count() -> None:

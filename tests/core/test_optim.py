@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from smolcluster.config import ModelConfig
-from smolcluster.models import build_model
-from smolcluster.optim import all_finite, build_optimizer, clip_, clip_grads_, tensor_norms
+from smolcluster.core.training.config import ModelConfig
+from smolcluster.core.training.models import build_model
+from smolcluster.core.training.optim import all_finite, build_optimizer, clip_, clip_grads_, tensor_norms
 
 
 def _grads(seed: int = 0) -> dict[str, torch.Tensor]:

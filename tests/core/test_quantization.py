@@ -11,10 +11,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from smolcluster.errors import QuantizationError
-from smolcluster.quantization import (dequantize_rows, dequantize_state, quantize_rows, quantize_state,
+from smolcluster.common.errors import QuantizationError
+from smolcluster.core.training.quantization import (dequantize_rows, dequantize_state, quantize_rows, quantize_state,
                                       quantized_schema)
-from smolcluster.wire import TensorSpec, schema_of
+from smolcluster.core.net.wire import TensorSpec, schema_of
 
 finite = st.floats(allow_nan=False, allow_infinity=False, width=32)  # full float32 range, subnormals too
 shapes = st.one_of(st.just(()), st.tuples(st.integers(1, 40)), st.tuples(st.integers(1, 8), st.integers(1, 20)),
@@ -74,8 +74,8 @@ def test_vectorized_not_a_python_loop_over_rows() -> None:
 
 
 def test_state_round_trip_and_schema() -> None:
-    from smolcluster.config import ModelConfig
-    from smolcluster.models import build_model
+    from smolcluster.core.training.config import ModelConfig
+    from smolcluster.core.training.models import build_model
 
     model = build_model(ModelConfig(), seed=0)
     state = {**model.state_dict(), "step_count": torch.tensor([3], dtype=torch.int64)}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smolcluster.telemetry import MetricsWriter, WandbRun, setup_logging, wandb_run_name
+from smolcluster.core.training.telemetry import MetricsWriter, WandbRun, setup_logging, wandb_run_name
 
 
 def test_metrics_jsonl_lines_parse(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_wandb_bad_mode_degrades_with_one_warning(tmp_path: Path, caplog: pytest
 WANDB_CHILD = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from smolcluster.telemetry import WandbRun
+    from smolcluster.core.training.telemetry import WandbRun
     run_dir = Path(sys.argv[1])
     mode = sys.argv[2]
     run = WandbRun(mode=mode, algorithm="syncps", role="worker", hostname="pi5", rank=2, lr=0.001,

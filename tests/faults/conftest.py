@@ -22,9 +22,9 @@ import pytest
 from toxiproxy import Toxiproxy
 from toxiproxy.api import APIConsumer
 
-from smolcluster.sim.local import LocalCluster
-from smolcluster.sim.plan import RunOverrides
-from smolcluster.topology import load_topology
+from smolcluster.testbed.sim.local import LocalCluster
+from smolcluster.testbed.sim.plan import RunOverrides
+from smolcluster.testbed.topology import load_topology
 
 SMALL = Path(__file__).resolve().parents[2] / "topologies" / "faults-small.yaml"
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from smolcluster.faults import FaultInjector, parse_faults, read_fault_log
+from smolcluster.testbed.faults import FaultInjector, parse_faults, read_fault_log
 
 pytestmark = pytest.mark.slow
 

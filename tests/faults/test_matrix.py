@@ -3,7 +3,7 @@
 Each run must end by itself within the scenario's bound (no hang), reach the stated accuracy floor,
 keep consistent accounting (every push applied, late or rejected with a reason), leave a last
 checkpoint that loads at the final version, and list the fault in faults.jsonl and the summary.
-The checks live in smolcluster.faults.matrix so `smolcluster faults matrix` reports the same thing.
+The checks live in smolcluster.testbed.faults.matrix so `smolcluster faults matrix` reports the same thing.
 ~20 runs of ~20-30 s each on two cores.
 """
 
@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-from smolcluster.faults.matrix import ALGORITHMS, FLOOR, MAX_STEPS, SCENARIOS, run_scenario, scenario
-from smolcluster.faults.injector import read_fault_log
+from smolcluster.testbed.faults.matrix import ALGORITHMS, FLOOR, MAX_STEPS, SCENARIOS, run_scenario, scenario
+from smolcluster.testbed.faults.injector import read_fault_log
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smolcluster.errors import ConfigError
-from smolcluster.faults import load_faults_file, parse_faults, schedule_for
-from smolcluster.topology import load_topology
+from smolcluster.common.errors import ConfigError
+from smolcluster.testbed.faults import load_faults_file, parse_faults, schedule_for
+from smolcluster.testbed.topology import load_topology
 
 SMALL = Path(__file__).resolve().parents[2] / "topologies" / "faults-small.yaml"
 HYBRID = Path(__file__).resolve().parents[2] / "topologies" / "hybrid.yaml"
@@ -162,13 +162,13 @@ def test_random_without_a_seed_uses_the_runs_seed(topo):
 def test_faults_show_prints_the_expanded_schedule(tmp_path):
     from typer.testing import CliRunner
 
-    from smolcluster.cli import app
+    from smolcluster.cli import build_app
 
     faults_file = tmp_path / "f.yaml"
     faults_file.write_text(yaml.safe_dump({"faults": [
         {"at": 2, "node": "w1", "action": "pause", "duration": 1},
         {"random": {"seed": 5, "rate_per_min": 10, "actions": ["partition"], "targets": ["w2->srv"], "end": 30}}]}))
-    result = CliRunner().invoke(app, ["faults", "show", str(SMALL), "--faults", str(faults_file)])
+    result = CliRunner().invoke(build_app(), ["faults", "show", str(SMALL), "--faults", str(faults_file)])
     assert result.exit_code == 0, result.output
     assert "pause node w1 at 2s for 1s" in result.output
     drawn = parse_faults(yaml.safe_load(faults_file.read_text())["faults"], load_topology(SMALL)).expand()
@@ -176,5 +176,5 @@ def test_faults_show_prints_the_expanded_schedule(tmp_path):
     assert result.output.count("partition link w2->srv") == len(drawn) - 1
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"faults": [{"at": 2, "node": "w1", "action": "pauze"}]}))
-    result = CliRunner().invoke(app, ["faults", "show", str(SMALL), "--faults", str(bad)])
+    result = CliRunner().invoke(build_app(), ["faults", "show", str(SMALL), "--faults", str(bad)])
     assert result.exit_code != 0 and "did you mean 'pause'" in str(result.exception or result.output)

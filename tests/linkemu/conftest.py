@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import pytest
 from linkemu_net import Upstream
 
-from smolcluster.linkemu import ToxiproxyClient, ToxiproxyServer
+from smolcluster.testbed.linkemu import ToxiproxyClient, ToxiproxyServer
 
 
 @pytest.fixture

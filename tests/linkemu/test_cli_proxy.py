@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from smolcluster.linkemu import ToxiproxyClient
+from smolcluster.testbed.linkemu import ToxiproxyClient
 
 
 @pytest.mark.slow
@@ -45,10 +45,10 @@ def test_proxy_command_serves_the_api_and_config(tmp_path: Path) -> None:
 def test_proxy_command_rejects_a_bad_config(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from smolcluster.cli import app
+    from smolcluster.cli import build_app
 
     config = tmp_path / "proxies.json"
     config.write_text(json.dumps([{"name": "l1", "upstream": "nowhere"}]))
-    result = CliRunner().invoke(app, ["proxy", "--api", "127.0.0.1:0", "--config", str(config)])
+    result = CliRunner().invoke(build_app(), ["proxy", "--api", "127.0.0.1:0", "--config", str(config)])
     assert result.exit_code != 0
     assert "[0]" in str(result.exception) and "HOST:PORT" in str(result.exception)

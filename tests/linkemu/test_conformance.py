@@ -12,8 +12,8 @@ from toxiproxy import Toxiproxy
 from toxiproxy.api import APIConsumer
 from toxiproxy.exceptions import InvalidToxic, NotFound, ProxyExists
 
-from smolcluster.errors import ProxyError
-from smolcluster.linkemu import ToxiproxyClient, ToxiproxyServer
+from smolcluster.common.errors import ProxyError
+from smolcluster.testbed.linkemu import ToxiproxyClient, ToxiproxyServer
 
 from linkemu_net import echo, port_of, recv_exact
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from linkemu_net import echo, port_of, recv_exact, source
 
-from smolcluster.linkemu import ToxiproxyClient
+from smolcluster.testbed.linkemu import ToxiproxyClient
 
 
 def connect(client: ToxiproxyClient, name: str, clients: list[socket.socket]) -> socket.socket:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from smolcluster.cli import app
-from smolcluster.errors import ReportError
-from smolcluster.report import (compare, fault_reactions, load_run, node_rows, summary_table, time_to_accuracy,
+from smolcluster.cli import build_app
+from smolcluster.common.errors import ReportError
+from smolcluster.testbed.report import (compare, fault_reactions, load_run, node_rows, summary_table, time_to_accuracy,
                                 timeline_segments, write_compare_plot, write_plots)
 
 T0 = 1_700_000_000.0  # server start (unix seconds)
@@ -293,15 +293,15 @@ def test_cli_report_and_compare(tmp_path):
     a = make_run(tmp_path / "a")
     b = make_run(tmp_path / "b", faults=False)
     runner = CliRunner()
-    res = runner.invoke(app, ["report", str(a)])
+    res = runner.invoke(build_app(), ["report", str(a)])
     assert res.exit_code == 0, res.output
     assert "time to 90%: 12.0 s" in res.output and "wrote" in res.output
     assert (a / "timeline.png").exists()
-    res = runner.invoke(app, ["compare", str(a), str(b), "--out", str(tmp_path / "c.png")])
+    res = runner.invoke(build_app(), ["compare", str(a), str(b), "--out", str(tmp_path / "c.png")])
     assert res.exit_code == 0, res.output
     assert "final accuracy" in res.output
     _assert_png(tmp_path / "c.png")
-    res = runner.invoke(app, ["compare", str(a), str(b)])
+    res = runner.invoke(build_app(), ["compare", str(a), str(b)])
     assert res.exit_code == 0, res.output
     _assert_png(tmp_path / "compare_a_vs_b.png")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smolcluster.report import fault_reactions, load_run, summary_table, time_to_accuracy, write_plots
-from smolcluster.sim.processes import ProcessGroup
+from smolcluster.testbed.report import fault_reactions, load_run, summary_table, time_to_accuracy, write_plots
+from smolcluster.testbed.sim.processes import ProcessGroup
 
 pytestmark = pytest.mark.slow
 

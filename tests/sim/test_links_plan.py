@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from smolcluster.sim.local import EMULABLE_MBIT, own_bytes, plan_hops, toxics_for, worker_paths
-from smolcluster.sim.run import time_to_accuracy
-from smolcluster.topology import load_topology
+from smolcluster.testbed.sim.local import EMULABLE_MBIT, own_bytes, plan_hops, toxics_for, worker_paths
+from smolcluster.testbed.sim.run import time_to_accuracy
+from smolcluster.testbed.topology import load_topology
 
 TOPOLOGIES = Path(__file__).resolve().parents[2] / "topologies"
 

@@ -12,10 +12,10 @@ from typing import Iterator
 
 import pytest
 
-from smolcluster.sim.compose import ComposeProject, down, leftovers, offline_image_spec, render_compose, up
-from smolcluster.sim.docker_env import DockerEnv, DockerUnavailable, detect_docker
-from smolcluster.sim.image import build_offline_image
-from smolcluster.topology import Topology, load_topology
+from smolcluster.testbed.sim.compose import ComposeProject, down, leftovers, offline_image_spec, render_compose, up
+from smolcluster.testbed.sim.docker_env import DockerEnv, DockerUnavailable, detect_docker
+from smolcluster.testbed.sim.image import build_offline_image
+from smolcluster.testbed.topology import Topology, load_topology
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HYBRID = REPO_ROOT / "topologies" / "hybrid.yaml"

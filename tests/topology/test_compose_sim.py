@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from smolcluster.errors import SimError
-from smolcluster.sim.compose import leftovers
-from smolcluster.sim.compose_run import run_compose
-from smolcluster.sim.run import SimOptions
+from smolcluster.common.errors import SimError
+from smolcluster.testbed.sim.compose import leftovers
+from smolcluster.testbed.sim.compose_run import run_compose
+from smolcluster.testbed.sim.run import SimOptions
 
 HYBRID = Path(__file__).resolve().parents[2] / "topologies" / "hybrid.yaml"
 

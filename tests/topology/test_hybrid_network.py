@@ -8,7 +8,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from smolcluster.sim.compose import (
+from smolcluster.testbed.sim.compose import (
     ComposeProject,
     can_connect,
     exec_in,
@@ -16,7 +16,7 @@ from smolcluster.sim.compose import (
     measure_throughput,
     toxiproxy_api_url,
 )
-from smolcluster.topology import Topology
+from smolcluster.testbed.topology import Topology
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

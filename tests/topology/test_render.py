@@ -9,10 +9,10 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 import yaml
 
-from smolcluster.errors import DockerUnavailable
-from smolcluster.sim.compose import ImageSpec, render_compose
-from smolcluster.sim.docker_env import detect_docker
-from smolcluster.topology import load_topology
+from smolcluster.common.errors import DockerUnavailable
+from smolcluster.testbed.sim.compose import ImageSpec, render_compose
+from smolcluster.testbed.sim.docker_env import detect_docker
+from smolcluster.testbed.topology import load_topology
 
 IMAGE = ImageSpec(tag="smolcluster:test", python="python")
 

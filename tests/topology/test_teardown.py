@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from smolcluster.errors import DockerCommandFailed
-from smolcluster.sim.compose import leftovers, offline_image_spec, render_compose, running
+from smolcluster.common.errors import DockerCommandFailed
+from smolcluster.testbed.sim.compose import leftovers, offline_image_spec, render_compose, running
 
 SLEEP = ["sleep", "infinity"]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smolcluster.errors import ConfigError
-from smolcluster.profiles import LinkProfile, load_device_profiles, load_link_profiles, series
-from smolcluster.topology import load_topology, path_expectation, path_to_server
+from smolcluster.common.errors import ConfigError
+from smolcluster.testbed.profiles import LinkProfile, load_device_profiles, load_link_profiles, series
+from smolcluster.testbed.topology import load_topology, path_expectation, path_to_server
 
 REPO = Path(__file__).resolve().parents[2]
 HYBRID = REPO / "topologies" / "hybrid.yaml"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smolcluster.errors import ConfigError
-from smolcluster.profiles import load_link_profiles
-from smolcluster.topology import (
+from smolcluster.common.errors import ConfigError
+from smolcluster.testbed.profiles import load_link_profiles
+from smolcluster.testbed.topology import (
     format_topology,
     load_topology,
     path_expectation,
@@ -308,7 +308,7 @@ def test_the_example_in_docs_is_a_valid_topology(tmp_path):
 
 
 def test_resolved_topology_is_plain_data():
-    from smolcluster.topology import to_dict
+    from smolcluster.testbed.topology import to_dict
 
     data = yaml.safe_load(yaml.safe_dump(to_dict(load_topology(HYBRID))))
     assert data["nodes"]["pi4"]["addresses"] == {"pi4-eth": "192.168.51.4"}

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from smolcluster.sim.processes import ProcessGroup
+from smolcluster.testbed.sim.processes import ProcessGroup
 
 WORKERS = ["w1", "w2", "w3"]
 

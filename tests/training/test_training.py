@@ -7,9 +7,9 @@ import signal
 import pytest
 import torch
 
-from smolcluster.checkpoint import load_checkpoint, state_digest
-from smolcluster.transport import TransportConfig, connect
-from smolcluster.wire import Message, MessageKind
+from smolcluster.core.training.checkpoint import load_checkpoint, state_digest
+from smolcluster.core.net.transport import TransportConfig, connect
+from smolcluster.core.net.wire import Message, MessageKind
 
 pytestmark = pytest.mark.slow
 

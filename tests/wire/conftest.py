@@ -5,7 +5,7 @@ from typing import Any, Iterator
 import pytest
 
 from wire_helpers import FAST, EchoServer
-from smolcluster.transport import TransportConfig
+from smolcluster.core.net.transport import TransportConfig
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from smolcluster import errors
-from smolcluster.wire import PREAMBLE, Message, MessageKind, encode_frame, read_frame
+from smolcluster.common import errors
+from smolcluster.core.net.wire import PREAMBLE, Message, MessageKind, encode_frame, read_frame
 from wire_helpers import SCHEMA, good_message, roundtrip
 
 JUNK = [-1, 0, 2**31, 2**64, 1e308, -0.0, "x", "", None, True, [], {}, [[1]], [-1], [2**40, 2**40], "float32",

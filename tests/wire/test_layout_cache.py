@@ -8,8 +8,8 @@ import io
 import pytest
 import torch
 
-from smolcluster.errors import BadHeader, SchemaMismatch
-from smolcluster.wire import PREAMBLE, LayoutCache, Message, MessageKind, TensorSpec, encode_frame, read_frame
+from smolcluster.common.errors import BadHeader, SchemaMismatch
+from smolcluster.core.net.wire import PREAMBLE, LayoutCache, Message, MessageKind, TensorSpec, encode_frame, read_frame
 
 SCHEMA = {"w": TensorSpec((4, 3), torch.float32), "b": TensorSpec((3,), torch.float32)}
 

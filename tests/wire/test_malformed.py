@@ -12,8 +12,9 @@ from typing import Callable
 import pytest
 import torch
 
-from smolcluster import auth, errors
-from smolcluster.wire import MessageKind, encode_frame, read_frame
+from smolcluster.core.net import auth
+from smolcluster.common import errors
+from smolcluster.core.net.wire import MessageKind, encode_frame, read_frame
 
 from wire_helpers import KEY, build_frame, entry, good_message, read_error, roundtrip
 

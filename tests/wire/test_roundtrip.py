@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smolcluster import errors
-from smolcluster.wire import (DTYPES, Message, MessageKind, TensorSpec, encode_frame, frame_mac, read_frame, schema_of,
+from smolcluster.common import errors
+from smolcluster.core.net.wire import (DTYPES, Message, MessageKind, TensorSpec, encode_frame, frame_mac, read_frame, schema_of,
                              send_frame)
 
 shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4).map(tuple)
@@ -91,7 +91,7 @@ def test_quant_params_must_be_small_json(bad: object) -> None:
 def test_unsupported_dtype_and_limits_are_refused_when_sending() -> None:
     with pytest.raises(errors.UnknownDtype, match="complex64"):
         encode_frame(Message(MessageKind.PUSH, {}, {"w": torch.ones(2, dtype=torch.complex64)}))
-    from smolcluster.wire import WireLimits
+    from smolcluster.core.net.wire import WireLimits
 
     with pytest.raises(errors.FrameTooLarge):
         encode_frame(Message(MessageKind.PUSH, {}, {"w": torch.ones(100)}), limits=WireLimits(max_payload_bytes=100))

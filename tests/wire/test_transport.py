@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from smolcluster import errors
-from smolcluster.auth import load_cluster_key, write_key_file
-from smolcluster.transport import Listener, RetryPolicy, TransportConfig, connect
-from smolcluster.wire import Message, MessageKind
+from smolcluster.common import errors
+from smolcluster.core.net.auth import load_cluster_key, write_key_file
+from smolcluster.core.net.transport import Listener, RetryPolicy, TransportConfig, connect
+from smolcluster.core.net.wire import Message, MessageKind
 from wire_helpers import FAST, KEY, EchoServer, roundtrip
 
 
@@ -148,7 +148,7 @@ def test_key_mismatch_fails_fast_with_a_typed_error(echo_server, server_key, cli
 
 
 def test_keyless_listener_on_all_interfaces_warns_once(caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="smolcluster.transport")
+    caplog.set_level(logging.WARNING, logger="smolcluster.core.net.transport")
     lst = Listener("0.0.0.0", 0, key=None, on_connection=lambda c: None, config=FAST)
     lst.start()
     lst.close()

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from smolcluster.transport import Connection, Listener, TransportConfig, connect
-from smolcluster.wire import MAGIC, PREAMBLE, VERSION, Message, MessageKind, TensorSpec, read_frame
+from smolcluster.core.net.transport import Connection, Listener, TransportConfig, connect
+from smolcluster.core.net.wire import MAGIC, PREAMBLE, VERSION, Message, MessageKind, TensorSpec, read_frame
 
 SCHEMA = {"w": TensorSpec((4, 3), torch.float32), "b": TensorSpec((3,), torch.float32)}
 KEY = bytes(range(32))

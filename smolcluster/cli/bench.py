@@ -1,0 +1,63 @@
+"""`smolcluster bench ...`: benchmarks that print a table (or JSON)."""
+
+from __future__ import annotations
+
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    bench_app = typer.Typer(help="Benchmarks that print a table (or JSON with --json).", no_args_is_help=True)
+    app.add_typer(bench_app, name="bench")
+
+    @bench_app.command("train")
+    def bench_train(
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+        workers: int = typer.Option(3, "--workers", min=1, help="Worker processes for SyncPS, EDP and DDP."),
+        epochs: int = typer.Option(5, "--epochs", min=1, help="Epochs over MNIST for every run (accuracy is also reported after the first)."),
+    ) -> None:
+        """Single process vs SyncPS vs EDP vs torch DDP (gloo) on MNIST: time, throughput, accuracy, memory."""
+        import sys as _sys
+
+        from smolcluster.bench.train import format_table, run_all, to_json
+
+        runs = run_all(workers=workers, epochs=epochs, progress=lambda m: print(m, file=_sys.stderr))
+        print(to_json(runs) if json_out else format_table(runs))
+
+
+    @bench_app.command("proxy")
+    def bench_proxy(
+        megabytes: int = typer.Option(200, "--mb", help="Megabytes to send per case."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    ) -> None:
+        """Loopback throughput of the embedded proxy: direct, no toxics, latency, bandwidth."""
+        import json
+
+        from smolcluster.bench.proxy import run_proxy_bench
+
+        rows = run_proxy_bench(megabytes)
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        for row in rows:
+            typer.echo(f"{row['path']:<36} {row['MB/s']:>8.0f} MB/s")
+
+
+    @bench_app.command("wire")
+    def bench_wire(
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+        breakdown: bool = typer.Option(False, "--breakdown", help="Instead: the MNIST case layer by layer, from raw TCP "
+                                       "to a full Connection, to show where the time beyond raw goes."),
+    ) -> None:
+        """A model state over loopback TCP and back: smolwire (keyless and keyed) vs raw bytes vs the original's pickled dicts."""
+        if breakdown:
+            import json
+
+            from smolcluster.bench import wire_breakdown
+
+            rows = wire_breakdown.run()
+            typer.echo(json.dumps({"variants": rows}) if as_json else wire_breakdown.format_table(rows))
+            return
+        from smolcluster.bench.wire import main as wire_main
+
+        wire_main(as_json=as_json)

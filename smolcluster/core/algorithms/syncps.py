@@ -1,0 +1,164 @@
+"""SyncPS: synchronous parameter server with backup-worker (straggler deadline) semantics.
+
+Step s opens. Each worker pushes gradients for s. The server closes the step when every live
+worker has pushed, or when `timeout` seconds have passed and at least `min_workers` contributions
+arrived. It averages the gradients weighted by samples, clips, steps the optimizer once and bumps the
+version. A push for a closed step is late: counted, discarded, and the sender is told the current
+step and given the current weights. Workers take the server weights every `worker_update_interval`
+steps, blended as polyak_alpha * server + (1 - polyak_alpha) * local.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from smolcluster.core.algorithms.base import Peer, ServerBase, WorkerBase
+from smolcluster.core.training.optim import all_finite, tensor_norms
+from smolcluster.core.net.wire import Message, MessageKind
+
+
+class Server(ServerBase):
+    algorithm = "syncps"
+
+    def total_steps(self) -> int:
+        total = self.nn.num_epochs * self.ctx.steps_per_epoch()
+        return min(total, self.cluster.max_steps) if self.cluster.max_steps else total
+
+    def loop(self) -> None:
+        total = self.total_steps()
+        self.open_step()  # pushes for step 0 may arrive while we wait for the others
+        if not self.wait_for_workers():
+            self.stop_reason = self.idle_stop_reason()
+            self.log.warning(f"stopping before the first step: {self.stop_reason}")
+            return
+        self.deadline = time.time() + self.cluster.timeout
+        while self.step < total:
+            wait = self.deadline - time.time() if self.contribs else 0.5
+            self.next_event(timeout=min(0.5, wait))
+            if self.step_can_close():
+                self.close_step()
+                if self.step < total:
+                    self.open_step()
+            elif self.idle_too_long():
+                self.stop_reason = self.idle_stop_reason()
+                self.log.warning(f"stopping early: {self.stop_reason}")
+                return
+        if self.cluster.max_steps and self.step >= self.cluster.max_steps:
+            self.stop_reason = f"max_steps {self.cluster.max_steps} reached"  # as EDP says it
+
+    def wait_for_workers(self) -> bool:
+        """Start when every configured worker joined, or after idle_timeout with at least min_workers.
+        False when workers joined and all of them left again for idle_timeout: nobody is coming."""
+        t0 = time.time()
+        while True:
+            present = len(self.peers) + int(self.cluster.server_trains)
+            if len(self.peers) == self.cluster.num_workers:
+                return True
+            if present >= self.cluster.min_workers and time.time() - t0 > self.cluster.idle_timeout:
+                self.log.warning(f"starting with {len(self.peers)} of {self.cluster.num_workers} workers")
+                return True
+            if self.idle_too_long():
+                return False
+            self.next_event(timeout=0.2)
+
+    def open_step(self) -> None:
+        self.contribs: dict[int, tuple[dict[str, torch.Tensor], int, float]] = {}
+        self.arrived: dict[int, float] = {}
+        self.opened_at = time.time()
+        self.deadline = self.opened_at + self.cluster.timeout
+        if self.cluster.server_trains and not self.done_training_data():
+            self.contribs[0] = self.own_gradients()
+
+    def live_ranks(self) -> set[int]:
+        return {r for r in self.peers if not self.stats[r].finished}
+
+    def step_can_close(self) -> bool:
+        if len(self.contribs) < self.cluster.min_workers:
+            return False
+        everyone = self.live_ranks() <= set(self.contribs)
+        return everyone or time.time() >= self.deadline
+
+    def close_step(self) -> None:
+        s = self.step
+        total_samples = sum(n for _, n, _ in self.contribs.values())
+        avg = {name: sum(g[name] * (n / total_samples) for g, n, _ in self.contribs.values()) for name in self.schema}
+        norms = self.apply_gradients(avg)
+        missing = sorted(self.live_ranks() - set(self.contribs))
+        loss = sum(l * n for _, n, l in self.contribs.values()) / total_samples
+        self.version += 1
+        self.step += 1
+        now = time.time()
+        send_weights = self.step % self.cluster.worker_update_interval == 0
+        for rank in self.contribs:
+            peer = self.peers.get(rank)
+            if peer is None:
+                continue
+            fields = {"step": s, "next_step": self.step, "version": self.version, "held_s": now - self.arrived.get(rank, now)}
+            peer.send(self.weights_message(MessageKind.STEP_DONE, fields) if send_weights else Message(MessageKind.STEP_DONE, fields))
+        self.after_update(contributors=sorted(self.contribs), missing=missing, loss=loss,
+                          step_time_s=now - self.opened_at, grad_norms=norms)
+        self.ctx.wandb.log({"train/loss": loss, "step_time_s": now - self.opened_at, "contributors": len(self.contribs),
+                            **{f"grad_norm/{k}": v for k, v in norms.items()}}, step=self.version)
+
+    def on_join(self, peer: Peer) -> None:
+        pass  # the joiner got the current step in WELCOME; it is live from now on
+
+    def on_push(self, peer: Peer, msg: Message) -> None:
+        f, st = msg.fields, self.stats[peer.rank]
+        step = f.get("step")
+        st.reported_steps = int(f.get("worker_step", st.reported_steps))
+        if not isinstance(step, int):
+            self.reject(peer.rank, "bad-fields", "push without an integer 'step'")
+            return self._reply_current(peer, "rejected", "push without an integer step")
+        if step < self.step:
+            self.late += 1
+            st.late += 1
+            self.ctx.metrics.write("late", rank=peer.rank, step=step, current_step=self.step, version=self.version)
+            return self._reply_current(peer, "late")
+        if step > self.step or peer.rank in self.contribs:
+            self.reject(peer.rank, "wrong-step", f"push for step {step} while step {self.step} is open")
+            return self._reply_current(peer, "rejected", "wrong step")
+        try:
+            grads = self.decode_push(msg)
+        except (ValueError, KeyError) as e:
+            self.reject(peer.rank, "bad-tensors", str(e))
+            return self._reply_current(peer, "rejected", str(e))
+        if not all_finite(tensor_norms(grads)):
+            self.reject(peer.rank, "non-finite", "gradients contain NaN or Inf")
+            return self._reply_current(peer, "rejected", "non-finite gradients")
+        samples = int(f.get("samples", self.nn.batch_size))
+        self.contribs[peer.rank] = (grads, samples, float(f.get("loss", math.nan)))
+        self.arrived[peer.rank] = time.time()
+        st.record_push(samples, staleness=self.version - int(f.get("base_version", self.version)), now=time.time())
+
+    def _reply_current(self, peer: Peer, status: str, reason: str = "") -> None:
+        """Bring a late or rejected sender up to date: the open step and the current weights."""
+        fields = {"status": status, "reason": reason, "next_step": self.step, "version": self.version}
+        peer.send(self.weights_message(MessageKind.ACK, fields))
+
+
+class Worker(WorkerBase):
+    algorithm = "syncps"
+
+    def train(self, welcome: Message) -> None:
+        step = int(welcome.fields.get("step", 0))
+        alpha = self.nn.polyak_alpha
+        reply_timeout = self.cluster.timeout + self.ctx.transport.io_timeout
+        while step < self.total_steps:
+            loss, samples = self.compute_gradients(step)
+            grads = self.gradients()  # unclipped: the server clips the average, as one big batch would
+            self.local_step()  # local progress between syncs; replaced or blended when weights arrive
+            push = Message(MessageKind.PUSH, {"step": step, "base_version": self.version, "samples": samples,
+                                              "loss": loss, "worker_step": self.steps_done + 1}, tensors=grads)
+            reply = self.exchange(push, timeout=reply_timeout)
+            self.steps_done += 1
+            self.samples_done += samples
+            status = reply.fields.get("status", "applied")
+            # late or rejected: jump to the open step with the server's weights, whatever the blend
+            self.load_weights(reply, alpha=alpha if reply.kind == MessageKind.STEP_DONE else 1.0)
+            self.version = int(reply.fields.get("version", self.version))
+            self.record(step, loss, status=status)
+            step = int(reply.fields["next_step"])

@@ -1,0 +1,591 @@
+"""TCP transport: connect with retry, listen, authenticated framed connections, heartbeats, deadlines.
+
+Sockets are non-blocking and every wait goes through select() with its own deadline, so a send in one
+thread and a recv in another never fight over one shared socket timeout, and no wait is unbounded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from smolcluster.core.net import auth
+from smolcluster.common.errors import (
+    AuthError,
+    ConnectFailed,
+    ConnectionClosed,
+    MissingKey,
+    PeerTimeout,
+    RecvTimeout,
+    RemoteError,
+    SmolclusterError,
+    TransportError,
+    WireError,
+)
+from smolcluster.core.net.wire import (LayoutCache, Message, MessageKind, Schema, WireLimits, encode_frame, frame_mac, read_frame,
+                              send_frame)
+
+# Large kernel buffers let a whole chunk of a model move per syscall; the kernel caps them at its maximum.
+SOCKET_BUFFER_BYTES = 4 << 20
+_CLOSED_ERRORS = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    initial_delay: float = 0.2
+    max_delay: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.5  # each delay is scaled by a random factor in [1 - jitter, 1 + jitter]
+    deadline: float | None = 60.0  # total time budget; None = forever
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        base = min(self.max_delay, self.initial_delay * self.multiplier ** max(0, attempt - 1))
+        return max(0.0, base * (1.0 + rng.uniform(-self.jitter, self.jitter)))
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    connect_timeout: float = 10.0
+    io_timeout: float = 60.0  # a send, or one frame once its first byte arrived, must finish within this
+    handshake_timeout: float = 5.0
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 10.0
+    limits: WireLimits = field(default_factory=WireLimits)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+        except OSError:
+            pass  # the platform default still works, only slower
+    sock.setblocking(False)
+
+
+def _peer_name(addr: Any) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Stream:
+    """recv_into / sendmsg / sendall over a non-blocking socket, with deadlines chosen by the caller.
+
+    Receive rules (set by Connection.recv): until the first byte of a frame arrives, wait at most `rx_gap`
+    (silence -> PeerTimeout) and at most until `rx_deadline` (-> RecvTimeout, stream still in sync);
+    once a frame started, it must finish within `rx_frame_timeout` and never pause longer than `rx_gap`.
+    """
+
+    def __init__(self, sock: socket.socket, peer: str):
+        self.sock = sock
+        self.peer = peer
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.rx_gap = 10.0
+        self.rx_deadline: float | None = None
+        self.rx_frame_timeout = 60.0
+        self.rx_frame_deadline: float | None = None  # set when a frame's first byte arrives
+        self.tx_deadline: float | None = None
+        self.tx_timeout = 60.0
+
+    def start_frame(self) -> None:
+        self.rx_frame_deadline = None
+
+    def _wait(self, readable: bool) -> None:
+        now = time.monotonic()
+        if readable:
+            started = self.rx_frame_deadline is not None
+            limit = self.rx_frame_deadline if started else self.rx_deadline
+            wait = self.rx_gap if limit is None else min(self.rx_gap, limit - now)
+        else:
+            wait = float("inf") if self.tx_deadline is None else self.tx_deadline - now
+        if wait > 0:
+            try:
+                r, w, _ = select.select([self.sock] if readable else [], [] if readable else [self.sock], [], wait)
+            except (OSError, ValueError):  # closed by another thread
+                raise ConnectionClosed("connection was closed", peer=self.peer) from None
+            if r or w:
+                return
+        if not readable:
+            raise PeerTimeout(f"peer did not accept our data for {self.tx_timeout:.1f}s (it stopped reading)", peer=self.peer)
+        now = time.monotonic()
+        if self.rx_frame_deadline is not None:
+            if now >= self.rx_frame_deadline:
+                raise RecvTimeout(f"a frame took longer than io_timeout={self.rx_frame_timeout:.1f}s to arrive", peer=self.peer)
+            raise PeerTimeout(f"peer went silent for {self.rx_gap:.1f}s in the middle of a frame", peer=self.peer)
+        if self.rx_deadline is not None and now >= self.rx_deadline:
+            raise RecvTimeout("no message within the timeout (the peer is alive but sent nothing)", peer=self.peer)
+        raise PeerTimeout(f"nothing received for {self.rx_gap:.1f}s, not even a heartbeat (peer dead, paused or partitioned)", peer=self.peer)
+
+    def recv_into(self, buf: memoryview, nbytes: int = 0) -> int:
+        while True:
+            try:
+                n = self.sock.recv_into(buf, nbytes)
+            except (BlockingIOError, InterruptedError):
+                self._wait(readable=True)
+                continue
+            except _CLOSED_ERRORS as e:
+                raise ConnectionClosed(f"connection reset ({e})", peer=self.peer) from None
+            except OSError as e:
+                raise ConnectionClosed(f"connection closed ({e})", peer=self.peer) from None
+            if n and self.rx_frame_deadline is None:
+                self.rx_frame_deadline = time.monotonic() + self.rx_frame_timeout
+            self.bytes_received += n
+            return n
+
+    def _send_with(self, fn: Callable[[Any], int], arg: Any) -> int:
+        while True:
+            try:
+                n = fn(arg)
+            except (BlockingIOError, InterruptedError):
+                self._wait(readable=False)
+                continue
+            except _CLOSED_ERRORS as e:
+                raise ConnectionClosed(f"connection closed by peer while sending ({e})", peer=self.peer) from None
+            except OSError as e:
+                raise ConnectionClosed(f"connection closed while sending ({e})", peer=self.peer) from None
+            self.bytes_sent += n
+            return n
+
+    def sendmsg(self, buffers: list[memoryview]) -> int:
+        return self._send_with(self.sock.sendmsg, buffers)
+
+    def sendall(self, data: memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            view = view[self._send_with(self.sock.send, view):]
+
+
+if not hasattr(socket.socket, "sendmsg"):  # Windows: send_frame falls back to sendall per buffer
+    del _Stream.sendmsg
+
+
+class Connection:
+    """One framed (and, with a key, authenticated) TCP connection. send and recv may run in two threads."""
+
+    def __init__(self, sock: socket.socket, peer: str, *, config: TransportConfig = TransportConfig(),
+                 keys: auth.SessionKeys | None = None):
+        self.peer = peer
+        self.config = config
+        self._sock = sock
+        self._stream = _Stream(sock, peer)
+        self._keys = keys
+        self._send_lock = threading.RLock()
+        self._recv_lock = threading.RLock()
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._send_layouts = LayoutCache()  # one per direction: tables repeat frame after frame
+        self._recv_layouts = LayoutCache()
+        self._last_send = time.monotonic()
+        self._closed = threading.Event()
+        self._close_reason = ""
+        self._heartbeat: threading.Thread | None = None
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._stream.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._stream.bytes_received
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise ConnectionClosed(f"connection is closed ({self._close_reason or 'closed locally'})", peer=self.peer)
+
+    # ------------------------------------------------------------------ send
+
+    def send(self, msg: Message, *, timeout: float | None = None) -> int:
+        """Send one message; the whole send must finish within `timeout` (default io_timeout). Returns bytes sent."""
+        with self._send_lock:
+            return self._send_locked(msg, timeout)
+
+    def _send_locked(self, msg: Message, timeout: float | None) -> int:
+        self._check_open()
+        key = self._keys.send if self._keys else None
+        buffers = encode_frame(msg, seq=self._send_seq, mac_key=key, limits=self.config.limits, cache=self._send_layouts,
+                               defer_mac=True)
+        s = self._stream
+        s.tx_timeout = self.config.io_timeout if timeout is None else timeout
+        s.tx_deadline = time.monotonic() + s.tx_timeout
+        try:
+            n = send_frame(s, buffers)
+            if key is not None:  # hashed after sending: the peer receives (and hashes) meanwhile
+                n += send_frame(s, [frame_mac(key, buffers)])
+        except TransportError as e:
+            # A partly sent frame leaves the stream unusable.
+            self.close(f"send failed: {e.problem}")
+            raise
+        self._send_seq += 1
+        self._last_send = time.monotonic()
+        return n
+
+    # ------------------------------------------------------------------ recv
+
+    def recv(self, *, timeout: float | None = None, schema: Schema | None = None, reject_nonfinite: bool = False) -> Message:
+        """Next non-heartbeat message. RecvTimeout leaves the connection usable; every other error closes it."""
+        with self._recv_lock:
+            self._check_open()
+            s = self._stream
+            s.rx_gap = self.config.heartbeat_timeout
+            s.rx_frame_timeout = self.config.io_timeout
+            s.rx_deadline = None if timeout is None else time.monotonic() + timeout
+            key = self._keys.recv if self._keys else None
+            while True:
+                s.start_frame()
+                try:
+                    msg = read_frame(s, limits=self.config.limits, schema=schema, reject_nonfinite=reject_nonfinite,
+                                     mac_key=key, expected_seq=self._recv_seq if key else None, peer=self.peer,
+                                     cache=self._recv_layouts)
+                except RecvTimeout:
+                    if s.rx_frame_deadline is None:
+                        raise  # nothing of a frame was read: still in sync
+                    self.close("receive timed out mid-frame")
+                    raise
+                except WireError as e:
+                    self._reject(e)
+                    raise
+                except TransportError as e:
+                    self.close(e.problem)
+                    raise
+                self._recv_seq += 1
+                if msg.kind == MessageKind.HEARTBEAT:
+                    continue
+                if key is None and msg.kind in (MessageKind.AUTH_CHALLENGE, MessageKind.AUTH_RESPONSE, MessageKind.AUTH_OK):
+                    e = MissingKey(f"peer sent {msg.kind.name}: it requires a cluster key but this node has none; "
+                                   f"set the same {auth.KEY_ENV} (or key file) on every node", peer=self.peer)
+                    self._reject(e)
+                    raise e
+                if msg.kind == MessageKind.ERROR:
+                    self.close("peer sent an error")
+                    raise RemoteError(str(msg.fields.get("error", "Error")), str(msg.fields.get("message", "")), peer=self.peer)
+                return msg
+
+    def _reject(self, e: SmolclusterError) -> None:
+        """Tell the peer why (best effort, short timeout), then close: the stream may be out of sync."""
+        self.send_error(e)
+        if not self._closed.is_set():
+            _linger(self._sock)
+        self.close(f"{type(e).__name__}: {e}")
+
+    def send_error(self, e: BaseException) -> None:
+        """Send an ERROR frame naming the problem, without blocking for long. Never raises."""
+        problem = getattr(e, "problem", str(e))
+        if self._closed.is_set() or not self._send_lock.acquire(timeout=1.0):
+            return
+        try:
+            self._send_locked(Message(MessageKind.ERROR, {"error": type(e).__name__, "message": problem}), 1.0)
+        except SmolclusterError:
+            pass
+        finally:
+            self._send_lock.release()
+
+    # ------------------------------------------------------------------ heartbeats, close
+
+    def start_heartbeats(self) -> None:
+        """Send HEARTBEAT whenever nothing was sent for heartbeat_interval, until the connection closes."""
+        if self._heartbeat is not None:
+            return
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.peer}", daemon=True)
+        self._heartbeat.start()
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.config.heartbeat_interval
+        while not self._closed.wait(min(interval / 2, 0.5)):
+            if time.monotonic() - self._last_send < interval:
+                continue
+            # A send in progress is itself proof of life; never queue behind it.
+            if not self._send_lock.acquire(blocking=False):
+                continue
+            try:
+                self._send_locked(Message(MessageKind.HEARTBEAT), self.config.io_timeout)
+            except SmolclusterError:
+                return  # _send_locked closed the connection
+            finally:
+                self._send_lock.release()
+
+    def close(self, reason: str = "", *, graceful: bool = False, linger: float = 1.0) -> None:
+        """Close once; later calls do nothing. Wakes a recv or send blocked in another thread.
+
+        graceful: half-close first and wait up to `linger` s for the peer to close too (a reader thread sees
+        its EOF, or we drain). Closing with unread data makes the kernel send a reset, which can destroy
+        the last frame we sent (a BYE) before the peer reads it.
+        """
+        if self._closed.is_set():
+            return
+        self._close_reason = reason
+        self._closed.set()
+        if graceful:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            if self._recv_lock.acquire(timeout=linger):  # no reader, or it saw EOF: drain ourselves
+                try:
+                    _linger(self._sock, seconds=linger)
+                finally:
+                    self._recv_lock.release()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        # Wait (briefly) for a blocked send/recv to notice, so the fd is not closed under it.
+        got_recv = self._recv_lock.acquire(timeout=2.0)
+        got_send = self._send_lock.acquire(timeout=2.0)
+        try:
+            self._sock.close()
+        finally:
+            if got_send:
+                self._send_lock.release()
+            if got_recv:
+                self._recv_lock.release()
+        hb = self._heartbeat
+        if hb is not None and hb is not threading.current_thread():
+            hb.join(timeout=2.0)
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close("context exited")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Connection {self.peer} {state} {'keyed' if self._keys else 'keyless'}>"
+
+
+def _linger(sock: socket.socket, seconds: float = 0.5, max_bytes: int = 1 << 20) -> None:
+    """Half-close and discard what the peer still sends, briefly: closing with unread data makes the kernel
+    send a reset, which can destroy the ERROR frame we just sent before the peer reads it."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + seconds
+        scratch = bytearray(65536)
+        while max_bytes > 0:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not select.select([sock], [], [], wait)[0]:
+                return
+            n = sock.recv_into(scratch)
+            if not n:
+                return
+            max_bytes -= n
+    except (OSError, ValueError):
+        pass
+
+
+def _handshake(sock: socket.socket, peer: str, key: bytes, role: str, config: TransportConfig) -> auth.SessionKeys:
+    """Run the handshake under one deadline; silence or a slow peer becomes AuthFailed, not a hang."""
+    stream = _Stream(sock, peer)
+    stream.rx_gap = stream.rx_frame_timeout = stream.tx_timeout = config.handshake_timeout
+    stream.rx_deadline = stream.tx_deadline = time.monotonic() + config.handshake_timeout
+    try:
+        if role == "client":
+            return auth.client_handshake(stream, key, peer=peer)
+        return auth.server_handshake(stream, key, peer=peer)
+    except (PeerTimeout, RecvTimeout):
+        raise auth.AuthFailed(f"no complete handshake within handshake_timeout={config.handshake_timeout:.1f}s "
+                              "(does the peer have a cluster key? is it a smolcluster node?)", peer=peer) from None
+
+
+def connect(host: str, port: int, *, key: bytes | None, config: TransportConfig = TransportConfig(),
+            retry: RetryPolicy | None = RetryPolicy(),
+            on_retry: Callable[[int, float, Exception], None] | None = None) -> Connection:
+    """Connect (retrying with exponential backoff and jitter), then authenticate when `key` is set."""
+    peer = _peer_name((host, port))
+    start = time.monotonic()
+    rng = random.Random()
+    attempt = 0
+    while True:
+        attempt += 1
+        sock: socket.socket | None = None
+        try:
+            sock = socket.create_connection((host, port), timeout=config.connect_timeout)
+            _tune(sock)
+            keys = _handshake(sock, peer, key, "client", config) if key is not None else None
+            return Connection(sock, peer, config=config, keys=keys)
+        except AuthError:
+            if sock is not None:
+                sock.close()
+            raise  # a wrong or missing key does not fix itself by retrying
+        except (OSError, TransportError, WireError) as e:
+            if sock is not None:
+                sock.close()
+            last = e
+        elapsed = time.monotonic() - start
+        delay = retry.delay(attempt, rng) if retry is not None else 0.0
+        if retry is None or (retry.deadline is not None and elapsed + delay > retry.deadline):
+            budget = "" if retry is None else f" within {retry.deadline:.1f}s"
+            raise ConnectFailed(f"could not connect after {attempt} attempt(s){budget}: {last} "
+                                "(is the server running and reachable at this address?)", peer=peer) from None
+        if on_retry is not None:
+            on_retry(attempt, delay, last)
+        time.sleep(delay)
+
+
+class Listener:
+    """Accepts connections in a thread; each one handshakes and is handled in its own thread."""
+
+    def __init__(self, host: str, port: int, *, key: bytes | None, on_connection: Callable[[Connection], None],
+                 config: TransportConfig = TransportConfig(), on_reject: Callable[[str, Exception], None] | None = None,
+                 logger: logging.Logger | None = None):
+        self.key = key
+        self.on_connection = on_connection
+        self.on_reject = on_reject
+        self.config = config
+        self.log = logger or logging.getLogger("smolcluster.core.net.transport")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        if hasattr(socket, "SO_REUSEADDR") and not hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # not on Windows
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((host, port))
+        except OSError as e:
+            self._sock.close()
+            raise ConnectFailed(f"cannot listen on this address ({e}); is another server using the port?",
+                                peer=_peer_name((host, port))) from None
+        self._sock.listen(128)
+        self._sock.settimeout(0.2)  # lets the accept loop notice close()
+        self.address: tuple[str, int] = self._sock.getsockname()[:2]
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._conns: set[Connection] = set()
+        self._socks: set[socket.socket] = set()
+        self._accept_thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.key is None and not _is_loopback(self.address[0]):
+            self.log.warning("listening on %s:%d WITHOUT a cluster key: any host that can reach this port can join "
+                             "and send tensors; set %s or a key file (smolcluster keygen PATH)",
+                             self.address[0], self.address[1], auth.KEY_ENV)
+        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"accept-{self.address[1]}", daemon=True)
+        self._accept_thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                sock, addr = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._closed.is_set():
+                    return
+                time.sleep(0.05)  # e.g. out of file descriptors: back off, keep serving
+                continue
+            t = threading.Thread(target=self._serve, args=(sock, _peer_name(addr)), name=f"conn-{addr[1]}", daemon=True)
+            with self._lock:
+                if self._closed.is_set():
+                    sock.close()
+                    return
+                self._threads.add(t)
+                self._socks.add(sock)
+            t.start()
+
+    def _serve(self, sock: socket.socket, peer: str) -> None:
+        conn: Connection | None = None
+        try:
+            conn = self._authenticate(sock, peer)
+            if conn is None:
+                return
+            with self._lock:
+                if self._closed.is_set():
+                    return
+                self._conns.add(conn)
+            try:
+                # The handler owns the connection; if it returns normally it may have handed it on.
+                self.on_connection(conn)
+            except ConnectionClosed as e:
+                self.log.info("%s disconnected: %s", peer, e.problem)
+                conn.close(e.problem)
+            except (WireError, TransportError) as e:
+                conn.send_error(e)
+                conn.close(e.problem)
+                self._rejected(peer, e)
+            except Exception as e:  # a bug in the handler must not take the server down
+                self.log.exception("handler for %s crashed", peer)
+                conn.send_error(e)
+                conn.close(f"handler crashed: {e}")
+                if self.on_reject is not None:
+                    self.on_reject(peer, e)
+        finally:
+            with self._lock:
+                if conn is not None:
+                    self._conns.discard(conn)
+                self._socks.discard(sock)
+                self._threads.discard(threading.current_thread())
+            if conn is None:
+                sock.close()
+            elif self._closed.is_set():
+                conn.close("server shutting down")
+
+    def _authenticate(self, sock: socket.socket, peer: str) -> Connection | None:
+        """Handshake (with a key) under handshake_timeout; on failure tell the peer why and return None."""
+        _tune(sock)
+        if self.key is None:
+            return Connection(sock, peer, config=self.config)
+        try:
+            keys = _handshake(sock, peer, self.key, "server", self.config)
+        except (WireError, TransportError) as e:
+            if isinstance(e, WireError):
+                try:  # unauthenticated ERROR frame: there is no session key
+                    stream = _Stream(sock, peer)
+                    stream.tx_deadline = time.monotonic() + 1.0
+                    send_frame(stream, encode_frame(Message(MessageKind.ERROR, {"error": type(e).__name__, "message": e.problem})))
+                    _linger(sock)
+                except SmolclusterError:
+                    pass
+            self._rejected(peer, e)
+            return None
+        return Connection(sock, peer, config=self.config, keys=keys)
+
+    def _rejected(self, peer: str, e: Exception) -> None:
+        problem = getattr(e, "problem", str(e))
+        self.log.warning("rejected %s: %s: %s", peer, type(e).__name__, problem)
+        if self.on_reject is not None:
+            self.on_reject(peer, e)
+
+    def close(self) -> None:
+        """Stop accepting, close every connection this listener accepted, and join its threads."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout=2.0)
+        self._sock.close()
+        with self._lock:
+            conns, socks, threads = list(self._conns), list(self._socks), list(self._threads)
+        for c in conns:
+            c.close("server shutting down")
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(timeout=2.0)
+
+    def __enter__(self) -> "Listener":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,69 @@
+"""What one node (server or worker) carries around: its config, identity, outputs and factories."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from smolcluster.core.training.config import RunConfig, training_ranks
+from smolcluster.core.training.data import resolve_data_dir
+from smolcluster.core.training.tasks import Batches, Task, build_task
+from smolcluster.core.training.models import build_model
+from smolcluster.core.training.optim import build_optimizer
+from smolcluster.core.training.telemetry import MetricsWriter, WandbRun
+from smolcluster.core.net.transport import TransportConfig
+
+
+@dataclass
+class NodeContext:
+    cfg: RunConfig
+    role: str  # server | worker
+    rank: int
+    hostname: str
+    run_dir: Path
+    log: logging.Logger
+    metrics: MetricsWriter
+    wandb: WandbRun
+    key: bytes | None
+    transport: TransportConfig
+    slowdown: float = 1.0  # >1 stretches compute (a Pi is slower than a Mac)
+
+    def build_model(self) -> torch.nn.Module:
+        return build_model(self.cfg.nn.model, seed=self.cfg.cluster.seed)
+
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(self.cfg.nn.optimizer, model.parameters(), self.cfg.nn.learning_rate)
+
+    def data_dir(self) -> Path | None:
+        return resolve_data_dir(self._relative(self.cfg.nn.data_dir))
+
+    def _relative(self, raw: str | None) -> str | None:
+        """Config paths are relative to the config dir."""
+        if raw and not Path(raw).expanduser().is_absolute():
+            return str((self.cfg.config_dir / raw).resolve())
+        return str(Path(raw).expanduser()) if raw else None
+
+    @cached_property
+    def task(self) -> Task:
+        """Batches per training rank and evaluation (MNIST, or text for GPT)."""
+        text_file = self._relative(self.cfg.nn.text_file)
+        return build_task(self.cfg.nn, data_dir=self.data_dir(), text_file=Path(text_file) if text_file else None,
+                          num_shards=len(training_ranks(self.cfg.cluster)), seed=self.cfg.cluster.seed)
+
+    def batches(self, rank: int) -> Batches:
+        """This rank's disjoint, seeded slice of the training data."""
+        return self.task.batches(training_ranks(self.cfg.cluster).index(rank))
+
+    def steps_per_epoch(self) -> int:
+        """The same on every rank (shards are equal up to the remainder we drop)."""
+        return self.task.steps_per_epoch
+
+    def stretch(self, compute_seconds: float) -> None:
+        """Sleep so that compute takes `slowdown` times as long, as on a slower device."""
+        if self.slowdown > 1.0 and compute_seconds > 0:
+            time.sleep(compute_seconds * (self.slowdown - 1.0))

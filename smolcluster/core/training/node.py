@@ -1,0 +1,91 @@
+"""Start one node: load and check configs, set up telemetry, then run the algorithm's role."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+
+from smolcluster.core.net.auth import load_cluster_key
+from smolcluster.core.training.config import ClusterConfig, RunConfig, load_run_config, rank_of, to_dict
+from smolcluster.common.errors import ConfigError
+from smolcluster.core.training.context import NodeContext
+from smolcluster.core.training.telemetry import MetricsWriter, WandbRun, setup_logging
+from smolcluster.core.net.transport import TransportConfig
+
+ALGORITHM_NAMES = {"edp": "EDP", "syncps": "SyncPS"}
+
+
+def _key_for(cfg: RunConfig) -> bytes | None:
+    key_file = cfg.cluster.cluster_key_file
+    if key_file:
+        p = Path(key_file).expanduser()
+        key_file = str(p if p.is_absolute() else cfg.config_dir / p)
+    return load_cluster_key(key_file)
+
+
+def _transport(cluster: ClusterConfig) -> TransportConfig:
+    return TransportConfig(heartbeat_interval=cluster.heartbeat_interval, heartbeat_timeout=cluster.heartbeat_timeout)
+
+
+def _context(cfg: RunConfig, *, role: str, rank: int, hostname: str, run_dir: Path, slowdown: float) -> NodeContext:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # many nodes share few cores; one thread each avoids oversubscription
+    algo = ALGORITHM_NAMES[cfg.cluster.algorithm]
+    log = setup_logging(run_dir / f"{role}.log", job=f"smolcluster-{cfg.cluster.algorithm}", component=role,
+                        host=hostname, rank=rank)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    wandb = WandbRun(mode=cfg.cluster.wandb, algorithm=algo, role=role, hostname=hostname, rank=rank,
+                     lr=cfg.nn.learning_rate, batch_size=cfg.nn.batch_size,
+                     config={"cluster": to_dict(cfg.cluster), "nn": to_dict(cfg.nn)}, run_dir=run_dir, logger=log)
+    return NodeContext(cfg=cfg, role=role, rank=rank, hostname=hostname, run_dir=run_dir, log=log, metrics=metrics,
+                       wandb=wandb, key=_key_for(cfg), transport=_transport(cfg.cluster), slowdown=slowdown)
+
+
+def _algorithm(name: str):
+    if name == "syncps":
+        from smolcluster.core.algorithms import syncps as module
+    else:
+        from smolcluster.core.algorithms import edp as module
+    return module
+
+
+def run_server(*, algo: str, config_dir: Path, run_dir: Path, resume: bool = False, bind: str | None = None,
+               port: int | None = None, slowdown: float = 1.0) -> dict:
+    cfg = load_run_config(config_dir, algo)
+    hostname = cfg.cluster.server
+    ctx = _context(cfg, role="server", rank=0, hostname=hostname, run_dir=Path(run_dir), slowdown=slowdown)
+    bind = bind or "0.0.0.0"  # the listener warns when this is reachable without a cluster key
+    server_cls = _algorithm(algo).Server
+    try:
+        server = server_cls(ctx, bind=bind, port=cfg.cluster.port if port is None else port, resume=resume)
+        return server.serve()
+    finally:
+        ctx.wandb.finish()
+        ctx.metrics.close()
+
+
+def run_worker(*, rank: int, hostname: str, algo: str, config_dir: Path, run_dir: Path, connect: str | None = None,
+               slowdown: float = 1.0) -> None:
+    cfg = load_run_config(config_dir, algo)
+    file = f"{config_dir}/cluster_config_{algo}.yaml"
+    if hostname not in cfg.cluster.workers:
+        raise ConfigError(file, "workers", f"hostname {hostname!r} is not listed", f"use one of {list(cfg.cluster.workers)}")
+    if rank_of(cfg.cluster, hostname) != rank:
+        raise ConfigError(file, "workers", f"{hostname!r} has rank {rank_of(cfg.cluster, hostname)}, not {rank}",
+                          f"start it as: smolcluster worker {rank_of(cfg.cluster, hostname)} {hostname} --algo {algo}")
+    if connect:
+        host, _, port_s = connect.rpartition(":")
+        if not host or not port_s.isdigit():
+            raise ConfigError(None, "--connect", f"{connect!r} is not HOST:PORT", "e.g. --connect 127.0.0.1:65432")
+        port = int(port_s)
+    else:
+        host, port = cfg.cluster.server_address_for(hostname), cfg.cluster.port
+    ctx = _context(cfg, role="worker", rank=rank, hostname=hostname, run_dir=Path(run_dir), slowdown=slowdown)
+    ctx.log.info(f"worker {hostname} (rank {rank}) on {socket.gethostname()} -> server {host}:{port}")
+    try:
+        _algorithm(algo).Worker(ctx, host=host, port=port).run()
+    finally:
+        ctx.wandb.finish()
+        ctx.metrics.close()

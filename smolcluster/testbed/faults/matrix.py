@@ -1,0 +1,321 @@
+"""The fault x algorithm matrix: one short real sim run per pair, checked the same way everywhere.
+
+`smolcluster faults matrix` and the fault-injection suite (tests/faults/) both use SCENARIOS and
+check_run(), so the table a user prints and what CI asserts are the same thing.
+
+Each run is `smolcluster sim topologies/faults-small.yaml --faults <scenario>.yaml` in a subprocess (the
+real command, with a hard time bound: a hang is killed and reported, never waited out). A run
+passes when:
+- it ends by itself within the bound, exit code 0;
+- final test accuracy >= the scenario's floor;
+- accounting is consistent: for every worker, each push it got an answer for (applied, late,
+  rejected) is on the server's record, and the server has no push the worker could not have sent
+  (slack: one in-flight push per disconnect, kill or server crash); every rejection has a reason;
+- the last checkpoint loads and holds the final model version;
+- faults.jsonl has every scheduled fault fired (and healed when it lasts), none failed, and the
+  summary's fault reactions list it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from smolcluster.core.training.checkpoint import load_checkpoint
+from smolcluster.resources import resource_path
+from smolcluster.testbed.faults.injector import read_fault_log
+
+ALGORITHMS = ("edp", "syncps")
+SMALL_TOPOLOGY = resource_path("topologies", "faults-small.yaml")
+
+# Sized for topologies/faults-small.yaml (server + 2 workers, 20 ms links: ~12 s of training, mostly
+# waiting on the links, so little CPU): faults fire at TRIGGER_STEP (~3 s in, after the first
+# checkpoint), and a 3 s fault leaves ~5 s to recover before MAX_STEPS.
+MAX_STEPS = {"edp": 330, "syncps": 220}
+TRIGGER_STEP = {"edp": 90, "syncps": 60}
+FLOOR = {"edp": 0.85, "syncps": 0.85}  # without faults both reach ~0.92 at these step counts
+BOUND_S = 120.0  # a run takes ~25 s here; four times that, and a bit, means it hung
+
+
+@dataclass(frozen=True)
+class Scenario:
+    fault: str  # the matrix row
+    entries: tuple[dict[str, Any], ...]  # fault entries without trigger; `step_offset` shifts one
+    floor: dict[str, float] = field(default_factory=lambda: dict(FLOOR))
+    bound_s: float = BOUND_S
+
+    def faults(self, algo: str) -> list[dict[str, Any]]:
+        out = []
+        for e in self.entries:
+            e = dict(e)
+            e["at_step"] = TRIGGER_STEP[algo] + e.pop("step_offset", 0)
+            out.append(e)
+        return out
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("kill", ({"name": "kill-w1", "node": "w1", "action": "kill", "duration": 3},)),
+    Scenario("pause", ({"name": "pause-w1", "node": "w1", "action": "pause", "duration": 3},)),
+    Scenario("restart", ({"name": "restart-w1", "node": "w1", "action": "restart"},)),
+    Scenario("server_crash", ({"name": "crash-srv", "action": "server_crash", "duration": 1},)),
+    Scenario("partition", ({"name": "cut-w1", "link": "w1->srv", "action": "partition"},
+                           {"name": "heal-w1", "link": "w1->srv", "action": "heal", "step_offset": 20})),
+    Scenario("latency_spike", ({"name": "slow-w1", "link": "w1->srv", "action": "latency_spike",
+                                "latency_ms": 300, "jitter_ms": 50, "duration": 3},)),
+    Scenario("bandwidth_collapse", ({"name": "thin-w1", "link": "w1->srv", "action": "bandwidth_collapse",
+                                     "rate_kbps": 200, "duration": 3},)),
+    Scenario("connection_reset", ({"name": "reset-w1", "link": "w1->srv", "action": "connection_reset"},)),
+    Scenario("slow_close", ({"name": "slowclose-w1", "link": "w1->srv", "action": "slow_close",
+                             "delay_ms": 2000, "duration": 3},)),
+    Scenario("data_limit", ({"name": "limit-w1", "link": "w1->srv", "action": "data_limit",
+                             "bytes": 2_000_000, "duration": 3},)),
+)
+SCENARIO_NAMES = tuple(s.fault for s in SCENARIOS)
+
+
+def scenario(name: str) -> Scenario:
+    for s in SCENARIOS:
+        if s.fault == name:
+            return s
+    raise KeyError(f"no fault scenario {name!r}; known: {', '.join(SCENARIO_NAMES)}")
+
+
+@dataclass
+class Outcome:
+    fault: str
+    algorithm: str
+    passed: bool
+    final_test_accuracy: float | None
+    recovery_s: float | None  # first fault's "throughput back to >= 80 %" time (smolcluster.testbed.report)
+    wall_s: float
+    run_dir: Path
+    problems: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fault": self.fault, "algorithm": self.algorithm, "passed": self.passed,
+                "final_test_accuracy": self.final_test_accuracy, "recovery_s": self.recovery_s,
+                "wall_s": round(self.wall_s, 1), "run_dir": str(self.run_dir), "problems": self.problems}
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_scenario(sc: Scenario, algo: str, run_dir: Path, topology: Path = SMALL_TOPOLOGY,
+                 env: dict[str, str] | None = None) -> Outcome:
+    """One real `smolcluster sim` run with the scenario's faults, then check_run()."""
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    faults_file = run_dir.parent / f"{run_dir.name}.faults.yaml"
+    faults_file.write_text(yaml.safe_dump({"faults": sc.faults(algo)}, sort_keys=False))
+    argv = [sys.executable, "-m", "smolcluster", "sim", str(topology), "--algo", algo, "--max-steps", str(MAX_STEPS[algo]),
+            "--run-dir", str(run_dir), "--faults", str(faults_file)]
+    log_path = run_dir.parent / f"{run_dir.name}.sim.log"
+    t0 = time.time()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})}, start_new_session=(os.name != "nt"))
+        try:
+            code: int | None = proc.wait(timeout=sc.bound_s)
+        except subprocess.TimeoutExpired:
+            code = None
+            _stop(proc)
+        except BaseException:  # Ctrl-C or a test timeout: never leave a sim (and its nodes) behind
+            _stop(proc)
+            raise
+    wall = time.time() - t0
+    problems = [f"did not finish within {sc.bound_s:.0f} s (hang); killed"] if code is None else []
+    if code not in (0, None):
+        problems.append(f"smolcluster sim exited with {code}: {_tail(log_path)}")
+    return check_run(sc, algo, run_dir, wall, problems)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the sim turns it into a clean stop of every node and proxy), then SIGKILL."""
+    proc.send_signal(signal.SIGTERM) if os.name != "nt" else proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return " | ".join(text[-lines:])
+
+
+def run_matrix(faults: Iterable[str] = SCENARIO_NAMES, algos: Iterable[str] = ALGORITHMS, out_dir: Path = Path("runs/faults-matrix"),
+               topology: Path = SMALL_TOPOLOGY, progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    results = []
+    for name in faults:
+        sc = scenario(name)
+        for algo in algos:
+            outcome = run_scenario(sc, algo, Path(out_dir) / f"{name}-{algo}", topology)
+            results.append(outcome)
+            if progress is not None:
+                progress(outcome)
+    return results
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a killed process may leave a torn last line
+    return out
+
+
+def check_run(sc: Scenario, algo: str, run_dir: Path, wall_s: float, problems: list[str] | None = None) -> Outcome:
+    problems = list(problems or [])
+    summary: dict[str, Any] = {}
+    if (run_dir / "summary.json").exists():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    elif not problems:
+        problems.append("no summary.json")
+    acc = summary.get("final_test_accuracy")
+    if acc is not None and acc < sc.floor[algo]:
+        problems.append(f"final test accuracy {acc:.4f} below the floor {sc.floor[algo]}")
+    log = read_fault_log(run_dir)
+    problems += fault_log_problems(sc, algo, log, summary)
+    if summary:
+        problems += accounting_problems(run_dir, algo, summary, log)
+        problems += checkpoint_problems(run_dir, algo, summary)
+    reactions = summary.get("faults") or []
+    recovery = reactions[0].get("recovered_after_s") if reactions else None
+    return Outcome(sc.fault, algo, not problems, acc, recovery, wall_s, run_dir, problems)
+
+
+def fault_log_problems(sc: Scenario, algo: str, log: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
+    out = []
+    reacted = {r.get("fault") for r in summary.get("faults") or []}
+    for entry in sc.faults(algo):
+        name = entry["name"]
+        mine = [e for e in log if e.get("fault") == name]
+        if not any(e["action"] == "fired" for e in mine):
+            out.append(f"fault {name} never fired (faults.jsonl: {[e['action'] for e in mine]})")
+        if any(e["action"] == "failed" for e in mine):
+            out.append(f"fault {name} failed: {[e.get('error') for e in mine if e['action'] == 'failed']}")
+        if entry.get("duration") and not any(e["action"] == "healed" for e in mine):
+            out.append(f"fault {name} has a duration but was never healed")
+        if summary and name not in reacted:
+            out.append(f"the summary's fault reactions do not list {name}")
+    return out
+
+
+def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: list[dict[str, Any]]) -> list[str]:
+    """Every push a worker got an answer for is on the server's record, and the server has nothing
+    the worker did not send: worker-answered <= server-recorded <= worker-answered + in-flight slack."""
+    nodes = run_dir / "nodes"
+    server_name = next((p.parent.name for p in nodes.glob("*/summary.json")), None)
+    if server_name is None:
+        return ["no server summary in nodes/*/summary.json"]
+    server = _jsonl(nodes / server_name / "metrics.jsonl")
+    crashes = sum(1 for e in log if e["action"] == "fired" and e["kind"] in ("server_crash", "kill", "restart")
+                  and e["target"] == server_name)
+    out = []
+    rejects = [e for e in server if e["event"] == "reject"]
+    if any(not e.get("reason") for e in rejects):
+        out.append(f"rejections without a reason: {[e for e in rejects if not e.get('reason')][:3]}")
+    if summary.get("pushes_rejected", 0) != sum((summary.get("rejected_reasons") or {}).values()):
+        out.append(f"pushes_rejected {summary.get('pushes_rejected')} != sum of rejected_reasons {summary.get('rejected_reasons')}")
+    for w in summary.get("per_worker", []):
+        rank, host = w["rank"], w["hostname"]
+        events = _jsonl(nodes / host / "metrics.jsonl")
+        if events and events[-1]["event"] != "end" and _cut_off_at_end(events, server):
+            pass  # disconnected when the server finished: no BYE could reach it, the sim stopped it
+        elif not events or events[-1]["event"] != "end":  # crashed, or stuck
+            errors = [l for l in (nodes / host / "stdout.log").read_text(errors="replace").splitlines()
+                      if l.startswith(("error:", "Traceback")) or "Error" in l[:40]] if (nodes / host / "stdout.log").exists() else []
+            out.append(f"{host} did not finish cleanly (no final 'end' event){': ' + errors[-1] if errors else ''}")
+        steps = [e for e in events if e["event"] == "step"]
+        answered = sum(1 for e in steps if e.get("status") in ("applied", "late", "rejected"))
+        disconnects = sum(1 for e in events if e["event"] == "disconnect")
+        killed = sum(1 for e in log if e["action"] == "fired" and e["kind"] in ("kill", "restart") and e["target"] == host)
+        if algo == "edp":
+            applied = sum(1 for e in server if e["event"] == "update" and e.get("source") == rank)
+            late = 0
+        else:
+            applied = sum(1 for e in server if e["event"] == "update" and rank in (e.get("contributors") or []))
+            late = sum(1 for e in server if e["event"] == "late" and e.get("rank") == rank)
+        rejected = sum(1 for e in rejects if e.get("rank") == rank)
+        recorded = applied + late + rejected
+        slack = disconnects + killed + crashes
+        if not answered - crashes <= recorded <= answered + slack:
+            out.append(f"{host}: {answered} pushes answered but the server recorded {recorded} "
+                       f"(applied {applied}, late {late}, rejected {rejected}; slack {slack})")
+        worker_rejected = sum(1 for e in steps if e.get("status") == "rejected")
+        if worker_rejected > rejected:
+            out.append(f"{host}: told {worker_rejected} pushes were rejected, the server recorded {rejected}")
+    if not crashes:  # a resumed server restores its counters from the checkpoint; otherwise they must match the events
+        n_late = sum(1 for e in server if e["event"] == "late")
+        if summary.get("pushes_late") != n_late or summary.get("pushes_rejected") != len(rejects):
+            out.append(f"summary counters (late {summary.get('pushes_late')}, rejected {summary.get('pushes_rejected')}) "
+                       f"differ from the server's events (late {n_late}, rejected {len(rejects)})")
+        n_updates = sum(1 for e in server if e["event"] == "update")
+        if summary.get("pushes_applied") != n_updates:
+            out.append(f"summary pushes_applied {summary.get('pushes_applied')} != {n_updates} update events")
+    return out
+
+
+def _cut_off_at_end(worker_events: list[dict[str, Any]], server_events: list[dict[str, Any]]) -> bool:
+    """The worker's last events are reconnect attempts that began before the server's final `end`."""
+    server_end = max((e["time"] for e in server_events if e["event"] == "end"), default=None)
+    streak = []
+    for e in reversed(worker_events):
+        if e["event"] != "disconnect":
+            break
+        streak.append(e)
+    return bool(streak) and server_end is not None and streak[-1]["time"] <= server_end
+
+
+def checkpoint_problems(run_dir: Path, algo: str, summary: dict[str, Any]) -> list[str]:
+    ckpt_dirs = sorted((run_dir / "nodes").glob("*/checkpoints"))
+    if not ckpt_dirs:
+        return ["no checkpoint directory"]
+    try:
+        state = load_checkpoint(ckpt_dirs[0])
+    except Exception as e:  # any failure to load is the finding
+        return [f"last checkpoint does not load: {e}"]
+    out = []
+    if state.algorithm != algo:
+        out.append(f"checkpoint is from {state.algorithm}, not {algo}")
+    if state.version != summary.get("steps"):
+        out.append(f"checkpoint version {state.version} != final version {summary.get('steps')}")
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def format_matrix(results: list[Outcome]) -> str:
+    rows = [[r.fault, r.algorithm, "pass" if r.passed else "FAIL",
+             f"{r.final_test_accuracy:.4f}" if r.final_test_accuracy is not None else "-",
+             f"{r.recovery_s:.1f}" if r.recovery_s is not None else "-", f"{r.wall_s:.0f}"] for r in results]
+    headers = ["fault", "algorithm", "outcome", "final acc", "recovery s", "wall s"]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    for r in results:
+        for p in r.problems:
+            lines.append(f"{r.fault} x {r.algorithm}: {p}")
+    return "\n".join(lines)
+
+
+def matrix_json(results: list[Outcome]) -> dict[str, Any]:
+    return {"results": [r.to_json() for r in results]}

@@ -1,0 +1,599 @@
+"""The docker-compose backend: a topology rendered into a compose project, brought up and torn down.
+
+What gets rendered (into RUN_DIR/compose/, readable and usable by hand with `docker compose up`):
+
+- one service per node, attached to its networks with static IPv4 addresses;
+- one network per subnet, with an explicit gateway that is no node's address (docker would
+  otherwise take .1, which the seed's nodes use);
+- `net.ipv4.ip_forward` = 1 on forwarding nodes and 0 elsewhere (containers inherit 1);
+- an entrypoint script per node (entrypoints/NAME.sh) that drops docker's default route,
+  adds the topology's static routes (return routes included), shapes every interface with
+  tc, then execs the node's command. Dropping the default route matters: otherwise traffic
+  the topology does not route would leak through the docker host;
+- NET_ADMIN for `ip route` / `tc`; cpu and memory limits from the device profiles;
+- a Toxiproxy service standing in for the server on the networks workers dial: each worker
+  dials its own proxy there, whose upstream is the server. Latency and jitter toxics go on
+  these proxies when the kernel has no netem; network faults always go through them.
+
+File format "2.4": the newest format compose v1 (1.29) accepts with `cpus`, `mem_limit` and
+IPAM gateways; compose v2 reads it too (it ignores the version key).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import yaml
+
+from smolcluster.common.errors import ConfigError, DockerCommandFailed
+from smolcluster.testbed.linkemu import netem
+from smolcluster.testbed.profiles import LinkProfile
+from smolcluster.testbed.sim.docker_env import DockerEnv
+from smolcluster.testbed.sim.image import BindMount, container_python, offline_mounts, repo_root
+from smolcluster.testbed.topology import Node, Topology, path_to_server, server_address_for
+
+COMPOSE_FORMAT = "2.4"
+CONTAINER_RUN_DIR = "/run"  # the run dir inside every container (configs at /run/config, nodes at /run/nodes/NAME)
+TOXIPROXY_SERVICE = "toxiproxy"
+TOXIPROXY_API_PORT = 8474
+PROXY_BASE_PORT = 21000  # worker rank r dials the toxiproxy at PROXY_BASE_PORT + r
+OFFICIAL_TOXIPROXY_IMAGE = "ghcr.io/shopify/toxiproxy:2.12.0"
+AUTO = "auto"  # mechanism chosen by each container at start: netem if the kernel has it, else tbf
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Which image the nodes run and how: the interpreter path, binds and environment it needs."""
+
+    tag: str
+    python: str
+    mounts: tuple[BindMount, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    offline: bool = False
+
+
+def offline_image_spec(tag: str, data_dir: str | Path | None = None) -> ImageSpec:
+    """The offline image (smolcluster image build --offline) with the host's /usr, Python and repo bound in."""
+    env = {"PYTHONPATH": str(repo_root()), "PATH": f"{Path(container_python()).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"}
+    if data_dir is not None:
+        env["SMOLCLUSTER_DATA_DIR"] = str(Path(data_dir).resolve())
+    return ImageSpec(tag=tag, python=container_python(), mounts=tuple(offline_mounts(data_dir)), env=env, offline=True)
+
+
+def user_image_spec(tag: str, data_dir: str | Path | None = None) -> ImageSpec:
+    """The image built from compose/Dockerfile; MNIST is bound in read-only when a data dir is given."""
+    mounts: tuple[BindMount, ...] = ()
+    env: dict[str, str] = {}
+    if data_dir is not None:
+        p = str(Path(data_dir).resolve())
+        mounts = (BindMount(p, "/data/mnist", True),)
+        env["SMOLCLUSTER_DATA_DIR"] = "/data/mnist"
+    return ImageSpec(tag=tag, python="python", mounts=mounts, env=env)
+
+
+@dataclass(frozen=True)
+class LinkShaping:
+    """How one interface (node, network) is shaped."""
+
+    node: str
+    network: str
+    address: str
+    profile: LinkProfile
+    rate_mbit: float  # egress rate of this interface (up towards the server, down away from it)
+    commands: dict[str, list[list[str]]]  # mechanism -> tc commands
+
+
+@dataclass(frozen=True)
+class ProxyRoute:
+    """One worker's proxy on the Toxiproxy service: the worker dials listen, the proxy dials upstream."""
+
+    name: str
+    worker: str
+    listen: str  # "ADDR:PORT" on the toxiproxy container
+    upstream: str  # the server's "ADDR:PORT"
+    latency_ms: float  # one way, whole path (used when the kernel cannot delay)
+    jitter_ms: float
+
+
+@dataclass
+class ComposeProject:
+    """A rendered compose project. `mechanisms` is filled in from the containers once they are up."""
+
+    project: str
+    run_dir: Path
+    compose_dir: Path
+    compose_file: Path
+    topology: Topology
+    image: ImageSpec
+    mechanism: str  # requested: auto | netem | tbf | none
+    links: list[LinkShaping]
+    proxies: list[ProxyRoute]
+    toxiproxy_address: dict[str, str]  # network -> address of the toxiproxy service there
+    services: list[str]
+    mechanisms: dict[str, str] = field(default_factory=dict)  # "node/network" -> mechanism actually applied
+
+    @property
+    def ready_dir(self) -> Path:
+        return self.compose_dir / "ready"
+
+
+# --------------------------------------------------------------------------- naming
+
+
+def project_name(topology_name: str, suffix: str | None = None) -> str:
+    """A compose project name unique per run; only the characters compose v1 and v2 both keep."""
+    base = re.sub(r"[^a-z0-9_-]+", "-", topology_name.lower()).strip("-_") or "topology"
+    return f"smolcluster-{base}-{suffix or uuid.uuid4().hex[:8]}"
+
+
+def _service(name: str) -> str:
+    """A node name as a compose service name (same rule as project names, never empty)."""
+    s = re.sub(r"[^a-zA-Z0-9_.-]+", "-", name).strip("-.") or "node"
+    return s
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _free_address(topo: Topology, network: str, taken: set[IPv4Address]) -> IPv4Address:
+    """The highest host address of the network that no node and no gateway uses."""
+    net = topo.networks[network]
+    used = {a for n in topo.nodes.values() for a in n.addresses.values()} | taken
+    if net.gateway is not None:
+        used.add(net.gateway)
+    last = int(net.subnet.broadcast_address) - 1
+    for i in range(last, int(net.subnet.network_address), -1):
+        a = IPv4Address(i)
+        if a not in used:
+            return a
+    raise ConfigError(topo.file, f"networks.{network}.subnet", f"{net.subnet} has no free address for the Toxiproxy service",
+                      "use a larger subnet (one address more than the nodes and the gateway need)")
+
+
+def _egress_rate(topo: Topology, node: Node, network: str) -> float:
+    """Workers send towards the server at the up rate; the server and routers send down."""
+    p = topo.link_profile(node.name, network)
+    return p.up_mbit if node.role == "worker" else p.down_mbit
+
+
+def plan_links(topo: Topology) -> list[LinkShaping]:
+    out: list[LinkShaping] = []
+    for node in topo.nodes.values():
+        for net, addr in node.addresses.items():
+            p = topo.link_profile(node.name, net)
+            rate = _egress_rate(topo, node, net)
+            cmds = {m: netem.shaping_commands(p, m, "$DEV", rate_mbit=rate) for m in netem.MECHANISMS}
+            out.append(LinkShaping(node=node.name, network=net, address=str(addr), profile=p, rate_mbit=rate, commands=cmds))
+    return out
+
+
+def plan_proxies(topo: Topology, toxi_addr: dict[str, str], server_port: int) -> list[ProxyRoute]:
+    """One proxy per worker, on the toxiproxy address in the network of the server address it dials."""
+    import math
+
+    out: list[ProxyRoute] = []
+    server = topo.server
+    for w in topo.workers:
+        dial = server_address_for(topo, w.name)
+        net = next(n for n, a in server.addresses.items() if a == dial)
+        hops = path_to_server(topo, w.name)
+        latency = sum(h.profile.delay_ms for h in hops)
+        jitter = math.sqrt(sum(h.profile.jitter_ms ** 2 for h in hops))
+        out.append(ProxyRoute(name=f"{w.name}-to-{server.name}", worker=w.name,
+                              listen=f"{toxi_addr[net]}:{PROXY_BASE_PORT + w.rank}", upstream=f"{dial}:{server_port}",
+                              latency_ms=latency, jitter_ms=jitter))
+    return out
+
+
+# --------------------------------------------------------------------------- entrypoints
+
+
+_ENTRY_HEAD = r"""#!/bin/sh
+# Generated by smolcluster for {name}: routes and link shaping, then the node's command.
+# Needs NET_ADMIN (ip route, tc). Mechanism: {mechanism} (auto = netem if the kernel has it, else tbf).
+set -u
+READY={ready}
+MECH={mechanism}
+dev_of() {{ set -- $(ip -4 -o addr show to "$1"); echo "${{2%%@*}}"; }}  # "7: eth1 inet ADDR/24 ..." -> eth1
+fail() {{ echo "smolcluster[{name}]: $*" >&2; echo "error: $*" > "$READY.failed"; exit 1; }}
+if [ "$MECH" = auto ]; then
+  # probe on lo: the kernel decides, not an assumption (CI's kernel has no sch_netem)
+  if tc qdisc add dev lo root netem delay 1ms 2>/dev/null; then tc qdisc del dev lo root; MECH=netem
+  elif tc qdisc add dev lo root tbf rate 1mbit burst 32kbit latency 50ms 2>/dev/null; then tc qdisc del dev lo root; MECH=tbf
+  else MECH=none; fi
+fi
+# Only the topology's routes: without docker's default route, traffic the topology does not
+# route cannot leak through the docker host.
+ip route del default 2>/dev/null || true
+"""
+
+
+def _entrypoint(name: str, mechanism: str, routes: Sequence[tuple[str, str]], links: Sequence[LinkShaping],
+                ready_file: str) -> str:
+    lines = [_ENTRY_HEAD.format(name=name, mechanism=mechanism, ready=shlex.quote(ready_file))]
+    for dest, via in routes:
+        lines.append(f"ip route replace {dest} via {via} || fail 'cannot add route {dest} via {via}'")
+    lines.append('STATUS="mechanism $MECH"')
+    for link in links:
+        lines.append(f"# {link.network}: {link.profile.name} (egress {link.rate_mbit:g} Mbit/s)")
+        lines.append(f"DEV=$(dev_of {link.address}); [ -n \"$DEV\" ] || fail 'no interface has {link.address}'")
+        lines.append('case "$MECH" in')
+        for mech in netem.MECHANISMS:
+            cmds = link.commands[mech]
+            body = "; ".join(shlex.join(c).replace("'$DEV'", '"$DEV"') + f" || fail 'tc ({mech}) failed on {link.network}'"
+                             for c in cmds) or ":"
+            lines.append(f"  {mech}) {body} ;;")
+        lines.append("esac")
+        lines.append(f'STATUS="$STATUS;link {link.network} $MECH"')
+    lines.append('echo "$STATUS" | tr ";" "\\n" > "$READY.tmp" && mv "$READY.tmp" "$READY"')
+    lines.append('echo "smolcluster[' + name + ']: ready (mechanism $MECH)"')
+    lines.append('exec "$@"')
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+class _ReadableDumper(yaml.SafeDumper):
+    """Block style, except argv lists on one line: `command: [python, -m, smolcluster, ...]` (volumes stay one per line)."""
+
+    def represent_list(self, data):  # type: ignore[no-untyped-def]
+        flow = all(isinstance(x, (str, int, float)) and ":/" not in str(x) for x in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_ReadableDumper.add_representer(list, _ReadableDumper.represent_list)
+
+
+def _toxiproxy_routes(topo: Topology, toxi_nets: set[str]) -> list[tuple[str, str]]:
+    """The server's routes, plus the server's other subnets via the server itself (it stands in for the server)."""
+    server = topo.server
+    out = [(str(r.dest), str(r.via)) for r in server.routes]
+    via_server = next(str(server.addresses[n]) for n in server.addresses if n in toxi_nets)
+    for net in server.addresses:
+        if net not in toxi_nets:
+            out.append((str(topo.networks[net].subnet), via_server))
+    return out
+
+
+def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
+                   commands: dict[str, list[str]] | None = None, mechanism: str = AUTO,
+                   toxiproxy: str = "embedded", server_port: int = 65432,
+                   project: str | None = None) -> ComposeProject:
+    """Write RUN_DIR/compose/{docker-compose.yml, entrypoints/*.sh} and return what was rendered.
+
+    commands: node name -> argv run after setup (default: the training command for the node).
+    toxiproxy: "embedded" (smolcluster's own, in the node image), "official" (Shopify's image,
+    needs a registry) or "none".
+    """
+    if mechanism not in (AUTO, *netem.MECHANISMS):
+        raise ValueError(f"mechanism must be one of auto, {', '.join(netem.MECHANISMS)}")
+    if toxiproxy not in ("embedded", "official", "none"):
+        raise ValueError("toxiproxy must be embedded, official or none")
+    run_dir = Path(run_dir).resolve()
+    compose_dir = run_dir / "compose"
+    (compose_dir / "entrypoints").mkdir(parents=True, exist_ok=True)
+    ready_dir = compose_dir / "ready"
+    ready_dir.mkdir(exist_ok=True)
+    for stale in ready_dir.iterdir():
+        stale.unlink()
+    project = project or project_name(topo.name)
+    links = plan_links(topo)
+    cpu_cap = float(os.cpu_count() or 1)
+
+    # toxiproxy on the networks workers dial the server on
+    toxi_nets: set[str] = set()
+    if toxiproxy != "none":
+        for w in topo.workers:
+            dial = server_address_for(topo, w.name)
+            toxi_nets.add(next(n for n, a in topo.server.addresses.items() if a == dial))
+    toxi_addr = {n: str(_free_address(topo, n, set())) for n in sorted(toxi_nets)}
+    proxies = plan_proxies(topo, toxi_addr, server_port) if toxi_nets else []
+    commands = commands if commands is not None else default_commands(topo, image, proxies)
+
+    def volumes() -> list[str]:
+        return [m.compose() for m in image.mounts] + [f"{run_dir}:{CONTAINER_RUN_DIR}"]
+
+    def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": "/tmp/matplotlib",
+               "WANDB_MODE": "offline", "HOME": "/root", **image.env}
+        env.update(extra or {})
+        return env
+
+    services: dict[str, dict] = {}
+    for node in topo.nodes.values():
+        svc = _service(node.name)
+        script = compose_dir / "entrypoints" / f"{svc}.sh"
+        node_links = [l for l in links if l.node == node.name]
+        routes = [(str(r.dest), str(r.via)) for r in node.routes]
+        script.write_text(_entrypoint(node.name, mechanism, routes, node_links, f"{CONTAINER_RUN_DIR}/compose/ready/{svc}"))
+        services[svc] = {
+            "image": image.tag,
+            "hostname": svc,
+            "entrypoint": ["/bin/sh", f"{CONTAINER_RUN_DIR}/compose/entrypoints/{svc}.sh"],
+            "command": list(commands[node.name]),
+            "networks": {net: {"ipv4_address": str(a)} for net, a in node.addresses.items()},
+            "cap_add": ["NET_ADMIN"],
+            "sysctls": {"net.ipv4.ip_forward": 1 if node.forwarding else 0},
+            "cpus": round(min(float(node.device.cores), cpu_cap), 2),
+            "mem_limit": f"{node.device.memory_mb}m",
+            "volumes": volumes(),
+            "environment": environment(),
+            "working_dir": CONTAINER_RUN_DIR,
+            # PID 1 ignores SIGTERM unless it handles it; Python turns SIGINT into a clean exit
+            "stop_signal": "SIGINT",
+            "stop_grace_period": "5s",
+            "labels": {"smolcluster.core.training.node": node.name, "smolcluster.role": node.role},
+        }
+
+    if toxi_nets:
+        server = topo.server
+        toxi_links = [LinkShaping(node=TOXIPROXY_SERVICE, network=l.network, address=toxi_addr[l.network], profile=l.profile,
+                                  rate_mbit=l.rate_mbit, commands=l.commands)
+                      for l in links if l.node == server.name and l.network in toxi_nets]
+        script = compose_dir / "entrypoints" / f"{TOXIPROXY_SERVICE}.sh"
+        script.write_text(_entrypoint(TOXIPROXY_SERVICE, mechanism, _toxiproxy_routes(topo, toxi_nets), toxi_links,
+                                      f"{CONTAINER_RUN_DIR}/compose/ready/{TOXIPROXY_SERVICE}"))
+        holder = {
+            "image": image.tag,
+            "hostname": TOXIPROXY_SERVICE,
+            "entrypoint": ["/bin/sh", f"{CONTAINER_RUN_DIR}/compose/entrypoints/{TOXIPROXY_SERVICE}.sh"],
+            "networks": {n: {"ipv4_address": a} for n, a in toxi_addr.items()},
+            "cap_add": ["NET_ADMIN"],
+            "sysctls": {"net.ipv4.ip_forward": 0},
+            # the API only on the host's loopback, at a port docker picks (no clash between runs)
+            "ports": [f"127.0.0.1::{TOXIPROXY_API_PORT}"],
+            "volumes": volumes(),
+            "environment": environment(),
+            "working_dir": CONTAINER_RUN_DIR,
+            "stop_signal": "SIGINT",
+            "stop_grace_period": "5s",
+            "labels": {"smolcluster.core.training.node": TOXIPROXY_SERVICE, "smolcluster.role": "toxiproxy"},
+        }
+        if toxiproxy == "embedded":
+            holder["command"] = [image.python, "-m", "smolcluster", "proxy", "--api", f"0.0.0.0:{TOXIPROXY_API_PORT}",
+                                 "--config", f"{CONTAINER_RUN_DIR}/compose/toxiproxy.json"]
+            services[TOXIPROXY_SERVICE] = holder
+        else:
+            # Shopify's image has no shell or `ip`: our image holds the network namespace (routes,
+            # shaping) and the official server joins it.
+            holder["command"] = ["sleep", "infinity"]
+            services[f"{TOXIPROXY_SERVICE}-net"] = holder
+            services[TOXIPROXY_SERVICE] = {
+                "image": OFFICIAL_TOXIPROXY_IMAGE,
+                "network_mode": f"service:{TOXIPROXY_SERVICE}-net",
+                "command": ["-host=0.0.0.0", f"-port={TOXIPROXY_API_PORT}", f"-config={CONTAINER_RUN_DIR}/compose/toxiproxy.json"],
+                "volumes": [f"{run_dir}/compose:{CONTAINER_RUN_DIR}/compose:ro"],
+                "labels": {"smolcluster.core.training.node": TOXIPROXY_SERVICE, "smolcluster.role": "toxiproxy"},
+            }
+
+    networks = {
+        n.name: {
+            "driver": "bridge",
+            "ipam": {"config": [{"subnet": str(n.subnet), **({"gateway": str(n.gateway)} if n.gateway else {})}]},
+            "labels": {"smolcluster.network": n.name},
+        }
+        for n in topo.networks.values()
+    }
+    data = {"version": COMPOSE_FORMAT, "services": services, "networks": networks}
+    compose_file = compose_dir / "docker-compose.yml"
+    header = (f"# smolcluster compose project for topology '{topo.name}' ({topo.file}).\n"
+              f"# Run by hand:  docker compose -p {project} -f {compose_file.name} up    (or docker-compose)\n"
+              f"#   stop:       docker compose -p {project} -f {compose_file.name} down -v --remove-orphans\n"
+              "# Each node's entrypoints/NODE.sh sets routes and tc shaping, then runs its command.\n"
+              "# Workers dial their proxy on the toxiproxy service (see toxiproxy.json); on kernels\n"
+              "# without netem, `smolcluster sim --backend compose` adds the links' latency there.\n")
+    compose_file.write_text(header + yaml.dump(data, Dumper=_ReadableDumper, sort_keys=False, width=120))
+    (compose_dir / "toxiproxy.json").write_text(json.dumps(
+        [{"name": p.name, "listen": p.listen, "upstream": p.upstream, "enabled": True} for p in proxies], indent=2) + "\n")
+    return ComposeProject(project=project, run_dir=run_dir, compose_dir=compose_dir, compose_file=compose_file,
+                          topology=topo, image=image, mechanism=mechanism, links=links, proxies=proxies,
+                          toxiproxy_address=toxi_addr, services=list(services))
+
+
+RESUME_MARKER = "resume"  # RUN_DIR/nodes/<server>/resume: the next start of the server container passes --resume
+
+
+def default_commands(topo: Topology, image: ImageSpec, proxies: Sequence[ProxyRoute] = (),
+                     algorithm: str | None = None) -> dict[str, list[str]]:
+    """The training command per node: server on rank 0, each worker dialing its proxy (if any).
+
+    The server's command resumes from its checkpoint when RUN_DIR/nodes/<server>/resume exists, so
+    `docker start` after a crash (a fault, or by hand) continues the run instead of restarting it.
+    """
+    dial = {p.worker: p.listen for p in proxies}
+    algo = algorithm or topo.training.algorithm
+    cfg = f"{CONTAINER_RUN_DIR}/config"
+    out: dict[str, list[str]] = {}
+    server = topo.server
+    marker = f"{CONTAINER_RUN_DIR}/nodes/{server.name}/{RESUME_MARKER}"
+    # `$$`: compose interpolates `$` in the file; `$$@` reaches the shell as `$@`
+    resume_if_marked = f'if [ -e {shlex.quote(marker)} ]; then exec "$$@" --resume; else exec "$$@"; fi'
+    out[server.name] = ["/bin/sh", "-c", resume_if_marked, "server",
+                        image.python, "-m", "smolcluster", "server", "--algo", algo, "--config-dir", cfg,
+                        "--run-dir", f"{CONTAINER_RUN_DIR}/nodes/{server.name}", "--slowdown", f"{1 / server.device.speed:g}"]
+    for w in topo.workers:
+        out[w.name] = [image.python, "-m", "smolcluster", "worker", str(w.rank), w.name, "--algo", algo,
+                       "--config-dir", cfg, "--run-dir", f"{CONTAINER_RUN_DIR}/nodes/{w.name}",
+                       "--slowdown", f"{1 / w.device.speed:g}"]
+        if w.name in dial:
+            out[w.name] += ["--connect", dial[w.name]]
+        if w.forwarding:
+            out[w.name] = [*KEEP_ROUTING, w.name, *out[w.name]]
+    return out
+
+
+# A router's container must outlive its training process (the Pis behind mini3 still need mini3 when
+# mini3's worker is done, as on the real cluster); it stops on SIGINT/SIGTERM (compose down).
+# The training exit code goes to /run/nodes/NAME/training_exit_code, so the runner can tell a
+# router whose worker crashed from one still training.
+KEEP_ROUTING = ["/bin/sh", "-c", '"$$@"; code=$$?; mkdir -p "/run/nodes/$$0"; echo $$code > "/run/nodes/$$0/training_exit_code"; '
+                'echo "training exited ($$code); still routing"; trap "exit 0" INT TERM; sleep 2147483647 & wait']
+TRAINING_EXIT_CODE = "training_exit_code"
+
+
+# --------------------------------------------------------------------------- running
+
+
+def container_id(env: DockerEnv, cp: ComposeProject, service: str) -> str:
+    out = env.compose_run(cp.project, cp.compose_file, ["ps", "-q", service], timeout=60).stdout.strip()
+    if not out:
+        raise DockerCommandFailed(f"service {service} of project {cp.project} has no container")
+    return out.splitlines()[0]
+
+
+def exec_in(env: DockerEnv, cp: ComposeProject, service: str, cmd: Sequence[str], timeout: float = 60.0,
+            check: bool = True):
+    """Run a command inside a service's container (docker exec), output captured."""
+    return env.run(["exec", container_id(env, cp, service), *cmd], timeout=timeout, check=check)
+
+
+def up(env: DockerEnv, cp: ComposeProject, timeout: float = 300.0) -> None:
+    """`compose up -d`, then wait until every node's entrypoint finished its setup."""
+    env.compose_run(cp.project, cp.compose_file, ["up", "-d", "--no-build"], timeout=timeout)
+    wait_ready(env, cp, timeout=min(timeout, 120.0))
+
+
+def wait_ready(env: DockerEnv, cp: ComposeProject, timeout: float = 120.0) -> dict[str, str]:
+    """Wait for each service's ready file; fill cp.mechanisms ("node/network" -> mechanism)."""
+    expected = [s for s in cp.services if not (s == TOXIPROXY_SERVICE and f"{TOXIPROXY_SERVICE}-net" in cp.services)]
+    deadline = time.monotonic() + timeout
+    while True:
+        failed = [p for p in cp.ready_dir.glob("*.failed")]
+        if failed:
+            msgs = "; ".join(f"{p.stem}: {p.read_text().strip()}" for p in failed)
+            raise DockerCommandFailed(f"container setup failed: {msgs}. Logs: {logs(env, cp)[-3000:]}")
+        missing = [s for s in expected if not (cp.ready_dir / s).exists()]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise DockerCommandFailed(f"containers {', '.join(missing)} did not finish setup within {timeout:.0f}s. "
+                                      f"Logs:\n{logs(env, cp)[-3000:]}")
+        time.sleep(0.2)
+    for s in expected:
+        node = next((n for n in cp.topology.nodes if _service(n) == s), s)
+        for line in (cp.ready_dir / s).read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "link":
+                cp.mechanisms[f"{node}/{parts[1]}"] = parts[2]
+    return cp.mechanisms
+
+
+def logs(env: DockerEnv, cp: ComposeProject) -> str:
+    proc = env.compose_run(cp.project, cp.compose_file, ["logs", "--no-color", "--tail", "50"], timeout=60, check=False)
+    return proc.stdout + proc.stderr
+
+
+def down(env: DockerEnv, cp: ComposeProject, timeout: float = 120.0) -> None:
+    """Remove the project's containers, networks and volumes; then make sure nothing is left."""
+    env.compose_run(cp.project, cp.compose_file, ["down", "-v", "--remove-orphans", "-t", "3"], timeout=timeout, check=False)
+    remove_project_leftovers(env, cp.project)
+
+
+def remove_project_leftovers(env: DockerEnv, project: str) -> None:
+    """Force-remove anything still labelled with the project (after a failed `down`, or a crash)."""
+    label = f"label=com.docker.compose.project={project}"
+    ids = env.run(["ps", "-aq", "--filter", label], timeout=60, check=False).stdout.split()
+    if ids:
+        env.run(["rm", "-f", "-v", *ids], timeout=120, check=False)
+    nets = env.run(["network", "ls", "-q", "--filter", label], timeout=60, check=False).stdout.split()
+    if nets:
+        env.run(["network", "rm", *nets], timeout=120, check=False)
+
+
+def leftovers(env: DockerEnv, project: str) -> tuple[list[str], list[str]]:
+    """(container ids, network ids) still labelled with the project."""
+    label = f"label=com.docker.compose.project={project}"
+    return (env.run(["ps", "-aq", "--filter", label], timeout=60, check=False).stdout.split(),
+            env.run(["network", "ls", "-q", "--filter", label], timeout=60, check=False).stdout.split())
+
+
+def toxiproxy_api_url(env: DockerEnv, cp: ComposeProject) -> str:
+    """http://127.0.0.1:PORT of the toxiproxy service's API (published on the host's loopback only)."""
+    holder = f"{TOXIPROXY_SERVICE}-net" if f"{TOXIPROXY_SERVICE}-net" in cp.services else TOXIPROXY_SERVICE
+    out = env.run(["port", container_id(env, cp, holder), f"{TOXIPROXY_API_PORT}/tcp"], timeout=30).stdout.strip()
+    host_port = out.splitlines()[0].rsplit(":", 1)[-1]
+    return f"http://127.0.0.1:{int(host_port)}"
+
+
+@contextmanager
+def running(env: DockerEnv, cp: ComposeProject, timeout: float = 300.0) -> Iterator[ComposeProject]:
+    """Bring the project up for the `with` body; always tear it down, also when up or the body fails."""
+    try:
+        up(env, cp, timeout=timeout)
+        yield cp
+    finally:
+        down(env, cp)
+
+
+# --------------------------------------------------------------------------- measuring inside containers
+
+
+def _measure_cmd(cp: ComposeProject, *args: str) -> list[str]:
+    return [cp.image.python, "-m", "smolcluster.testbed.linkemu.measure", *args]
+
+
+@contextmanager
+def measure_server(env: DockerEnv, cp: ComposeProject, service: str, port: int, count: int = 1,
+                   timeout: float = 60.0) -> Iterator[subprocess.Popen]:
+    """`measure serve` running in a service's container for the `with` body (its results on stdout)."""
+    cmd = [env.docker, "exec", container_id(env, cp, service),
+           *_measure_cmd(cp, "serve", "--port", str(port), "--count", str(count), "--timeout", str(timeout))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline() if proc.stdout else ""
+        if "listening" not in first:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise DockerCommandFailed(f"measure server in {service} did not start: {first}{err}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def _json_result(proc: subprocess.CompletedProcess[str], what: str) -> dict:
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if not lines:
+        raise DockerCommandFailed(f"{what}: no result (exit {proc.returncode}): {proc.stdout}{proc.stderr}")
+    return json.loads(lines[-1])
+
+
+def measure_throughput(env: DockerEnv, cp: ComposeProject, src: str, dst: str, address: str, port: int = 5201,
+                       seconds: float = 3.0) -> dict:
+    """Bulk TCP from service `src` to `address` (served by `dst`), as the receiver measured it."""
+    with measure_server(env, cp, dst, port):
+        r = exec_in(env, cp, src, _measure_cmd(cp, "send", address, str(port), "--seconds", str(seconds)),
+                    timeout=seconds + 60, check=False)
+    return _json_result(r, f"throughput {src} -> {dst} ({address})")
+
+
+def can_connect(env: DockerEnv, cp: ComposeProject, src: str, address: str, port: int, timeout: float = 3.0) -> tuple[bool, str]:
+    """(True, "") when a TCP connection from `src` to address:port opens, else (False, the error)."""
+    r = exec_in(env, cp, src, _measure_cmd(cp, "connect", address, str(port), "--timeout", str(timeout)),
+                timeout=timeout + 60, check=False)
+    res = _json_result(r, f"connect {src} -> {address}:{port}")
+    return bool(res.get("connected")), res.get("error", "")
+
+
+# --------------------------------------------------------------------------- `smolcluster sim --backend compose`
+
+
+def run_compose(opts, out=None) -> int:  # type: ignore[no-untyped-def]
+    """Entry point used by smolcluster.testbed.sim.run for `--backend compose` (implemented in compose_run)."""
+    import sys
+
+    from smolcluster.testbed.sim.compose_run import run_compose as _run
+
+    return _run(opts, out=out or sys.stdout)
