@@ -25,8 +25,9 @@ Layout, for hybrid.yaml (prefix smrXXXX, all names carry it so parallel runs nev
                               management address: ssh reaches them only through their Mac.
 
 Every host shares this machine's filesystem and uid (root). What separates them: the
-network namespace, a UTS namespace (own hostname) and TMUX_TMPDIR=<root>/hosts/<node>/tmux
-set by sshd, so each host has its own tmux server. Files under <root>:
+network namespace, a UTS namespace (own hostname), and two variables sshd sets in every
+session: TMUX_TMPDIR=<root>/hosts/<node>/tmux (each host its own tmux server) and
+HOME=<root>/hosts/<node>/home (each host its own ~). Files under <root>:
 
     authorized_keys                       the client key, for every sshd
     client/id_ed25519{,.pub}              the controller's throwaway key
@@ -34,7 +35,23 @@ set by sshd, so each host has its own tmux server. Files under <root>:
     client/ssh_config                     one `Host <node>` block per node
     hosts/<node>/sshd_config, ssh_host_ed25519_key, sshd.pid, sshd.log, hostinit.log
     hosts/<node>/tmux/                    TMUX_TMPDIR of that host
+    hosts/<node>/home/                    HOME of that host (empty: no shell startup files)
     hosts/<node>/smolcluster/             the host's workdir in write_topology()
+
+What a launcher rehearsed here must expect:
+- ssh needs `-F <root>/client/ssh_config` (and rsync `-e "ssh -F ..."`); ~/.ssh is shared by
+  every host and this machine, so nothing is written there. ssh passes -F on to the ProxyJump ssh.
+- One filesystem for all hosts: write logs/pids under the host's workdir, never to fixed paths
+  like /tmp/x. The venv's editable install points at the test checkout, so a worker imports the
+  rsynced copy only when started from its workdir (`cd WORKDIR && python -m smolcluster ...`).
+- Processes started with exec()/spawn() see the machine's hostname; only ssh sessions (under
+  hostinit) see the node's.
+- On this CI machine a TCP connect through the default route "succeeds" for any address (the
+  sandbox proxies it): probe hosts with ssh (BatchMode, ConnectTimeout), not with a TCP connect.
+- PID 1 does not reap: `[ssh] <defunct>` zombies (the -J helper ssh) pile up under it. They are
+  not leaks; leftovers() ignores zombies.
+- New namespaces inherit ip_forward=1 here, so it is set explicitly per node (also with
+  routes=False, which only leaves out the static routes).
 
 Owner records live in /run/smolcluster-rehearsal/<prefix>.json (pid and start time of the
 process that made them), so cleanup_stale() can remove what crashed runs left behind without
@@ -451,6 +468,9 @@ class Rehearsal:
     def tmux_dir(self, node: str) -> Path:
         return self.host_dir(node) / "tmux"
 
+    def home(self, node: str) -> Path:
+        return self.host_dir(node) / "home"
+
     @property
     def ssh_config(self) -> Path:
         return self.root / "client" / "ssh_config"
@@ -590,6 +610,7 @@ class Rehearsal:
         for node in self.topology.nodes:
             hd = self.host_dir(node)
             self.tmux_dir(node).mkdir(parents=True, exist_ok=True)
+            self.home(node).mkdir()
             (hd / "smolcluster").mkdir(exist_ok=True)
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{node}-{self.prefix}", "-f", hd / "ssh_host_ed25519_key"],
                 what=f"{node}: generate the host key")
@@ -616,7 +637,11 @@ class Rehearsal:
             f"AuthorizedKeysFile {self.authorized_keys}",
             # Every host shares one filesystem and uid: without its own TMUX_TMPDIR, the first
             # host's tmux server would run every other host's sessions in ITS network namespace.
-            f"SetEnv TMUX_TMPDIR={self.tmux_dir(node)}",
+            # HOME too: each host has its own ~ (as real hosts do). The machine's /root/.bashrc
+            # (pyenv init + rehash here) would run in every ssh session otherwise, and a session
+            # killed at teardown mid-rehash leaves pyenv's lock behind: every later root shell
+            # then hangs for a minute.
+            f"SetEnv TMUX_TMPDIR={self.tmux_dir(node)} HOME={self.home(node)}",
             "Subsystem sftp internal-sftp",  # scp uses sftp since OpenSSH 9
             "PrintMotd no",
             "PrintLastLog no",

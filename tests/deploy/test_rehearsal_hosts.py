@@ -39,10 +39,10 @@ def server_side(ssh_connection: str) -> tuple[str, str]:
 def test_ssh_by_alias_reaches_each_mac_directly(hybrid_hosts: Rehearsal) -> None:
     r = hybrid_hosts
     for mac in MACS:
-        p = ssh_cmd(r, mac, "hostname; echo $SSH_CONNECTION")
+        p = ssh_cmd(r, mac, "hostname; echo $SSH_CONNECTION; echo $HOME")
         assert p.returncode == 0, f"ssh {mac}: {p.stderr}"
-        hostname, connection = p.stdout.splitlines()
-        assert hostname == mac
+        hostname, connection, home = p.stdout.splitlines()
+        assert hostname == mac and home == str(r.home(mac))
         # over the management link, not through another node
         assert server_side(connection) == (str(r.management[mac].root_address.ip), str(r.management[mac].address.ip))
 
