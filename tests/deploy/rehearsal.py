@@ -74,7 +74,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
