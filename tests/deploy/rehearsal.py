@@ -80,10 +80,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import yaml
 
-from smolcluster.config import read_yaml
-from smolcluster.linkemu.netem import NETEM, TBF, shaping_commands
-from smolcluster.profiles import LinkProfile
-from smolcluster.topology import Node, Topology, load_topology
+from smolcluster.core.training.config import read_yaml
+from smolcluster.testbed.linkemu.netem import NETEM, TBF, shaping_commands
+from smolcluster.testbed.profiles import LinkProfile
+from smolcluster.testbed.topology import Node, Topology, load_topology
 
 SSHD = "/usr/sbin/sshd"
 HOSTINIT = Path(__file__).with_name("hostinit.py")
