@@ -144,10 +144,11 @@ def plan_from_topology(topo: Topology, *, algorithm: str, runs_dir: Path, run_na
     server = topo.server
     nodes = [NodePlan(name=server.name, role="server", rank=0, host=hosts[server.name])]
     for w in topo.workers:
-        hops = path_to_server(topo, w.name)
-        first_hop = str(topo.nodes[hops[0].dst].addresses[hops[0].network]) if len(hops) > 1 else None
-        nodes.append(NodePlan(name=w.name, role="worker", rank=w.rank, host=hosts[w.name],
-                              dials=str(server_address_for(topo, w.name)), first_hop=first_hop))
+        dials = str(server_address_for(topo, w.name))
+        first = path_to_server(topo, w.name)[0]
+        gateway = str(topo.nodes[first.dst].addresses[first.network])  # what the worker's OS should route through
+        nodes.append(NodePlan(name=w.name, role="worker", rank=w.rank, host=hosts[w.name], dials=dials,
+                              first_hop=None if gateway == dials else gateway))
     plan = DeployPlan(run_name=run, algorithm=algorithm, port=port or ClusterConfig.port, nodes=nodes,
                       local_dir=runs_dir / run, topology_file=str(topo.file))
     extra = {"data_dir": f"../../../{DATA_SUBDIR}", "cluster_key_file": f"../../../{KEY_FILE}"}

@@ -103,9 +103,11 @@ def host_checks(node: NodePlan, facts: dict, *, t_sent: float, t_back: float, sy
         level = "fail" if free < MIN_FREE_MB else "warn" if free < LOW_FREE_MB else "ok"
         out.append(Check(n, "disk", level, f"{free / 1024:.1f} GB free at {facts.get('workdir')}",
                          "free some space (checkpoints and logs go there)" if level != "ok" else ""))
-    offset = facts["time"] - (t_sent + t_back) / 2
+    # The host reads its clock last, just before replying: the reply's arrival here is the reference
+    # (off by one ssh teardown, tens of ms), not the midpoint of a call that imported torch.
+    offset = facts["time"] - t_back
     level = "warn" if abs(offset) > CLOCK_WARN_S else "ok"
-    out.append(Check(n, "clock", level, f"offset {offset:+.2f} s from this machine (±{(t_back - t_sent) / 2:.2f} s)",
+    out.append(Check(n, "clock", level, f"offset {offset:+.2f} s from this machine",
                      "sync clocks (sudo sntp -sS time.apple.com, or timedatectl set-ntp true): times in the report "
                      "come from every node's own clock" if level == "warn" else ""))
     out += _project_checks(node, facts, synced=synced, will_sync=will_sync, digest=digest)
@@ -123,6 +125,9 @@ def host_checks(node: NodePlan, facts: dict, *, t_sent: float, t_back: float, sy
 def _project_checks(node: NodePlan, facts: dict, *, synced: bool, will_sync: bool, digest: str) -> list[Check]:
     n, out = node.name, []
     project = facts.get("smolcluster")
+    if project is not None and not project.get("in_workdir"):  # `python -m smolcluster` there would run another copy
+        facts = {**facts, "smolcluster_error": f"not in the workdir (Python finds another copy at {project['path']})"}
+        project = None
     if project is None:
         problem = facts.get("smolcluster_error", "not importable")
         if will_sync and not synced:

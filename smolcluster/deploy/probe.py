@@ -67,7 +67,8 @@ def _project(workdir):
             import smolcluster  # noqa: F401
 
             pkg = os.path.dirname(os.path.abspath(smolcluster.__file__))
-            out["smolcluster"] = {"path": pkg, "digest": source_digest(pkg)}
+            out["smolcluster"] = {"path": pkg, "digest": source_digest(pkg),
+                                  "in_workdir": os.path.realpath(pkg) == os.path.realpath(os.path.join(workdir, "smolcluster"))}
         except Exception as e:  # noqa: BLE001 - report anything, this is a diagnosis
             out["smolcluster_error"] = "%s: %s" % (type(e).__name__, e)
     else:
@@ -125,6 +126,13 @@ def listen(port, seconds, count):
         except socket.timeout:
             continue
         peers.append(addr[0])
+        # Let the client close first (wait for its EOF): the TIME_WAIT then stays on the client side
+        # and not on the port the server is about to bind.
+        conn.settimeout(5)
+        try:
+            conn.recv(1)
+        except OSError:
+            pass
         conn.close()
     srv.close()
     print(json.dumps({"peers": peers}), flush=True)
@@ -186,6 +194,8 @@ def main(argv):
     cmd, args = argv[0], argv[1:]
     if cmd == "facts":
         print(json.dumps(facts(args[0], args[1])))
+        sys.stdout.flush()
+        os._exit(0)  # no interpreter teardown (torch's takes long): the reply follows the clock reading
     elif cmd == "listen":
         listen(int(args[0]), float(args[1]), int(args[2]))
     elif cmd == "connect":
