@@ -4,7 +4,6 @@ run's (summary.json at the top, nodes/NODE/...), so `smolcluster report` and `co
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,8 +65,7 @@ def hardware_summary(plan: DeployPlan, run_dir: Path) -> dict[str, Any]:
 
 def collect(runner: Runner, plan: DeployPlan, dest: Path, echo: Callable[[str], None]) -> bool:
     dest.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=max(1, len(plan.nodes))) as pool:
-        checks = list(pool.map(lambda n: pull_node(runner, plan, n, dest), plan.nodes))
+    checks = runner.map(lambda n: pull_node(runner, plan, n, dest), plan.nodes)
     for c in checks:
         echo(c.line())
     if runner.dry_run:

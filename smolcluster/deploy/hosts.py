@@ -87,6 +87,12 @@ def rsync_pull_argv(host: Host, source: str, dest: str, ssh_config: str | None) 
     return ["rsync", "-a", "-e", shell, f"{host.destination}:{source}", dest]
 
 
+def scp_argv(host: Host, sources: list[str], dest: str, ssh_config: str | None) -> list[str]:
+    """scp -r with the same options (scp spells the port -P)."""
+    opts = ["-P" if o == "-p" else o for o in ssh_options(host, ssh_config)]
+    return ["scp", "-r", "-q", *opts, *sources, f"{host.destination}:{dest}"]
+
+
 def _rsync_quote(arg: str) -> str:
     """rsync splits -e on spaces and honours single and double quotes (not backslashes)."""
     if arg and not any(c in arg for c in " '\""):

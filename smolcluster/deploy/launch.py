@@ -57,8 +57,10 @@ class LaunchOptions:
 
 
 def run(opts: LaunchOptions, out: TextIO = sys.stdout) -> int:
+    log = sys.stderr if opts.as_json else out  # with --json, stdout carries only the JSON
+
     def echo(line: str) -> None:
-        print(line, file=out, flush=True)
+        print(line, file=log, flush=True)
 
     runner = Runner(ssh_config=opts.ssh_config, dry_run=opts.dry_run, echo=echo)
     if opts.action in ("launch", "preflight", "check"):

@@ -13,7 +13,6 @@ import json
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -56,10 +55,16 @@ def python_cmd(node: NodePlan) -> str:
     return quote_path(node.host.spec.python)
 
 
+def probe_command(node: NodePlan, args: list[str]) -> str:
+    """The remote command line that runs the probe (read from stdin) with `args` on the node's OS."""
+    if node.host.is_windows:  # cmd.exe: double quotes; python expands a leading ~ itself
+        return f'"{node.host.spec.python}" - ' + " ".join(f'"{a}"' for a in args)
+    return sh(f"{python_cmd(node)} - {' '.join(args)}")
+
+
 def run_probe(runner: Runner, node: NodePlan, args: list[str], timeout: float = 90.0):
     """Run a probe command on the node's host; (parsed JSON or None, Result)."""
-    script = f"{python_cmd(node)} - {' '.join(args)}"
-    res = runner.ssh(node.host, script, stdin=PROBE_SOURCE, timeout=timeout)
+    res = runner.ssh_raw(node.host, probe_command(node, args), stdin=PROBE_SOURCE, timeout=timeout)
     try:
         return json.loads(res.out.strip().splitlines()[-1]), res
     except (ValueError, IndexError):
@@ -163,7 +168,8 @@ def gather_facts(runner: Runner, plan: DeployPlan, *, synced: bool, will_sync: b
 
     def one(node: NodePlan) -> tuple[NodePlan, dict | None, list[Check]]:
         t0 = time.time()
-        facts, res = run_probe(runner, node, ["facts", quote_path(node.host.spec.workdir), DATA_SUBDIR])
+        workdir = node.host.spec.workdir if node.host.is_windows else quote_path(node.host.spec.workdir)
+        facts, res = run_probe(runner, node, ["facts", workdir, DATA_SUBDIR])
         t1 = time.time()
         if runner.dry_run:
             return node, None, []
@@ -172,8 +178,7 @@ def gather_facts(runner: Runner, plan: DeployPlan, *, synced: bool, will_sync: b
         return node, facts, host_checks(node, facts, t_sent=t0, t_back=t1, synced=synced, will_sync=will_sync,
                                         digest=digest, have_local_data=have_local_data)
 
-    with ThreadPoolExecutor(max_workers=max(1, len(plan.nodes))) as pool:
-        results = list(pool.map(one, plan.nodes))
+    results = runner.map(one, plan.nodes)
     facts = {node.name: f for node, f, _ in results if f is not None}
     return facts, [c for _, _, checks in results for c in checks]
 
@@ -181,7 +186,7 @@ def gather_facts(runner: Runner, plan: DeployPlan, *, synced: bool, will_sync: b
 def reachability(runner: Runner, plan: DeployPlan, *, hold_s: float = 30.0) -> list[Check]:
     """Hold the server port open on the server host; every worker connects to the address it will dial."""
     server = plan.server
-    argv = ssh_argv(server.host, sh(f"{python_cmd(server)} - listen {plan.port} {hold_s:g} {len(plan.workers)}"),
+    argv = ssh_argv(server.host, probe_command(server, ["listen", str(plan.port), f"{hold_s:g}", str(len(plan.workers))]),
                     runner.ssh_config)
     if runner.dry_run:
         runner.run(argv, stdin=PROBE_SOURCE)
@@ -199,8 +204,7 @@ def reachability(runner: Runner, plan: DeployPlan, *, hold_s: float = 30.0) -> l
             return [Check(server.name, "port", "fail", f"cannot listen on port {plan.port}: {ready.get('error')}",
                           "stop whatever uses it (a previous run? `smolcluster launch --stop`), or pick another with --port")]
         out = [Check(server.name, "port", "ok", f"port {plan.port} is free")]
-        with ThreadPoolExecutor(max_workers=max(1, len(plan.workers))) as pool:
-            out += list(pool.map(lambda w: _connect_check(runner, w, plan.port), plan.workers))
+        out += runner.map(lambda w: _connect_check(runner, w, plan.port), plan.workers)
         return out
     finally:
         listener.kill()

@@ -111,6 +111,8 @@ def facts(workdir, data_subdir):
 def listen(port, seconds, count):
     try:
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if os.name != "nt":  # as the server binds: a previous run's TIME_WAIT connections do not block it
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         srv.bind(("0.0.0.0", port))
         srv.listen(16)
     except OSError as e:

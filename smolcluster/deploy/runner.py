@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, TypeVar
 
-from smolcluster.deploy.hosts import Host, rsync_argv, rsync_pull_argv, sh, ssh_argv
+from smolcluster.deploy.hosts import Host, rsync_argv, rsync_pull_argv, scp_argv, sh, ssh_argv
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class Result:
 
 
 DRY_RUN_RESULT = Result(0, "", "")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Runner:
@@ -41,7 +45,21 @@ class Runner:
                  echo: Callable[[str], None] = print):
         self.ssh_config = ssh_config
         self.dry_run = dry_run
-        self.echo = echo
+        self._echo = echo
+        self._lock = threading.Lock()
+
+    def echo(self, line: str) -> None:
+        """Print one line; lines from parallel hosts never interleave."""
+        with self._lock:
+            self._echo(line)
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """fn over items, one thread per item (hosts work in parallel); in order, one at a time, for a dry run."""
+        items = list(items)
+        if self.dry_run or len(items) <= 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(max_workers=len(items)) as pool:
+            return list(pool.map(fn, items))
 
     def run(self, argv: list[str], *, stdin: bytes | None = None, timeout: float = 120.0) -> Result:
         if self.dry_run:
@@ -68,3 +86,6 @@ class Runner:
 
     def rsync_pull(self, host: Host, source: str, dest: str, *, timeout: float = 600.0) -> Result:
         return self.run(rsync_pull_argv(host, source, dest, self.ssh_config), timeout=timeout)
+
+    def scp(self, host: Host, sources: list[str], dest: str, *, timeout: float = 600.0) -> Result:
+        return self.run(scp_argv(host, sources, dest, self.ssh_config), timeout=timeout)

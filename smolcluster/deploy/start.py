@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shlex
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from smolcluster.deploy.hosts import quote_path
@@ -95,8 +94,7 @@ def start(runner: Runner, plan: DeployPlan, echo: Callable[[str], None]) -> bool
     echo(listening.line())
     if listening.level == "fail":
         return False
-    with ThreadPoolExecutor(max_workers=max(1, len(plan.workers))) as pool:
-        checks = list(pool.map(lambda w: start_node(runner, plan, w), plan.workers))
+    checks = runner.map(lambda w: start_node(runner, plan, w), plan.workers)
     for c in checks:
         echo(c.line())
     return all(c.level != "fail" for c in checks)

@@ -10,7 +10,6 @@ import base64
 import json
 import shlex
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,8 +99,7 @@ def node_status(runner: Runner, plan: DeployPlan, node: NodePlan) -> NodeStatus:
 
 
 def all_status(runner: Runner, plan: DeployPlan) -> list[NodeStatus]:
-    with ThreadPoolExecutor(max_workers=max(1, len(plan.nodes))) as pool:
-        return list(pool.map(lambda n: node_status(runner, plan, n), plan.nodes))
+    return runner.map(lambda n: node_status(runner, plan, n), plan.nodes)
 
 
 def format_status(plan: DeployPlan, statuses: list[NodeStatus]) -> str:

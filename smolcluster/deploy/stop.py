@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shlex
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from smolcluster.deploy.hosts import quote_path
@@ -48,8 +47,7 @@ def _windows_kill_script(plan: DeployPlan, node: NodePlan) -> str:
 def _wait_exit(runner: Runner, plan: DeployPlan, nodes: list[NodePlan], seconds: float) -> dict[str, NodeStatus]:
     deadline = time.monotonic() + seconds
     while True:
-        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-            st = {n.name: s for n, s in zip(nodes, pool.map(lambda n: node_status(runner, plan, n), nodes))}
+        st = {n.name: s for n, s in zip(nodes, runner.map(lambda n: node_status(runner, plan, n), nodes))}
         if runner.dry_run or all(s.state != "running" for s in st.values()) or time.monotonic() > deadline:
             return st
         time.sleep(0.5)

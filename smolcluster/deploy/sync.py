@@ -7,7 +7,6 @@ The key goes through ssh's stdin, so it is on no command line and in no process 
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +44,8 @@ def local_mnist_files() -> list[Path]:
 
 
 def sync_node(runner: Runner, plan: DeployPlan, node: NodePlan, key: bytes, *, needs_data: bool) -> list[Check]:
+    if node.host.is_windows:
+        return sync_windows_node(runner, plan, node, key, needs_data=needs_data)
     wd = quote_path(node.host.spec.workdir)
     cfg = plan.remote_config_dir()
     res = runner.ssh(node.host, f"mkdir -p {wd}/{cfg} {wd}/{DATA_SUBDIR} {wd}/.smolcluster && chmod 700 {wd}/.smolcluster")
@@ -77,6 +78,33 @@ def sync_node(runner: Runner, plan: DeployPlan, node: NodePlan, key: bytes, *, n
     return [Check(node.name, "sync", "ok", f"{what} -> {node.host.spec.workdir}", phase="sync")]
 
 
+def sync_windows_node(runner: Runner, plan: DeployPlan, node: NodePlan, key: bytes, *, needs_data: bool) -> list[Check]:
+    """Windows has OpenSSH (scp) but rarely rsync: folders are copied whole with scp -r."""
+    from smolcluster.deploy.status import powershell
+
+    wd = node.host.spec.workdir.replace("~", "$HOME")
+    cfg = plan.remote_config_dir().replace("/", "\\")
+    mk = (f'New-Item -ItemType Directory -Force -Path "{wd}\\{cfg}", "{wd}\\data\\mnist", "{wd}\\.smolcluster" | Out-Null')
+    res = runner.ssh_raw(node.host, powershell(mk))
+    if not res.ok:
+        return [_failed(node, f"cannot create {node.host.spec.workdir}: {res.reason()}", f"check nodes.{node.name}.host.workdir")]
+    remote = node.host.spec.workdir.rstrip("/")
+    copies = [([str(package_dir())], f"{remote}/"), ([str(p) for p in plan.config_dir.glob("*.yaml")], f"{remote}/{plan.remote_config_dir()}/")]
+    data = local_mnist_files() if needs_data else []
+    if data:
+        copies.append(([str(p) for p in data], f"{remote}/{DATA_SUBDIR}/"))
+    for sources, dest in copies:
+        res = runner.scp(node.host, sources, dest)
+        if not res.ok:
+            return [_failed(node, f"scp to {dest} failed: {res.reason()}", "is the OpenSSH server's sftp subsystem on?")]
+    put_key = (f'$k = [Console]::In.ReadToEnd(); Set-Content -NoNewline -Path "{wd}\\.smolcluster\\cluster.key" -Value $k; '
+               f'icacls "{wd}\\.smolcluster\\cluster.key" /inheritance:r /grant:r "$($env:USERNAME):F" | Out-Null')
+    res = runner.ssh_raw(node.host, powershell(put_key), stdin=key)
+    if not res.ok:
+        return [_failed(node, f"could not install the cluster key: {res.reason()}", "")]
+    return [Check(node.name, "sync", "ok", f"code, configs{', MNIST' if data else ''}, key -> {node.host.spec.workdir} (scp)", phase="sync")]
+
+
 def _failed(node: NodePlan, message: str, fix: str) -> Check:
     return Check(node.name, "sync", "fail", message, fix, phase="sync")
 
@@ -88,8 +116,7 @@ def sync(runner: Runner, plan: DeployPlan, key: bytes, facts: dict[str, dict],
         needs_data = len(facts.get(node.name, {}).get("mnist_present", [])) < len(MNIST_FILES)
         return sync_node(runner, plan, node, key, needs_data=needs_data or runner.dry_run)
 
-    with ThreadPoolExecutor(max_workers=max(1, len(plan.nodes))) as pool:
-        results = list(pool.map(one, plan.nodes))
+    results = runner.map(one, plan.nodes)
     ok = True
     for checks in results:
         for c in checks:
