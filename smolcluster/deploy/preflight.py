@@ -205,6 +205,9 @@ def reachability(runner: Runner, plan: DeployPlan, *, hold_s: float = 30.0) -> l
                           "stop whatever uses it (a previous run? `smolcluster launch --stop`), or pick another with --port")]
         out = [Check(server.name, "port", "ok", f"port {plan.port} is free")]
         out += runner.map(lambda w: _connect_check(runner, w, plan.port), plan.workers)
+        # A worker that could not connect leaves the probe waiting: end it now, so the port is free
+        # for the server (killing our ssh client does not stop a remote command without a tty).
+        runner.ssh(server.host, f"kill {int(ready['pid'])} 2>/dev/null; true", timeout=30)
         return out
     finally:
         listener.kill()

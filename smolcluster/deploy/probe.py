@@ -118,7 +118,7 @@ def listen(port, seconds, count):
     except OSError as e:
         print(json.dumps({"ready": False, "error": "%s: %s" % (type(e).__name__, e)}), flush=True)
         return
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)  # the controller kills it when done
     srv.settimeout(0.5)
     peers = []
     deadline = time.monotonic() + seconds
