@@ -143,6 +143,22 @@ def test_alloy_config_tails_the_run_files_and_sets_only_contract_labels() -> Non
     assert kinds == {"log", "metrics", "faults"}
 
 
+def test_alloy_relabel_rules_take_run_and_node_from_real_paths() -> None:
+    code = ALLOY_CONFIG.read_text()
+    rules = re.findall(r'regex\s*=\s*"(.*?)"\s*target_label\s*=\s*"(\w+)"\s*replacement\s*=\s*"\$1"', code)
+    got: dict[tuple[str, str], str] = {}
+    paths = ["/runs/hybrid-edp-20261201/nodes/mini1/server.log", "/runs/hybrid-edp-20261201/nodes/pi4/metrics.jsonl",
+             "/runs/hybrid-edp-20261201/faults.jsonl"]
+    for regex, label in rules:
+        pattern = regex.replace("\\\\", "\\")  # Alloy strings escape the backslash
+        for path in paths:
+            m = re.fullmatch(pattern, path)  # relabel regexes are anchored at both ends
+            if m:
+                got[(path.rsplit("/", 1)[-1], label)] = m.group(1)
+    assert got == {("server.log", "run"): "hybrid-edp-20261201", ("metrics.jsonl", "run"): "hybrid-edp-20261201",
+                   ("metrics.jsonl", "host"): "pi4", ("faults.jsonl", "run"): "hybrid-edp-20261201"}
+
+
 # --------------------------------------------------------------------------- Grafana
 
 
