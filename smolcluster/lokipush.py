@@ -85,7 +85,7 @@ class LokiPusher:
                  headers: Mapping[str, str] | None = None):
         if batch_lines < 1 or max_queue < 1:
             raise ValueError("batch_lines and max_queue must be at least 1")
-        self._url, self._display_url, auth = _split_credentials(push_url(url))
+        self._url, auth = _split_credentials(push_url(url))  # self._url is safe to print
         self._base = {str(k): str(v) for k, v in labels.items()}
         bad = [k for k in self._base if not _LABEL_NAME.match(k)]
         if bad:
@@ -317,7 +317,7 @@ class LokiPusher:
     def _set_degraded(self, problem: str) -> None:
         if not self._degraded:
             self._degraded = True
-            self._log.warning(f"log shipping to Loki at {self._display_url} is degraded ({problem}); "
+            self._log.warning(f"log shipping to Loki at {self._url} is degraded ({problem}); "
                               f"lines wait in a queue of {self._max_queue} and the oldest are dropped "
                               "while this lasts; training is not affected")
 
@@ -325,7 +325,7 @@ class LokiPusher:
         if self._degraded:
             self._degraded = False
             dropped = self.stats()["dropped_lines"]
-            self._log.info(f"log shipping to Loki at {self._display_url} recovered "
+            self._log.info(f"log shipping to Loki at {self._url} recovered "
                            f"({dropped} lines dropped so far)")
 
 
@@ -391,19 +391,19 @@ def push_metrics_line(pusher: LokiPusher, line: str | Mapping[str, Any], *, ts_n
 # ---------------------------------------------------------------------- helpers
 
 
-def _split_credentials(url: str) -> tuple[str, str, str | None]:
-    """(url without user:password, the same for messages, a basic-auth header value or None)."""
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """(the URL without user:password, a basic-auth header value or None)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"Loki URL must be http(s)://host[:port][/loki/api/v1/push], got {url!r}")
     if parts.username is None:
-        return url, url, None
+        return url, None
     netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
     clean = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     user = urllib.parse.unquote(parts.username)
     password = urllib.parse.unquote(parts.password or "")
     token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-    return clean, clean, f"Basic {token}"
+    return clean, f"Basic {token}"
 
 
 def _seconds_to_ns(seconds: float) -> int:
