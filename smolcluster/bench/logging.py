@@ -307,7 +307,7 @@ def run(steps: int = 1000, rounds: int = 9, modes: Sequence[str] = MODES) -> lis
         hang.close()
 
     def ratio(series: dict[str, list[float]], m: str) -> float:
-        return statistics.median(a / b for a, b in zip(series[m], series["off"]))
+        return statistics.median(a / b for a, b in zip(series[m], series["off"], strict=True))
 
     return [ModeResult(m, statistics.median(wall[m]), ratio(wall, m), ratio(cpu, m), **totals[m]) for m in modes]
 
