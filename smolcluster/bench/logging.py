@@ -230,9 +230,9 @@ def train_loop(steps: int, workdir: Path, url: str | None, *, seed: int = 0,
     With url None nothing is shipped (the files are still written: that is what a node does anyway)."""
     import torch
 
-    from smolcluster.lokipush import FormatOnce, LokiLogHandler, LokiPusher, node_labels, push_metrics_line
-    from smolcluster.models import SimpleNN, loss_fn
-    from smolcluster.telemetry import LogfmtFormatter
+    from smolcluster.core.training.lokipush import FormatOnce, LokiLogHandler, LokiPusher, node_labels, push_metrics_line
+    from smolcluster.core.training.models import SimpleNN, loss_fn
+    from smolcluster.core.training.telemetry import LogfmtFormatter
 
     torch.manual_seed(seed)
     model = SimpleNN()

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from smolcluster.bench.logging import PushSink, refused_url
-from smolcluster.lokipush import (
+from smolcluster.core.training.lokipush import (
     CONTRACT_LABELS,
     LokiLogHandler,
     LokiPusher,

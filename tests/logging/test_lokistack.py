@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from smolcluster import lokistack
-from smolcluster.lokistack import LoggingUnavailable, compose_argv, compose_env, ensure_admin_password
+from smolcluster.testbed import logstack as lokistack
+from smolcluster.testbed.logstack import LoggingUnavailable, compose_argv, compose_env, ensure_admin_password
 
 
 @pytest.fixture(autouse=True)

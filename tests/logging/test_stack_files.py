@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smolcluster.lokipush import CONTRACT_LABELS
+from smolcluster.core.training.lokipush import CONTRACT_LABELS
 
 LOGGING = Path(__file__).resolve().parents[2] / "logging"
 COMPOSE = LOGGING / "docker-compose.yml"

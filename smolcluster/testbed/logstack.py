@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from smolcluster.errors import DockerCommandFailed, DockerUnavailable, SmolclusterError
-from smolcluster.sim.docker_env import INSTALL_HINT, DockerEnv, detect_docker
+from smolcluster.common.errors import DockerCommandFailed, DockerUnavailable, SmolclusterError
+from smolcluster.testbed.sim.docker_env import INSTALL_HINT, DockerEnv, detect_docker
 
 PROJECT = "smolcluster-logging"  # fixed, so down() and status() find what up() started
 PASSWORD_ENV = "GRAFANA_ADMIN_PASSWORD"
@@ -107,10 +107,12 @@ def ensure_admin_password(path: Path | None = None) -> tuple[str, bool, Path | N
 
 
 def compose_file() -> Path:
-    """logging/docker-compose.yml of the checkout this package runs from."""
-    path = Path(__file__).resolve().parent.parent / "logging" / "docker-compose.yml"
+    """The shipped logging/docker-compose.yml (package data: its configs and dashboards lie beside it)."""
+    from smolcluster.resources import resource_path
+
+    path = resource_path("logging", "docker-compose.yml")
     if not path.is_file():
-        raise LoggingUnavailable(f"{path} not found: the log stack runs from a smolcluster checkout")
+        raise LoggingUnavailable(f"{path} not found: this installation has no logging/ stack files")
     return path
 
 
