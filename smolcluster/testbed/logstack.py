@@ -224,6 +224,8 @@ def up(runs_dir: Path, *, agent: bool = False, password_file: Path | None = None
                 engine.run(["volume", "rm", *sorted(new_volumes)], timeout=60, check=False)
         except (LoggingUnavailable, DockerCommandFailed):
             pass
+        if is_new and stored_in is not None:  # never shown and never used: the next up makes (and shows) one
+            stored_in.unlink(missing_ok=True)
         raise
 
     loki_url = f"http://{_client_host(loki_bind)}:{loki_port}"
