@@ -93,6 +93,8 @@ def test_up_without_a_registry_raises_unavailable_with_a_one_line_reason(tmp_pat
     if "grafana/loki:3.7.8" in images:
         pytest.skip("the stack's images are present: up() would really start it")
     monkeypatch.setenv("SMOLCLUSTER_GRAFANA_PASSWORD_FILE", str(tmp_path / "pw"))
+    (tmp_path / "pw").write_text("kept-from-an-earlier-up\n")
+    (tmp_path / "pw").chmod(0o600)
     volumes_before = subprocess.run(["docker", "volume", "ls", "-q", "--filter",
                                      "label=com.docker.compose.project=smolcluster-logging"],
                                     capture_output=True, text=True).stdout.split()
@@ -101,8 +103,13 @@ def test_up_without_a_registry_raises_unavailable_with_a_one_line_reason(tmp_pat
     reason = caught.value.reason
     assert reason and "\n" not in reason and len(reason) < 400
     assert "pull" in reason
-    assert (tmp_path / "pw").read_text().strip() not in reason
+    assert (tmp_path / "pw").read_text().strip() == "kept-from-an-earlier-up"  # an existing password stays
+    assert "kept-from-an-earlier-up" not in reason
     assert lokistack.status().services == {}  # nothing left running or half-made
+    (tmp_path / "pw").unlink()
+    with pytest.raises(LoggingUnavailable):
+        lokistack.up(tmp_path / "runs", loki_port=3199, grafana_port=3099, up_timeout_s=300)
+    assert not (tmp_path / "pw").exists(), "a new password that was never shown is not kept"
     leftover = subprocess.run(["docker", "volume", "ls", "-q", "--filter",
                                "label=com.docker.compose.project=smolcluster-logging"],
                               capture_output=True, text=True).stdout.split()
