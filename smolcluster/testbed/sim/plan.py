@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import yaml
 
-from smolcluster.core.training.config import ClusterConfig, NNConfig, RunConfig, load_run_config
+from smolcluster.core.training.config import RunConfig, load_run_config, split_config_keys
 from smolcluster.testbed.topology import Topology
 
 # What a sim uses when neither the topology nor the command line says otherwise.
@@ -37,10 +37,6 @@ class RunOverrides:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
 def write_run_configs(topo: Topology, config_dir: Path, overrides: RunOverrides,
                       server_address: Callable[[str], str], port: int, data_dir: str | None = None) -> RunConfig:
     """Write nn_config.yaml and cluster_config_<algo>.yaml for `topo`; returns the validated RunConfig.
@@ -50,7 +46,6 @@ def write_run_configs(topo: Topology, config_dir: Path, overrides: RunOverrides,
     """
     t = topo.training
     algorithm = overrides.algorithm or t.algorithm
-    nn_keys, cluster_keys = _field_names(NNConfig), _field_names(ClusterConfig)
 
     nn: dict[str, Any] = {"batch_size": t.batch_size, "learning_rate": t.learning_rate,
                           "num_epochs": overrides.epochs or t.epochs}
@@ -62,8 +57,9 @@ def write_run_configs(topo: Topology, config_dir: Path, overrides: RunOverrides,
             cluster[key] = getattr(t, key)
     if overrides.max_steps is not None:
         cluster["max_steps"] = overrides.max_steps
-    for key, value in {**t.extra, **overrides.extra}.items():
-        (nn if key in nn_keys or key == "model" else cluster if key in cluster_keys else nn)[key] = value
+    extra_nn, extra_cluster = split_config_keys({**t.extra, **overrides.extra})
+    nn |= extra_nn
+    cluster |= extra_cluster
     if data_dir is not None:
         nn["data_dir"] = data_dir
 
