@@ -390,7 +390,7 @@ class ServerBase:
     def weights_message(self, kind: MessageKind, fields: dict[str, Any]) -> Message:
         """Current weights, snapshotted once per version (quantized when configured)."""
         if self._snapshot is None or self._snapshot[0] != self.version:
-            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}  # the wire is CPU
             quant: dict[str, dict] = {}
             if self.cluster.use_quantization:
                 state, quant = quantize_state(state)
@@ -422,6 +422,7 @@ class ServerBase:
         params = dict(self.model.named_parameters())
         for name, p in params.items():
             g = grads[name]
+            g = g.to(p.device)  # pushes arrive on the CPU; a no-op when the model is there too
             p.grad = g.view(p.shape) if g.dtype == p.dtype and g.is_contiguous() else g.to(p.dtype).reshape(p.shape)
         if norms is None:
             norms = tensor_norms({n: p.grad for n, p in params.items()})
@@ -445,7 +446,7 @@ class ServerBase:
         self.model.zero_grad(set_to_none=True)
         loss = loss_fn(self.model, x, y)
         loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
+        grads = {n: p.grad.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}  # beside the pushes
         self.model.zero_grad(set_to_none=True)
         self.ctx.stretch(time.perf_counter() - t0)
         return grads, int(y.shape[0]), float(loss)
@@ -580,6 +581,7 @@ class WorkerBase:
         self.samples_done = 0
         self.train_time = 0.0
         self.compute_s = self.comm_s = self.wait_s = 0.0
+        self._since_record = (time.perf_counter(), 0, 0)  # (time, steps, samples) at the last record(): W&B rates
         self.started = time.time()
         self.interrupted = False  # set by Ctrl-C (SIGINT); the next step says BYE and stops
 
@@ -617,7 +619,7 @@ class WorkerBase:
         state = dequantize_state(msg.tensors, msg.quant) if msg.quant else msg.tensors
         with torch.no_grad():
             for name, t in self.model.state_dict().items():
-                t.mul_(1.0 - alpha).add_(state[name].to(t.dtype), alpha=alpha) if alpha < 1.0 else t.copy_(state[name])
+                t.mul_(1.0 - alpha).add_(state[name].to(t.device, t.dtype), alpha=alpha) if alpha < 1.0 else t.copy_(state[name])
         self.version = int(msg.fields.get("version", self.version))
 
     def compute_gradients(self, step: int) -> tuple[float, int]:
@@ -646,6 +648,8 @@ class WorkerBase:
         """Send one request and wait for its reply; reply time counts as communication + waiting."""
         assert self.conn is not None
         t0 = time.perf_counter()
+        if self.ctx.device.type != "cpu":  # the wire carries CPU tensors
+            msg = Message(msg.kind, msg.fields, tensors={k: v.cpu() for k, v in msg.tensors.items()}, quant=msg.quant)
         self.conn.send(msg, timeout=self.ctx.transport.io_timeout)
         t1 = time.perf_counter()
         reply = self.conn.recv(timeout=timeout, schema=self.recv_schema)
@@ -664,7 +668,14 @@ class WorkerBase:
         self.ctx.metrics.write("step", step=step, loss=loss, version=self.version,
                                compute_s=round(self.compute_s, 6), comm_s=round(self.comm_s, 6),
                                wait_s=round(self.wait_s, 6), **fields)
-        self.ctx.wandb.log({"train/loss": loss, "version": self.version}, step=step)
+        now, (t, steps, samples) = time.perf_counter(), self._since_record
+        span, steps = max(now - t, 1e-9), max(self.steps_done - steps, 1)
+        self.ctx.wandb.log({"train/loss": loss, "version": self.version, "perf/samples_per_s": (self.samples_done - samples) / span,
+                            "perf/step_time_s": span / steps, "perf/compute_s": self.compute_s / steps,
+                            "perf/comm_s": self.comm_s / steps, "perf/wait_s": self.wait_s / steps}, step=step)
+        self._since_record = (now, self.steps_done, self.samples_done)
+        if step // self.nn.eval_steps != (step - steps) // self.nn.eval_steps:  # a log line every eval_steps steps
+            self.log.info(f"step {step}: loss {loss:.4f}, {(self.samples_done - samples) / span:.0f} samples/s")
         self.compute_s = self.comm_s = self.wait_s = 0.0
 
     def run(self) -> None:

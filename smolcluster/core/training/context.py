@@ -32,9 +32,10 @@ class NodeContext:
     key: bytes | None
     transport: TransportConfig
     slowdown: float = 1.0  # >1 stretches compute (a Pi is slower than a Mac)
+    device: torch.device = torch.device("cpu")  # where the model computes; tensors on the wire stay on the CPU
 
     def build_model(self) -> torch.nn.Module:
-        return build_model(self.cfg.nn.model, seed=self.cfg.cluster.seed)
+        return build_model(self.cfg.nn.model, seed=self.cfg.cluster.seed).to(self.device)
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(self.cfg.nn.optimizer, model.parameters(), self.cfg.nn.learning_rate)

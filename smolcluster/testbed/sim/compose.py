@@ -307,7 +307,7 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
 
     def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
         env = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": "/tmp/matplotlib",
-               "WANDB_MODE": "offline", "HOME": "/root", **image.env}
+               "WANDB_MODE": "offline", "HOME": "/root", "SMOLCLUSTER_RUN_NAME": run_dir.name, **image.env}
         env.update(extra or {})
         return env
 
