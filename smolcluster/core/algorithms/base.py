@@ -582,6 +582,7 @@ class WorkerBase:
         self.train_time = 0.0
         self.compute_s = self.comm_s = self.wait_s = 0.0
         self._since_record = (time.perf_counter(), 0, 0)  # (time, steps, samples) at the last record(): W&B rates
+        self.last_loss = float("nan")
         self.started = time.time()
         self.interrupted = False  # set by Ctrl-C (SIGINT); the next step says BYE and stops
 
@@ -673,7 +674,7 @@ class WorkerBase:
         self.ctx.wandb.log({"train/loss": loss, "version": self.version, "perf/samples_per_s": (self.samples_done - samples) / span,
                             "perf/step_time_s": span / steps, "perf/compute_s": self.compute_s / steps,
                             "perf/comm_s": self.comm_s / steps, "perf/wait_s": self.wait_s / steps}, step=step)
-        self._since_record = (now, self.steps_done, self.samples_done)
+        self._since_record, self.last_loss = (now, self.steps_done, self.samples_done), loss
         if step // self.nn.eval_steps != (step - steps) // self.nn.eval_steps:  # a log line every eval_steps steps
             self.log.info(f"step {step}: loss {loss:.4f}, {(self.samples_done - samples) / span:.0f} samples/s")
         self.compute_s = self.comm_s = self.wait_s = 0.0
@@ -736,4 +737,5 @@ class WorkerBase:
             self.conn.close("bye")
         self.ctx.metrics.write("end", steps=self.steps_done, samples=self.samples_done, samples_per_s=sps,
                                peak_rss_mb=peak_rss_mb(), stop_reason=reason if not server_ended else "server finished")
-        self.log.info(f"{'finished' if finished else 'stopped'}: {self.steps_done} steps, {sps:.1f} samples/s")
+        self.log.info(f"{'finished' if finished else 'stopped'}: {self.steps_done} steps, {sps:.1f} samples/s, "
+                      f"last loss {self.last_loss:.4f}")

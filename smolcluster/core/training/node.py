@@ -9,7 +9,7 @@ import torch
 
 from smolcluster.core.net.auth import load_cluster_key
 from smolcluster.core.training.config import ClusterConfig, RunConfig, cluster_config_file, load_run_config, rank_of, to_dict
-from smolcluster.common.errors import ConfigError
+from smolcluster.common.errors import ConfigError, SmolclusterError
 from smolcluster.core.training.context import NodeContext
 from smolcluster.core.training.device import pick_device, torch_build
 from smolcluster.core.training.telemetry import MetricsWriter, WandbRun, node_labels, setup_logging
@@ -90,6 +90,9 @@ def run_server(*, algo: str, config_dir: Path, run_dir: Path, resume: bool = Fal
     try:
         server = server_cls(ctx, bind=bind, port=cfg.cluster.port if port is None else port, resume=resume)
         return server.serve()
+    except SmolclusterError as e:
+        ctx.log.error(f"stopped: {e}")  # why the node died, in its log (and Loki), not only on its terminal
+        raise
     finally:
         ctx.wandb.finish()
         ctx.metrics.close()
@@ -115,6 +118,9 @@ def run_worker(*, rank: int, hostname: str, algo: str, config_dir: Path, run_dir
     ctx.log.info(f"worker {hostname} (rank {rank}) on {socket.gethostname()} -> server {host}:{port}")
     try:
         _algorithm(algo).Worker(ctx, host=host, port=port).run()
+    except SmolclusterError as e:
+        ctx.log.error(f"stopped: {e}")
+        raise
     finally:
         ctx.wandb.finish()
         ctx.metrics.close()
