@@ -32,6 +32,7 @@ from typing import Callable
 import yaml
 
 from smolcluster.testbed.sim.processes import ProcessGroup
+from smolcluster.common.files import write_atomic
 
 
 @dataclass
@@ -263,8 +264,8 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
     per_epoch = steps_per_epoch if algo == "syncps" else workers * steps_per_epoch / cluster["push_interval"]
     nn = {"batch_size": batch_size, "learning_rate": lr, "num_epochs": epochs, "eval_steps": max(1, round(per_epoch)),
           "data_dir": data_dir} | (nn_overrides or {})
-    (cfg_dir / "nn_config.yaml").write_text(yaml.safe_dump(nn))
-    (cfg_dir / f"cluster_config_{algo}.yaml").write_text(yaml.safe_dump(cluster))
+    write_atomic(cfg_dir / "nn_config.yaml", yaml.safe_dump(nn))
+    write_atomic(cfg_dir / f"cluster_config_{algo}.yaml", yaml.safe_dump(cluster))
     with ProcessGroup() as group:
         group.start("server", ["server", "--algo", algo, "--config-dir", str(cfg_dir), "--run-dir",
                                str(run_dir / "server"), "--bind", "127.0.0.1", "--port", "0"], run_dir / "server" / "stdout.log")

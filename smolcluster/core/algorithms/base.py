@@ -33,6 +33,7 @@ from smolcluster.core.training.quantization import dequantize_state, quantize_st
 from smolcluster.core.training.telemetry import peak_rss_mb
 from smolcluster.core.net.transport import Connection, Listener, RetryPolicy, connect
 from smolcluster.core.net.wire import Message, MessageKind, Schema, schema_of
+from smolcluster.common.files import write_atomic
 
 # --------------------------------------------------------------------------- signals (server and worker)
 
@@ -211,7 +212,7 @@ class ServerBase:
                             config=self.ctx.transport, on_reject=self._on_reject, logger=self.log)
         listener.start()
         host, port = listener.address
-        (self.ctx.run_dir / "server.json").write_text(json.dumps({"host": host, "port": port, "pid": os.getpid()}))
+        write_atomic(self.ctx.run_dir / "server.json", json.dumps({"host": host, "port": port, "pid": os.getpid()}))
         if self.version == 0:
             self.save()  # so a crash at any point can --resume, even before the first periodic checkpoint
         self.log.info(f"{self.algorithm} server listening on {host}:{port}, waiting for {self.cluster.num_workers} workers")
@@ -530,7 +531,7 @@ class ServerBase:
             "per_worker": [s.summary() for s in self.stats.values()],
             "config": to_dict(self.cfg.cluster) | {"nn": to_dict(self.cfg.nn)},
         }
-        (self.ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomic(self.ctx.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.ctx.metrics.write("end", version=self.version, test_accuracy=acc, test_loss=loss, peak_rss_mb=peak_rss_mb())
         self.log.info(f"done: {self.version} updates, test accuracy {acc:.4f}, wall {summary['wall_time_s']} s")
         return summary
