@@ -372,6 +372,10 @@ def format_table(runs: list[BenchRun]) -> str:
                      f"{r.samples_per_s:>11.0f}{r.samples_per_s / ddp.samples_per_s:>7.2f}x"
                      f"{r.epoch_test_accuracy[0]:>9.4f}{r.final_test_accuracy:>10.4f}{r.peak_rss_mb:>9.0f}")
     lines.append("acc ep1 = test accuracy after one epoch's worth of samples; accuracy = at the end")
+    from smolcluster.core.training.device import measure_import_rss_mb, torch_info
+
+    t = torch_info(measure_import_rss_mb())
+    lines.append(f"torch {t['version']} ({t['build']}): {t['import_rss_mb']:.0f} MB peak RSS for `import torch` alone")
     lines.append("")
     for label, ok, detail in targets(runs):
         lines.append(f"  [{'PASS' if ok else 'FAIL'}] {label}: {detail}")
@@ -379,7 +383,9 @@ def format_table(runs: list[BenchRun]) -> str:
 
 
 def to_json(runs: list[BenchRun]) -> str:
-    return json.dumps({"runs": [asdict(r) for r in runs],
+    from smolcluster.core.training.device import measure_import_rss_mb, torch_info
+
+    return json.dumps({"runs": [asdict(r) for r in runs], "torch": torch_info(measure_import_rss_mb()),
                        "targets": [{"target": t, "passed": ok, "detail": d} for t, ok, d in targets(runs)]})
 
 

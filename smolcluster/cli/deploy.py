@@ -28,4 +28,4 @@ def register(app: typer.Typer) -> None:
         from smolcluster.deploy.launch import plan_launch
 
         steps = plan_launch(algo, config_dir, remote_dir, run_name or f"{algo}-{_time.strftime('%Y%m%d-%H%M%S')}", python)
-        raise typer.Exit(do_launch(steps, ssh_user=ssh_user, dry_run=dry_run))
+        raise typer.Exit(do_launch(steps, ssh_user=ssh_user, dry_run=dry_run, python=python))

@@ -12,6 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from smolcluster.common.pyversion import REMOTE_CHECK
 from smolcluster.core.training.config import load_run_config
 
 
@@ -43,7 +44,23 @@ def plan_launch(algo: str, config_dir: Path, remote_dir: str, run_name: str, pyt
     return steps
 
 
-def launch(steps: list[LaunchStep], *, ssh_user: str | None, dry_run: bool, echo=print) -> int:
+def check_pythons(steps: list[LaunchStep], *, ssh_user: str | None, python: str, echo=print) -> int:
+    """Before anything starts: every host's Python is new enough (else its message, naming the way out)."""
+    bad = 0
+    for host in dict.fromkeys(s.host for s in steps):
+        target = f"{ssh_user}@{host}" if ssh_user else host
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", target, f"{python} -c {shlex.quote(REMOTE_CHECK)}"]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            bad += 1
+            echo(f"  {host}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f'exit {result.returncode}'}")
+    return bad
+
+
+def launch(steps: list[LaunchStep], *, ssh_user: str | None, dry_run: bool, echo=print, python: str = "python3") -> int:
+    if not dry_run and check_pythons(steps, ssh_user=ssh_user, python=python, echo=echo):
+        echo("not started: fix the Python on the hosts above first")
+        return 1
     failures = 0
     for step in steps:
         argv = step.ssh_argv(ssh_user)

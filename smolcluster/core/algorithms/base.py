@@ -529,6 +529,7 @@ class ServerBase:
             "bytes_received": self.bytes_received,
             "stop_reason": self.stop_reason or "finished",
             "per_worker": [s.summary() for s in self.stats.values()],
+            "torch": self.ctx.torch,
             "config": to_dict(self.cfg.cluster) | {"nn": to_dict(self.cfg.nn)},
         }
         write_atomic(self.ctx.run_dir / "summary.json", json.dumps(summary, indent=2))

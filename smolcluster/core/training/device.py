@@ -48,3 +48,22 @@ def pick_device(wanted: str, available: Accelerators | None = None, file: str | 
         raise ConfigError(file, "device", f"{wanted} asked for, but this torch ({torch_build()}) sees no {what}",
                           "use device: auto (the best this machine has) or device: cpu")
     raise ConfigError(file, "device", f"unknown device {wanted!r}", "use auto, cpu, mps or cuda")
+
+
+def torch_info(import_rss_mb: float | None = None) -> dict:
+    """Which torch build ran (version, cpu or cuda) and a process's memory once it is imported, for
+    summaries and benchmarks: a CUDA build on a CPU-only machine costs ~2x the memory per node."""
+    cuda = getattr(torch.version, "cuda", None)
+    return {"version": torch.__version__, "build": f"cuda {cuda}" if cuda else "cpu",
+            "import_rss_mb": round(import_rss_mb, 1) if import_rss_mb is not None else None}
+
+
+def measure_import_rss_mb(python: str | None = None) -> float:
+    """Peak RSS of a fresh `python -c 'import torch'` (what every node pays before it does anything)."""
+    import subprocess
+    import sys
+
+    code = ("import resource, sys, torch; r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "print(r / 2**20 if sys.platform == 'darwin' else r / 1024)")
+    out = subprocess.run([python or sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return float(out.stdout.strip())

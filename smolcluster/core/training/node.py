@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import platform
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -11,8 +13,8 @@ from smolcluster.core.net.auth import load_cluster_key
 from smolcluster.core.training.config import ClusterConfig, RunConfig, cluster_config_file, load_run_config, rank_of, to_dict
 from smolcluster.common.errors import ConfigError, SmolclusterError
 from smolcluster.core.training.context import NodeContext
-from smolcluster.core.training.device import pick_device, torch_build
-from smolcluster.core.training.telemetry import MetricsWriter, WandbRun, node_labels, setup_logging
+from smolcluster.core.training.device import pick_device, torch_build, torch_info
+from smolcluster.core.training.telemetry import MetricsWriter, WandbRun, node_labels, peak_rss_mb, setup_logging
 from smolcluster.core.net.transport import TransportConfig
 
 ALGORITHM_NAMES = {"edp": "EDP", "syncps": "SyncPS"}
@@ -42,6 +44,7 @@ def default_run_name(run_dir: Path, hostname: str) -> str:
 
 def _context(cfg: RunConfig, *, role: str, rank: int, hostname: str, run_dir: Path, slowdown: float,
              run_name: str | None) -> NodeContext:
+    import_rss = peak_rss_mb()  # torch and the CLI imported, no data loaded yet
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # many nodes share few cores; one thread each avoids oversubscription
     device = pick_device(cfg.nn.device, file=cfg.config_dir / "nn_config.yaml")
@@ -49,13 +52,14 @@ def _context(cfg: RunConfig, *, role: str, rank: int, hostname: str, run_dir: Pa
     labels = node_labels(role=role, rank=rank, hostname=hostname, algorithm=cfg.cluster.algorithm,
                          run=run_name or default_run_name(run_dir, hostname))
     log = setup_logging(run_dir / f"{role}.log", labels=labels)
-    log.info(f"computing on {device} with torch {torch_build()}")
+    log.info(f"computing on {device} with torch {torch_build()}, Python {platform.python_version()} in {sys.prefix}")
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     wandb = WandbRun(mode=cfg.cluster.wandb, algorithm=algo, role=role, hostname=hostname, rank=rank,
                      lr=cfg.nn.learning_rate, batch_size=cfg.nn.batch_size,
                      config={"cluster": to_dict(cfg.cluster), "nn": to_dict(cfg.nn)}, run_dir=run_dir, logger=log)
     return NodeContext(cfg=cfg, role=role, rank=rank, hostname=hostname, run_dir=run_dir, log=log, metrics=metrics,
-                       wandb=wandb, key=_key_for(cfg), transport=_transport(cfg.cluster), slowdown=slowdown, device=device)
+                       wandb=wandb, key=_key_for(cfg), transport=_transport(cfg.cluster), slowdown=slowdown, device=device,
+                       torch=torch_info(import_rss))
 
 
 def _algorithm(name: str):

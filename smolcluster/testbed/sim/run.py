@@ -348,6 +348,9 @@ def format_summary(s: dict) -> str:
         f"pushes applied {s['pushes_applied']}, late {s['pushes_late']}, rejected {s['pushes_rejected']}"
         + (f" ({', '.join(f'{k}: {v}' for k, v in s['rejected_reasons'].items())})" if s.get("rejected_reasons") else ""),
     ]
+    if s.get("torch"):
+        overall.append(f"torch {s['torch']['version']} ({s['torch']['build']}), {s['torch']['import_rss_mb']:.0f} MB RSS per node "
+                       "once imported")
     return "\n".join([
         "", "nodes (bytes out = towards the server; a worker's bytes come from its first-hop proxy)",
         table(["node", "role", "device", "slowdown", "steps", "samples/s", "staleness", "bytes out", "bytes in", "late", "rejected"], node_rows),
