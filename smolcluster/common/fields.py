@@ -62,9 +62,13 @@ class Rule:
             parts.append(f"at most {self.max:g}")
         return " and ".join(parts) + (f" {self.unit}" if self.unit and parts else "")
 
-    def holds(self, v: float) -> bool:
-        return not ((self.min is not None and v < self.min) or (self.max is not None and v > self.max)
-                    or (self.above is not None and v <= self.above) or (self.below is not None and v >= self.below))
+    def violated(self, v: float) -> str:
+        """The bound `v` breaks, in words ("greater than 0 seconds"), or "" when it holds."""
+        broken = ([f"greater than {self.above:g}"] if self.above is not None and v <= self.above else []) + \
+                 ([f"at least {self.min:g}"] if self.min is not None and v < self.min else []) + \
+                 ([f"less than {self.below:g}"] if self.below is not None and v >= self.below else []) + \
+                 ([f"at most {self.max:g}"] if self.max is not None and v > self.max else [])
+        return (broken[0] + (f" {self.unit}" if self.unit else "")) if broken else ""
 
 
 def checked(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **rule: Any) -> Any:
@@ -137,8 +141,8 @@ def check_value(file: str | Path | None, key: str, value: Any, hint: Any, rule: 
             raise ConfigError(file, key, f"got {shown(value)}, must be a finite number", rule.fix or "use a plain number")
     else:
         raise TypeError(f"check_value does not handle {hint!r} (field {key})")
-    if not rule.holds(value) or (base is int and abs(value) > INT64_MAX):
-        bound = rule.bound() or f"at most {INT64_MAX} in size"
+    bound = rule.violated(value) or ("at most 2**63 - 1 in size" if base is int and abs(value) > INT64_MAX else "")
+    if bound:
         raise ConfigError(file, key, f"got {shown(value)}, must be {bound}", rule.fix or f"use a value {bound}")
     return value
 

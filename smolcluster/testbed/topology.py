@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from smolcluster.common.errors import ConfigError
 from smolcluster.common.fields import check_value, checked, rule_of, shown, unknown_key_fix
-from smolcluster.common.yamlfile import read_yaml
+from smolcluster.common.yamlfile import read_yaml, without_gc
 from smolcluster.testbed.profiles import (
     DeviceProfile,
     LinkProfile,
@@ -71,6 +71,22 @@ class Node:
     routes: tuple[Route, ...]
     rank: int  # server 0, workers 1..n in file order
     links: dict[str, LinkProfile] = field(default_factory=dict)  # per-node link overrides: network name -> profile
+
+    @cached_property
+    def _routes_by_prefix(self) -> list[tuple[int, dict[IPv4Network, Route]]]:
+        table: dict[int, dict[IPv4Network, Route]] = {}
+        for r in self.routes:
+            table.setdefault(r.dest.prefixlen, {}).setdefault(r.dest, r)  # the first route for a subnet wins
+        return sorted(table.items(), reverse=True)
+
+    def route_for(self, dest: IPv4Address) -> Route | None:
+        """The static route with the longest prefix holding `dest` (the first in file order on a tie), in
+        at most 33 lookups however many routes the node has."""
+        for prefixlen, routes in self._routes_by_prefix:
+            hit = routes.get(IPv4Network((int(dest) >> (32 - prefixlen) << (32 - prefixlen), prefixlen)))
+            if hit is not None:
+                return hit
+        return None
 
 
 @dataclass(frozen=True)
@@ -370,7 +386,11 @@ def _check_passthrough(file: Path, t: TrainingDefaults, server: str, workers: li
 
 def load_topology(path: str | Path) -> Topology:
     """Parse and validate a topology file. Every problem is a ConfigError naming file, key and fix."""
-    file = Path(path)
+    with without_gc():  # tens of thousands of small objects, none of them cyclic (see without_gc)
+        return _load_topology(Path(path))
+
+
+def _load_topology(file: Path) -> Topology:
     raw = read_yaml(file, what="topology file", missing_fix="check the path, e.g. topologies/hybrid.yaml",
                     layout="start with 'networks:' and 'nodes:' sections")
     _unknown(file, "", raw, _TOP_KEYS)
@@ -451,10 +471,10 @@ def _next_hop(topo: Topology, node: Node, dest: IPv4Address) -> tuple[IPv4Addres
         subnet = topo.networks[net].subnet
         if dest in subnet and (best is None or (subnet.prefixlen, 1) > best[:2]):
             best = (subnet.prefixlen, 1, dest, net)
-    for r in node.routes:
-        if dest in r.dest and (best is None or (r.dest.prefixlen, 0) > best[:2]):
-            via_net = next(n for n, _ in node.addresses.items() if r.via in topo.networks[n].subnet)
-            best = (r.dest.prefixlen, 0, r.via, via_net)
+    r = node.route_for(dest)
+    if r is not None and (best is None or (r.dest.prefixlen, 0) > best[:2]):
+        via_net = next(n for n, _ in node.addresses.items() if r.via in topo.networks[n].subnet)
+        best = (r.dest.prefixlen, 0, r.via, via_net)
     if best is None:
         raise _NoRoute(node.name, dest, f"{node.name} has no route to {dest}", f"nodes.{node.name}.routes")
     return best[2], best[3]
