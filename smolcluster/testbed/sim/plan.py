@@ -48,8 +48,9 @@ def write_run_configs(topo: Topology, config_dir: Path, overrides: RunOverrides,
     t = topo.training
     algorithm = overrides.algorithm or t.algorithm
 
+    # device: cpu unless the topology says otherwise: node speed is emulated by stretching measured CPU compute
     nn: dict[str, Any] = {"batch_size": t.batch_size, "learning_rate": t.learning_rate,
-                          "num_epochs": overrides.epochs or t.epochs}
+                          "num_epochs": overrides.epochs or t.epochs, "device": "cpu"}
     cluster: dict[str, Any] = dict(SIM_DEFAULTS) | ALGORITHM_DEFAULTS[algorithm]
     cluster |= {"seed": overrides.seed if overrides.seed is not None else t.seed,
                 "use_quantization": t.use_quantization, "server_trains": t.server_trains}
