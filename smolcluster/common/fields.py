@@ -23,7 +23,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 from smolcluster.common.errors import ConfigError
 
@@ -50,25 +50,29 @@ class Rule:
     unit: str = ""  # e.g. "seconds", shown after the bound
     fix: str = ""  # default: "use a value <bound>"
 
-    def bound(self) -> str:
-        parts = []
+    def _bounds(self) -> list[tuple[str, Callable[[float], bool]]]:
+        """(the bound in words, whether a value keeps it) for each bound that is set."""
+        out: list[tuple[str, Callable[[float], bool]]] = []
         if self.above is not None:
-            parts.append(f"greater than {self.above:g}")
+            out.append((f"greater than {self.above:g}", lambda v: v > self.above))
         if self.min is not None:
-            parts.append(f"at least {self.min:g}")
+            out.append((f"at least {self.min:g}", lambda v: v >= self.min))
         if self.below is not None:
-            parts.append(f"less than {self.below:g}")
+            out.append((f"less than {self.below:g}", lambda v: v < self.below))
         if self.max is not None:
-            parts.append(f"at most {self.max:g}")
-        return " and ".join(parts) + (f" {self.unit}" if self.unit and parts else "")
+            out.append((f"at most {self.max:g}", lambda v: v <= self.max))
+        return out
+
+    def _with_unit(self, words: str) -> str:
+        return f"{words} {self.unit}" if words and self.unit else words
+
+    def bound(self) -> str:
+        """Every bound, e.g. "greater than 0 and at most 604800 seconds" ("" when there is none)."""
+        return self._with_unit(" and ".join(words for words, _ in self._bounds()))
 
     def violated(self, v: float) -> str:
-        """The bound `v` breaks, in words ("greater than 0 seconds"), or "" when it holds."""
-        broken = ([f"greater than {self.above:g}"] if self.above is not None and v <= self.above else []) + \
-                 ([f"at least {self.min:g}"] if self.min is not None and v < self.min else []) + \
-                 ([f"less than {self.below:g}"] if self.below is not None and v >= self.below else []) + \
-                 ([f"at most {self.max:g}"] if self.max is not None and v > self.max else [])
-        return (broken[0] + (f" {self.unit}" if self.unit else "")) if broken else ""
+        """The first bound `v` breaks, e.g. "greater than 0 seconds", or "" when it keeps them all."""
+        return self._with_unit(next((words for words, keeps in self._bounds() if not keeps(v)), ""))
 
 
 def checked(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **rule: Any) -> Any:

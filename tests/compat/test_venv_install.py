@@ -63,6 +63,15 @@ def test_a_plain_install_has_its_profiles_and_topologies(project_venv: Path, tmp
         assert out.returncode == 0 and "OK: 5 nodes, 3 networks" in out.stdout, out.stdout + out.stderr
 
 
+def test_the_launcher_plans_from_the_venv(project_venv: Path, tmp_path: Path, mnist_dir: Path):
+    configs = shipped(project_venv, "configs")
+    out = smolcluster(project_venv, "launch", "--algo", "syncps", "--config-dir", str(configs), "--dry-run",
+                      "--run-name", "t", cwd=tmp_path, env=venv_env(project_venv, mnist_dir), timeout=120)
+    assert out.returncode == 0, out.stderr
+    ssh = [line for line in out.stdout.splitlines() if line.startswith("ssh ")]
+    assert len(ssh) == 5 and "worker 4 pi4 --algo syncps" in ssh[-1]
+
+
 def test_the_local_backend_runs_from_the_venv(project_venv: Path, tmp_path: Path, mnist_dir: Path):
     env = venv_env(project_venv, mnist_dir)
     run = tmp_path / "run"
