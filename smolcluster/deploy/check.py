@@ -19,6 +19,7 @@ from typing import Callable, Optional, TextIO
 
 import yaml
 
+from smolcluster.common.files import write_atomic
 from smolcluster.deploy.hosts import quote_path, sh, ssh_argv
 from smolcluster.deploy.plan import DeployPlan, NodePlan
 from smolcluster.deploy.preflight import _readline_within, run_probe
@@ -137,7 +138,7 @@ def check_links(runner: Runner, plan: DeployPlan, topo: Optional[Topology], echo
         if not runner.dry_run:
             header = (f"# measured by smolcluster launch {topo.file} --check on the real cluster; use it from a topology\n"
                       "# with `profiles: <this file>`, then networks.<net>.profile: <net>-measured, nodes.<n>.device: <n>-measured\n")
-            write_profiles.write_text(header + yaml.safe_dump(profiles, sort_keys=False))
+            write_atomic(write_profiles, header + yaml.safe_dump(profiles, sort_keys=False))
             echo(f"check      wrote {write_profiles}: {len(profiles['links'])} link and {len(profiles['devices'])} device profiles")
     if runner.dry_run:
         return 0

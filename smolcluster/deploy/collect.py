@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from smolcluster.common.files import write_atomic
 from smolcluster.deploy.plan import DeployPlan, NodePlan
 from smolcluster.deploy.preflight import Check
 from smolcluster.deploy.runner import Runner
@@ -73,14 +74,12 @@ def collect(runner: Runner, plan: DeployPlan, dest: Path, echo: Callable[[str], 
     if dest.resolve() != plan.local_dir.resolve():  # the configs and topology travel with the results
         for name in ("topology.yaml", "launch.json"):
             if (plan.local_dir / name).is_file():
-                (dest / name).write_bytes((plan.local_dir / name).read_bytes())
+                write_atomic(dest / name, (plan.local_dir / name).read_bytes())
         (dest / "config").mkdir(exist_ok=True)
         for f in plan.config_dir.glob("*.yaml"):
-            (dest / "config" / f.name).write_bytes(f.read_bytes())
+            write_atomic(dest / "config" / f.name, f.read_bytes())
     summary = hardware_summary(plan, dest)
-    tmp = dest / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(dest / "summary.json")
+    write_atomic(dest / "summary.json", json.dumps(summary, indent=2))
     if not summary.get("algorithm"):
         echo(Check(plan.server.name, "summary", "warn", "the server wrote no summary.json (still running, or killed)",
                    phase="collect").line())

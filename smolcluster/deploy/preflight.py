@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from smolcluster.common.pyversion import HOW_TO_UPGRADE, MIN_PYTHON, python_problem
 from smolcluster.deploy import probe
 from smolcluster.deploy.hosts import ssh_argv, sh, quote_path
 from smolcluster.deploy.plan import DATA_SUBDIR, DeployPlan, NodePlan
 from smolcluster.deploy.runner import Runner
 
-MIN_PYTHON = (3, 10)
 MIN_FREE_MB, LOW_FREE_MB = 500, 2000
 CLOCK_WARN_S = 1.0
 PROBE_SOURCE = Path(probe.__file__).read_bytes()
@@ -78,7 +78,7 @@ def _ssh_failed(node: NodePlan, res, ssh_config: str | None) -> Check:
                      f"check the host is up and that `{how} true` works without a password (ssh-copy-id)")
     if res.code == 127 or "not found" in res.err:
         return Check(node.name, "python", "fail", f"no Python as {node.host.spec.python!r}: {res.reason()}",
-                     f"install Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or set nodes.{node.name}.host.python")
+                     f"install Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]} ({HOW_TO_UPGRADE}) or set nodes.{node.name}.host.python")
     return Check(node.name, "probe", "fail", f"the host probe failed: {res.reason()}", f"run `{how}` and look")
 
 
@@ -87,11 +87,9 @@ def host_checks(node: NodePlan, facts: dict, *, t_sent: float, t_back: float, sy
     """Judge one host's facts. `synced`: the project was just synced; `will_sync`: launch will sync it."""
     n, out = node.name, []
     py = tuple(facts.get("python", (0, 0, 0)))
-    if py[:2] < MIN_PYTHON:
-        out.append(Check(n, "python", "fail", f"Python {'.'.join(map(str, py))} at {facts.get('executable')}; smolcluster needs "
-                         f">= {MIN_PYTHON[0]}.{MIN_PYTHON[1]}",
-                         "install a newer one (uv python install 3.11, or brew install python@3.11) and set "
-                         f"nodes.{n}.host.python to it"))
+    problem = python_problem(py, facts.get("executable"))
+    if problem:
+        out.append(Check(n, "python", "fail", problem, f"then set nodes.{n}.host.python to it"))
         return out
     out.append(Check(n, "ssh", "ok", f"{facts.get('os')} {facts.get('machine')} ({facts.get('hostname')}), "
                      f"Python {'.'.join(map(str, py))} at {facts.get('executable')}"))

@@ -56,7 +56,6 @@ class LocalCluster:
             assert self.procs.procs["server"].alive(), self.log("server")
             assert time.time() < deadline, "server did not start listening within 60 s"
             time.sleep(0.1)
-        time.sleep(0.05)
         self.port = json.loads((self.server_dir / "server.json").read_text())["port"]
 
     def start_worker(self, rank: int, *extra: str) -> None:

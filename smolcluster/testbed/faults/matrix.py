@@ -33,6 +33,7 @@ import yaml
 from smolcluster.core.training.checkpoint import load_checkpoint
 from smolcluster.resources import resource_path
 from smolcluster.testbed.faults.injector import read_fault_log
+from smolcluster.common.files import write_atomic
 
 ALGORITHMS = ("edp", "syncps")
 SMALL_TOPOLOGY = resource_path("topologies", "faults-small.yaml")
@@ -115,7 +116,7 @@ def run_scenario(sc: Scenario, algo: str, run_dir: Path, topology: Path = SMALL_
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     faults_file = run_dir.parent / f"{run_dir.name}.faults.yaml"
-    faults_file.write_text(yaml.safe_dump({"faults": sc.faults(algo)}, sort_keys=False))
+    write_atomic(faults_file, yaml.safe_dump({"faults": sc.faults(algo)}, sort_keys=False))
     argv = [sys.executable, "-m", "smolcluster", "sim", str(topology), "--algo", algo, "--max-steps", str(MAX_STEPS[algo]),
             "--run-dir", str(run_dir), "--faults", str(faults_file)]
     log_path = run_dir.parent / f"{run_dir.name}.sim.log"

@@ -35,6 +35,7 @@ from smolcluster.testbed.sim.docker_env import DockerEnv, DockerUnavailable, det
 from smolcluster.testbed.sim.local import KILLED_SERVER_GRACE_S, WORKER_GRACE_S, MetricsTail
 from smolcluster.testbed.sim.plan import RunOverrides, write_run_configs
 from smolcluster.testbed.topology import Topology, path_expectation, path_to_server, server_address_for, to_dict
+from smolcluster.common.files import write_atomic
 
 SERVER_PORT = 65432
 
@@ -199,7 +200,7 @@ class ComposeCluster:
             r = self.env.run(["logs", cid], timeout=60, check=False)
             d = self.nodes_dir / node
             d.mkdir(parents=True, exist_ok=True)
-            (d / "stdout.log").write_text(r.stdout + r.stderr)
+            write_atomic(d / "stdout.log", r.stdout + r.stderr)
 
     def states(self) -> dict[str, tuple[str, int]]:
         """node -> (docker state: running / paused / exited / ..., exit code)."""
@@ -318,7 +319,7 @@ class ComposeCluster:
         if node == self.server:
             d = self.nodes_dir / node
             d.mkdir(parents=True, exist_ok=True)
-            (d / cmp.RESUME_MARKER).write_text("resume from checkpoints/ on the next start\n")
+            write_atomic(d / cmp.RESUME_MARKER, "resume from checkpoints/ on the next start\n")
         self._docker(node, "start")
         self._killed_at.pop(node, None)
 
@@ -402,7 +403,7 @@ def _prepare(topo: Topology, run_dir: Path, algo: str, overrides: RunOverrides, 
         image = cmp.offline_image_spec(offline_image_tag(), data)
         container_data = str(data) if data else ""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "topology.yaml").write_text(yaml.safe_dump(to_dict(topo), sort_keys=False))
+    write_atomic(run_dir / "topology.yaml", yaml.safe_dump(to_dict(topo), sort_keys=False))
     write_run_configs(topo, run_dir / "config", overrides, server_address=lambda w: str(server_address_for(topo, w)),
                       port=SERVER_PORT, data_dir=container_data or None)
     (run_dir / "nodes" / topo.server.name / cmp.RESUME_MARKER).unlink(missing_ok=True)
@@ -488,7 +489,7 @@ def _finish(cluster: ComposeCluster, code: int, injector: Any, out: TextIO) -> i
 
         summary["faults"] = fault_reactions(load_run(run_dir))
         summary["faults_failed"] = [e for e in injector.events if e["action"] == "failed"]
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     print(format_summary(summary), file=out)
     if injector is not None and injector.events:
         print("faults", *[describe_fault(r) for r in summary["faults"]],

@@ -45,6 +45,7 @@ from smolcluster.testbed.control import LinkHandle, WorkersGoneWatch
 from smolcluster.testbed.sim.plan import RunOverrides, write_run_configs
 from smolcluster.testbed.sim.processes import ProcessGroup
 from smolcluster.testbed.topology import Hop, Topology, path_to_server, to_dict
+from smolcluster.common.files import write_atomic
 
 EMULABLE_MBIT = 1000.0  # rates above this are not paced by the proxy (faster than loopback emulation here)
 KILLED_SERVER_GRACE_S = 30.0  # wait() keeps going this long after kill(server), for a restart (server crash fault)
@@ -256,7 +257,7 @@ class LocalCluster:
     def start(self) -> None:
         """Write configs, start the server, the link proxies, then the workers."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "topology.yaml").write_text(yaml.safe_dump(to_dict(self.topology), sort_keys=False))
+        write_atomic(self.run_dir / "topology.yaml", yaml.safe_dump(to_dict(self.topology), sort_keys=False))
         write_run_configs(self.topology, self.config_dir, self.overrides, server_address=lambda w: "127.0.0.1", port=0)
         self._t0 = time.time()
         self._start_toxiproxy()
@@ -284,7 +285,7 @@ class LocalCluster:
         info = {"api": self.toxiproxy.api_url, "embedded": self._embedded is not None, "server_port": self.server_port,
                 "proxies": [{"name": p.name, "listen": self.listen[p.name],
                              "upstream": self.listen[p.next] if p.next else f"127.0.0.1:{self.server_port}"} for p in self.plans]}
-        (self.run_dir / "proxies.json").write_text(json.dumps(info, indent=2))
+        write_atomic(self.run_dir / "proxies.json", json.dumps(info, indent=2))
 
     def slowdown(self, node: str) -> float:
         return min(MAX_SLOWDOWN, max(1.0, 1.0 / self.topology.nodes[node].device.speed))

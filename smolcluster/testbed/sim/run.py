@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, TextIO
 from smolcluster.common.errors import SimError
 from smolcluster.testbed.sim.plan import RunOverrides
 from smolcluster.testbed.topology import Topology, load_topology
+from smolcluster.common.files import write_atomic
 
 # Server updates between evaluations when the topology does not set eval_steps: EDP applies one
 # update per push (~190 for hybrid's epoch), SyncPS one per step (~470), so both get ~20 points.
@@ -154,7 +155,7 @@ def run_local(topo: Topology, opts: SimOptions, out: TextIO = sys.stdout,
 
         summary["faults"] = fault_reactions(load_run(run_dir))
         summary["faults_failed"] = [e for e in injector.events if e["action"] == "failed"]
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     print(format_summary(summary), file=out)
     if injector.events:
         print("faults", *[describe_fault(r) for r in summary["faults"]],
@@ -347,6 +348,9 @@ def format_summary(s: dict) -> str:
         f"pushes applied {s['pushes_applied']}, late {s['pushes_late']}, rejected {s['pushes_rejected']}"
         + (f" ({', '.join(f'{k}: {v}' for k, v in s['rejected_reasons'].items())})" if s.get("rejected_reasons") else ""),
     ]
+    if s.get("torch"):
+        overall.append(f"torch {s['torch']['version']} ({s['torch']['build']}), {s['torch']['import_rss_mb']:.0f} MB RSS per node "
+                       "once imported")
     return "\n".join([
         "", "nodes (bytes out = towards the server; a worker's bytes come from its first-hop proxy)",
         table(["node", "role", "device", "slowdown", "steps", "samples/s", "staleness", "bytes out", "bytes in", "late", "rejected"], node_rows),
