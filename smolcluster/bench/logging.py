@@ -230,7 +230,8 @@ def train_loop(steps: int, workdir: Path, url: str | None, *, seed: int = 0,
     With url None nothing is shipped (the files are still written: that is what a node does anyway)."""
     import torch
 
-    from smolcluster.core.training.lokipush import FormatOnce, LokiLogHandler, LokiPusher, node_labels, push_metrics_line
+    from smolcluster.core.training.lokipush import FormatOnce, LokiLogHandler, LokiPusher, push_metrics_line
+    from smolcluster.core.training.telemetry import node_labels
     from smolcluster.core.training.models import SimpleNN, loss_fn
     from smolcluster.core.training.telemetry import LogfmtFormatter
 
@@ -238,7 +239,7 @@ def train_loop(steps: int, workdir: Path, url: str | None, *, seed: int = 0,
     model = SimpleNN()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     data = _batches(64, seed)
-    labels = node_labels(component="worker", hostname="bench", rank=1, algorithm="edp", run="bench-logging")
+    labels = node_labels(role="worker", hostname="bench", rank=1, algorithm="edp", run="bench-logging")
 
     log = logging.Logger("smolcluster.bench.logging")  # not registered globally: no state left behind
     file_handler = logging.FileHandler(workdir / "worker.log", encoding="utf-8")

@@ -101,6 +101,7 @@ class ClusterConfig:
     heartbeat_timeout: float = checked(10.0, **_SECONDS, fix="use e.g. 10.0")
     idle_timeout: float = checked(30.0, **_SECONDS, fix="use e.g. 30.0")  # server stops if no worker is connected this long
     wandb: Literal["auto", "online", "offline", "off"] = checked("auto", fix="use auto, online, offline or off")
+    loki_url: str | None = None  # ship logs and metrics to this Loki (or $SMOLCLUSTER_LOKI_URL); null: only files
 
     def server_address_for(self, hostname: str) -> str:
         return self.host_ip[hostname]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import platform
 import socket
 import sys
@@ -14,10 +16,13 @@ from smolcluster.core.training.config import ClusterConfig, RunConfig, cluster_c
 from smolcluster.common.errors import ConfigError, SmolclusterError
 from smolcluster.core.training.context import NodeContext
 from smolcluster.core.training.device import pick_device, torch_build, torch_info
-from smolcluster.core.training.telemetry import MetricsWriter, WandbRun, node_labels, peak_rss_mb, setup_logging
+from smolcluster.core.training.lokipush import LokiLogHandler, LokiPusher, push_metrics_line
+from smolcluster.core.training.telemetry import (LogfmtFormatter, MetricsWriter, WandbRun, node_labels, peak_rss_mb,
+                                                 setup_logging)
 from smolcluster.core.net.transport import TransportConfig
 
 ALGORITHM_NAMES = {"edp": "EDP", "syncps": "SyncPS"}
+LOKI_URL_ENV = "SMOLCLUSTER_LOKI_URL"
 
 
 def _key_for(cfg: RunConfig) -> bytes | None:
@@ -53,13 +58,29 @@ def _context(cfg: RunConfig, *, role: str, rank: int, hostname: str, run_dir: Pa
                          run=run_name or default_run_name(run_dir, hostname))
     log = setup_logging(run_dir / f"{role}.log", labels=labels)
     log.info(f"computing on {device} with torch {torch_build()}, Python {platform.python_version()} in {sys.prefix}")
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    shipper = _loki_shipper(cfg, labels, log)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl",
+                            ship=(lambda line: push_metrics_line(shipper, line)) if shipper is not None else None)
     wandb = WandbRun(mode=cfg.cluster.wandb, algorithm=algo, role=role, hostname=hostname, rank=rank,
                      lr=cfg.nn.learning_rate, batch_size=cfg.nn.batch_size,
                      config={"cluster": to_dict(cfg.cluster), "nn": to_dict(cfg.nn)}, run_dir=run_dir, logger=log)
     return NodeContext(cfg=cfg, role=role, rank=rank, hostname=hostname, run_dir=run_dir, log=log, metrics=metrics,
                        wandb=wandb, key=_key_for(cfg), transport=_transport(cfg.cluster), slowdown=slowdown, device=device,
-                       torch=torch_info(import_rss))
+                       torch=torch_info(import_rss), shipper=shipper)
+
+
+def _loki_shipper(cfg: RunConfig, labels: dict, log: logging.Logger) -> LokiPusher | None:
+    """With loki_url (config) or $SMOLCLUSTER_LOKI_URL, the node pushes its own log and metrics lines to Loki:
+    no agent on a Pi. Batched on a background thread with a bounded queue: it never slows training."""
+    url = cfg.cluster.loki_url or os.environ.get(LOKI_URL_ENV)
+    if not url:
+        return None
+    shipper = LokiPusher(url, labels, logger=log)
+    handler = LokiLogHandler(shipper, LogfmtFormatter(labels))
+    handler._smolcluster = True  # type: ignore[attr-defined]  # setup_logging replaces it like its own handlers
+    log.addHandler(handler)
+    log.info(f"shipping logs and metrics to Loki at {shipper.url}")
+    return shipper
 
 
 def _algorithm(name: str):
@@ -98,8 +119,7 @@ def run_server(*, algo: str, config_dir: Path, run_dir: Path, resume: bool = Fal
         ctx.log.error(f"stopped: {e}")  # why the node died, in its log (and Loki), not only on its terminal
         raise
     finally:
-        ctx.wandb.finish()
-        ctx.metrics.close()
+        ctx.close()
 
 
 def run_worker(*, rank: int, hostname: str, algo: str, config_dir: Path, run_dir: Path, connect: str | None = None,
@@ -126,5 +146,4 @@ def run_worker(*, rank: int, hostname: str, algo: str, config_dir: Path, run_dir
         ctx.log.error(f"stopped: {e}")
         raise
     finally:
-        ctx.wandb.finish()
-        ctx.metrics.close()
+        ctx.close()

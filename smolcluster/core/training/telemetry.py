@@ -21,7 +21,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # --------------------------------------------------------------------------- metrics
 
@@ -56,13 +56,15 @@ def _jsonable(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """Append-only metrics.jsonl. Thread-safe; line-buffered so a crash loses at most the current line."""
+    """Append-only metrics.jsonl. Thread-safe; line-buffered so a crash loses at most the current line.
+    `ship(line)`, when given, also gets every line (e.g. a Loki pusher; it must not block)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, ship: Callable[[str], None] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", buffering=1, encoding="utf-8")
         self._lock = threading.Lock()
+        self._ship = ship
 
     def write(self, event: str, **fields: Any) -> None:
         record = {"time": time.time(), "event": event, **{k: _jsonable(v) for k, v in fields.items()}}
@@ -70,6 +72,8 @@ class MetricsWriter:
         with self._lock:
             if not self._f.closed:
                 self._f.write(line + "\n")
+        if self._ship is not None:
+            self._ship(line)
 
     def close(self) -> None:
         with self._lock:
