@@ -31,6 +31,7 @@ from typing import Callable
 
 import yaml
 
+from smolcluster.common.jsonl import JsonlFollower, read_jsonl
 from smolcluster.testbed.sim.processes import ProcessGroup
 
 
@@ -214,29 +215,17 @@ def run_ddp(world: int, batch_size: int, epochs: int, lr: float, seed: int, data
                     results[0]["epoch_test_accuracy"])
 
 
-def _events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 class _EpochRelay:
     """Relays the server's per-epoch evaluations while it runs. Reads only what metrics.jsonl gained
     since the last call: the file grows by a line per update, and this polls beside the measured run."""
 
     def __init__(self, metrics: Path, eval_steps: int, epochs: int, progress: Callable[[str], None]):
-        self.metrics, self.eval_steps, self.epochs, self.progress = metrics, eval_steps, epochs, progress
-        self.offset = 0
+        self.metrics = JsonlFollower(metrics)
+        self.eval_steps, self.epochs, self.progress = eval_steps, epochs, progress
         self.reported = 0
 
     def poll(self) -> None:
-        if not self.metrics.exists():
-            return
-        with self.metrics.open("rb") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
-        self.offset += len(complete)
-        for line in complete.splitlines():
-            e = json.loads(line)
+        for e in self.metrics.read_new():
             if e["event"] == "eval" and e["version"] > 0 and e["version"] % self.eval_steps == 0 \
                     and self.reported < self.epochs:
                 self.reported += 1
@@ -290,13 +279,13 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
         relay.poll()
         for name in names:
             group.wait(name, timeout=60)
-    server = _events(run_dir / "server" / "metrics.jsonl")
+    server = read_jsonl(run_dir / "server" / "metrics.jsonl")
     updates = [e["time"] for e in server if e["event"] == "update"]
     start = next(e["time"] for e in server if e["event"] == "training_start")
     evals = [e for e in server if e["event"] == "eval" and e["version"] > 0]
     # Evaluations inside the training span paused it: take them out, as the single and DDP runs do.
     wall = max(updates) - start - sum(e.get("seconds", 0.0) for e in evals if e["time"] <= max(updates))
-    ends = [e for n in names for e in _events(run_dir / n / "metrics.jsonl") if e["event"] == "end"]
+    ends = [e for n in names for e in read_jsonl(run_dir / n / "metrics.jsonl") if e["event"] == "end"]
     samples = sum(e["samples"] for e in ends)
     summary = json.loads((run_dir / "server" / "summary.json").read_text())
     rss = max([e.get("peak_rss_mb", 0) for e in ends] + [e.get("peak_rss_mb", 0) for e in server if e["event"] == "end"])

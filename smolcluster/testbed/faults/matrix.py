@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from smolcluster.common.jsonl import read_jsonl
+from smolcluster.common.text import table
 from smolcluster.core.training.checkpoint import load_checkpoint
 from smolcluster.resources import resource_path
 from smolcluster.testbed.faults.injector import read_fault_log
@@ -169,18 +171,6 @@ def run_matrix(faults: Iterable[str] = SCENARIO_NAMES, algos: Iterable[str] = AL
 # --------------------------------------------------------------------------- checks
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a killed process may leave a torn last line
-    return out
-
-
 def check_run(sc: Scenario, algo: str, run_dir: Path, wall_s: float, problems: list[str] | None = None) -> Outcome:
     problems = list(problems or [])
     summary: dict[str, Any] = {}
@@ -225,7 +215,7 @@ def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: 
     server_name = next((p.parent.name for p in nodes.glob("*/summary.json")), None)
     if server_name is None:
         return ["no server summary in nodes/*/summary.json"]
-    server = _jsonl(nodes / server_name / "metrics.jsonl")
+    server = read_jsonl(nodes / server_name / "metrics.jsonl")
     crashes = sum(1 for e in log if e["action"] == "fired" and e["kind"] in ("server_crash", "kill", "restart")
                   and e["target"] == server_name)
     out = []
@@ -236,7 +226,7 @@ def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: 
         out.append(f"pushes_rejected {summary.get('pushes_rejected')} != sum of rejected_reasons {summary.get('rejected_reasons')}")
     for w in summary.get("per_worker", []):
         rank, host = w["rank"], w["hostname"]
-        events = _jsonl(nodes / host / "metrics.jsonl")
+        events = read_jsonl(nodes / host / "metrics.jsonl")
         if events and events[-1]["event"] != "end" and _cut_off_at_end(events, server):
             pass  # disconnected when the server finished: no BYE could reach it, the sim stopped it
         elif not events or events[-1]["event"] != "end":  # crashed, or stuck
@@ -307,10 +297,7 @@ def format_matrix(results: list[Outcome]) -> str:
     rows = [[r.fault, r.algorithm, "pass" if r.passed else "FAIL",
              f"{r.final_test_accuracy:.4f}" if r.final_test_accuracy is not None else "-",
              f"{r.recovery_s:.1f}" if r.recovery_s is not None else "-", f"{r.wall_s:.0f}"] for r in results]
-    headers = ["fault", "algorithm", "outcome", "final acc", "recovery s", "wall s"]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [table(["fault", "algorithm", "outcome", "final acc", "recovery s", "wall s"], rows)]
     for r in results:
         for p in r.problems:
             lines.append(f"{r.fault} x {r.algorithm}: {p}")
