@@ -32,6 +32,7 @@ from typing import Callable
 import yaml
 
 from smolcluster.common.jsonl import JsonlFollower, read_jsonl
+from smolcluster.core import algorithms
 from smolcluster.testbed.sim.processes import ProcessGroup
 
 
@@ -236,6 +237,7 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
            workdir: Path, nn_overrides: dict | None = None, label: str = "",
            progress: Callable[[str], None] = lambda _: None, **cluster_overrides) -> BenchRun:
     """Server + workers as real processes on loopback, configured like the seed's defaults."""
+    spec = algorithms.get(algo)
     names = [f"w{i}" for i in range(1, workers + 1)]
     tag = algo + "".join(f"-{k}{v}" for k, v in cluster_overrides.items())
     cfg_dir, run_dir = workdir / f"{tag}-config", workdir / f"{tag}-run"
@@ -243,13 +245,14 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
     cluster = {"host_ip": {n: "127.0.0.1" for n in names + ["server"]}, "port": 0, "num_workers": workers,
                "workers": names, "server": "server", "seed": seed, "wandb": "off", "checkpoint_interval": 0,
                "min_workers": workers, "timeout": 5.0, "idle_timeout": 60.0,
-               "worker_update_interval": 1 if algo == "syncps" else 5, "push_interval": 5} | cluster_overrides
-    # The server evaluates every `eval_steps` versions: make that one epoch's worth of samples. A SyncPS
-    # version is one step of every worker; an EDP version is one push, carrying push_interval steps.
+               "worker_update_interval": spec.config_defaults.get("worker_update_interval", 1),
+               "push_interval": 5} | cluster_overrides
+    # The server evaluates every `eval_steps` versions: make that one epoch's worth of samples. A synchronous
+    # version is one step of every worker; an asynchronous one is one push, carrying push_interval steps.
     from smolcluster.core.training.tasks import MnistTask
 
     steps_per_epoch = MnistTask(None, workers, batch_size, seed).steps_per_epoch
-    per_epoch = steps_per_epoch if algo == "syncps" else workers * steps_per_epoch / cluster["push_interval"]
+    per_epoch = steps_per_epoch if spec.synchronous else workers * steps_per_epoch / cluster["push_interval"]
     nn = {"batch_size": batch_size, "learning_rate": lr, "num_epochs": epochs, "eval_steps": max(1, round(per_epoch)),
           "data_dir": data_dir} | (nn_overrides or {})
     (cfg_dir / "nn_config.yaml").write_text(yaml.safe_dump(nn))
@@ -289,7 +292,7 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
     samples = sum(e["samples"] for e in ends)
     summary = json.loads((run_dir / "server" / "summary.json").read_text())
     rss = max([e.get("peak_rss_mb", 0) for e in ends] + [e.get("peak_rss_mb", 0) for e in server if e["event"] == "end"])
-    global_batch = batch_size * workers if algo == "syncps" else batch_size
+    global_batch = batch_size * workers if spec.synchronous else batch_size
     epoch_accs = [e["test_accuracy"] for e in evals if e["version"] % nn["eval_steps"] == 0][:epochs - 1]
     return BenchRun(label or algo, workers + 1, global_batch, epochs, round(wall, 2), round(samples / wall, 1),
                     summary["final_test_accuracy"], round(rss, 1), [*epoch_accs, summary["final_test_accuracy"]])

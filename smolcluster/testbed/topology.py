@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 
+from smolcluster.core import algorithms
 from smolcluster.core.training.config import read_yaml
 from smolcluster.common.errors import ConfigError
 from smolcluster.common.text import table
@@ -318,8 +319,8 @@ def _parse_training(file: Path, raw: Any) -> TrainingDefaults:
         else:
             raise ConfigError(file, key, "unknown key", _unknown_fix(k, sorted(set(known) | passthrough - set(_DERIVED_KEYS) - set(_RENAMED_KEYS))))
     t = TrainingDefaults(**values, extra=extra)
-    if t.algorithm not in ("edp", "syncps"):
-        raise ConfigError(file, "training.algorithm", f"got {t.algorithm!r}", "use edp or syncps")
+    if t.algorithm not in algorithms.names():
+        raise ConfigError(file, "training.algorithm", f"got {t.algorithm!r}", f"use {algorithms.choices()}")
     for k in ("epochs", "batch_size", "max_steps", "worker_update_interval", "push_interval", "min_workers"):
         v = getattr(t, k)
         if v is not None and v < 1:

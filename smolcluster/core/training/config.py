@@ -13,14 +13,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from smolcluster.common.errors import ConfigError
-
-Algorithm = Literal["edp", "syncps"]
-ALGORITHMS: tuple[str, ...] = ("edp", "syncps")
+from smolcluster.core import algorithms
 
 
 @dataclass(frozen=True)
@@ -219,8 +217,7 @@ def cluster_config_file(config_dir: Path, algorithm: str) -> Path:
 
 
 def load_run_config(config_dir: str | Path, algorithm: str) -> RunConfig:
-    if algorithm not in ALGORITHMS:
-        raise ConfigError("command line", "--algo", f"unknown algorithm {algorithm!r}", "use edp or syncps")
+    algorithms.get(algorithm)  # an unknown --algo fails here, before any file is read
     config_dir = Path(config_dir)
     nn_file = config_dir / "nn_config.yaml"
     cl_file = cluster_config_file(config_dir, algorithm)

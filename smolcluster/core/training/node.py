@@ -7,15 +7,13 @@ from pathlib import Path
 
 import torch
 
+from smolcluster.core import algorithms
 from smolcluster.core.net.auth import load_cluster_key
 from smolcluster.core.training.config import ClusterConfig, RunConfig, load_run_config, rank_of, to_dict
 from smolcluster.common.errors import ConfigError
 from smolcluster.core.training.context import NodeContext
 from smolcluster.core.training.telemetry import MetricsWriter, WandbRun, setup_logging
 from smolcluster.core.net.transport import TransportConfig
-
-ALGORITHM_NAMES = {"edp": "EDP", "syncps": "SyncPS"}
-
 
 def _key_for(cfg: RunConfig) -> bytes | None:
     key_file = cfg.cluster.cluster_key_file
@@ -32,23 +30,14 @@ def _transport(cluster: ClusterConfig) -> TransportConfig:
 def _context(cfg: RunConfig, *, role: str, rank: int, hostname: str, run_dir: Path, slowdown: float) -> NodeContext:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # many nodes share few cores; one thread each avoids oversubscription
-    algo = ALGORITHM_NAMES[cfg.cluster.algorithm]
     log = setup_logging(run_dir / f"{role}.log", job=f"smolcluster-{cfg.cluster.algorithm}", component=role,
                         host=hostname, rank=rank)
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
-    wandb = WandbRun(mode=cfg.cluster.wandb, algorithm=algo, role=role, hostname=hostname, rank=rank,
+    wandb = WandbRun(mode=cfg.cluster.wandb, algorithm=cfg.cluster.algorithm, role=role, hostname=hostname, rank=rank,
                      lr=cfg.nn.learning_rate, batch_size=cfg.nn.batch_size,
                      config={"cluster": to_dict(cfg.cluster), "nn": to_dict(cfg.nn)}, run_dir=run_dir, logger=log)
     return NodeContext(cfg=cfg, role=role, rank=rank, hostname=hostname, run_dir=run_dir, log=log, metrics=metrics,
                        wandb=wandb, key=_key_for(cfg), transport=_transport(cfg.cluster), slowdown=slowdown)
-
-
-def _algorithm(name: str):
-    if name == "syncps":
-        from smolcluster.core.algorithms import syncps as module
-    else:
-        from smolcluster.core.algorithms import edp as module
-    return module
 
 
 def run_server(*, algo: str, config_dir: Path, run_dir: Path, resume: bool = False, bind: str | None = None,
@@ -57,7 +46,7 @@ def run_server(*, algo: str, config_dir: Path, run_dir: Path, resume: bool = Fal
     hostname = cfg.cluster.server
     ctx = _context(cfg, role="server", rank=0, hostname=hostname, run_dir=Path(run_dir), slowdown=slowdown)
     bind = bind or "0.0.0.0"  # the listener warns when this is reachable without a cluster key
-    server_cls = _algorithm(algo).Server
+    server_cls = algorithms.get(algo).server_class()
     try:
         server = server_cls(ctx, bind=bind, port=cfg.cluster.port if port is None else port, resume=resume)
         return server.serve()
@@ -85,7 +74,7 @@ def run_worker(*, rank: int, hostname: str, algo: str, config_dir: Path, run_dir
     ctx = _context(cfg, role="worker", rank=rank, hostname=hostname, run_dir=Path(run_dir), slowdown=slowdown)
     ctx.log.info(f"worker {hostname} (rank {rank}) on {socket.gethostname()} -> server {host}:{port}")
     try:
-        _algorithm(algo).Worker(ctx, host=host, port=port).run()
+        algorithms.get(algo).worker_class()(ctx, host=host, port=port).run()
     finally:
         ctx.wandb.finish()
         ctx.metrics.close()

@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from smolcluster.core.algorithms import display_name
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -147,8 +149,7 @@ WANDB_INIT_TIMEOUT_S = 20.0
 
 
 def wandb_run_name(algorithm: str, role: str, hostname: str, rank: int, lr: float, batch_size: int) -> str:
-    algo = {"edp": "EDP", "syncps": "SyncPS"}.get(algorithm.lower(), algorithm)
-    return f"{algo}-{role}-{hostname}_rank{rank}_lr{lr}_bs{batch_size}"
+    return f"{display_name(algorithm)}-{role}-{hostname}_rank{rank}_lr{lr}_bs{batch_size}"
 
 
 def wandb_has_credentials() -> bool:

@@ -32,19 +32,17 @@ import yaml
 
 from smolcluster.common.jsonl import read_jsonl
 from smolcluster.common.text import table
+from smolcluster.core import algorithms
 from smolcluster.core.training.checkpoint import load_checkpoint
 from smolcluster.resources import resource_path
 from smolcluster.testbed.faults.injector import read_fault_log
 
-ALGORITHMS = ("edp", "syncps")
 SMALL_TOPOLOGY = resource_path("topologies", "faults-small.yaml")
 
-# Sized for topologies/faults-small.yaml (server + 2 workers, 20 ms links: ~12 s of training, mostly
-# waiting on the links, so little CPU): faults fire at TRIGGER_STEP (~3 s in, after the first
-# checkpoint), and a 3 s fault leaves ~5 s to recover before MAX_STEPS.
-MAX_STEPS = {"edp": 330, "syncps": 220}
-TRIGGER_STEP = {"edp": 90, "syncps": 60}
-FLOOR = {"edp": 0.85, "syncps": 0.85}  # without faults both reach ~0.92 at these step counts
+# Each algorithm's run length, trigger step and accuracy floor are its registry entry's fault_matrix,
+# sized for topologies/faults-small.yaml (server + 2 workers, 20 ms links: ~12 s of training, mostly
+# waiting on the links, so little CPU): faults fire ~3 s in, after the first checkpoint, and a 3 s
+# fault leaves ~5 s to recover before max_steps. Without faults both built-ins reach ~0.92 there.
 BOUND_S = 120.0  # a run takes ~25 s here; four times that, and a bit, means it hung
 
 
@@ -52,14 +50,16 @@ BOUND_S = 120.0  # a run takes ~25 s here; four times that, and a bit, means it 
 class Scenario:
     fault: str  # the matrix row
     entries: tuple[dict[str, Any], ...]  # fault entries without trigger; `step_offset` shifts one
-    floor: dict[str, float] = field(default_factory=lambda: dict(FLOOR))
     bound_s: float = BOUND_S
+
+    def floor(self, algo: str) -> float:
+        return algorithms.get(algo).fault_matrix.floor
 
     def faults(self, algo: str) -> list[dict[str, Any]]:
         out = []
         for e in self.entries:
             e = dict(e)
-            e["at_step"] = TRIGGER_STEP[algo] + e.pop("step_offset", 0)
+            e["at_step"] = algorithms.get(algo).fault_matrix.trigger_step + e.pop("step_offset", 0)
             out.append(e)
         return out
 
@@ -118,7 +118,8 @@ def run_scenario(sc: Scenario, algo: str, run_dir: Path, topology: Path = SMALL_
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     faults_file = run_dir.parent / f"{run_dir.name}.faults.yaml"
     faults_file.write_text(yaml.safe_dump({"faults": sc.faults(algo)}, sort_keys=False))
-    argv = [sys.executable, "-m", "smolcluster", "sim", str(topology), "--algo", algo, "--max-steps", str(MAX_STEPS[algo]),
+    max_steps = algorithms.get(algo).fault_matrix.max_steps
+    argv = [sys.executable, "-m", "smolcluster", "sim", str(topology), "--algo", algo, "--max-steps", str(max_steps),
             "--run-dir", str(run_dir), "--faults", str(faults_file)]
     log_path = run_dir.parent / f"{run_dir.name}.sim.log"
     t0 = time.time()
@@ -155,12 +156,14 @@ def _tail(path: Path, lines: int = 5) -> str:
     return " | ".join(text[-lines:])
 
 
-def run_matrix(faults: Iterable[str] = SCENARIO_NAMES, algos: Iterable[str] = ALGORITHMS, out_dir: Path = Path("runs/faults-matrix"),
-               topology: Path = SMALL_TOPOLOGY, progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+def run_matrix(faults: Iterable[str] = SCENARIO_NAMES, algos: Iterable[str] | None = None,
+               out_dir: Path = Path("runs/faults-matrix"), topology: Path = SMALL_TOPOLOGY,
+               progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Every fault scenario x algorithm (default: every registered one)."""
     results = []
     for name in faults:
         sc = scenario(name)
-        for algo in algos:
+        for algo in algos if algos is not None else algorithms.names():
             outcome = run_scenario(sc, algo, Path(out_dir) / f"{name}-{algo}", topology)
             results.append(outcome)
             if progress is not None:
@@ -179,8 +182,8 @@ def check_run(sc: Scenario, algo: str, run_dir: Path, wall_s: float, problems: l
     elif not problems:
         problems.append("no summary.json")
     acc = summary.get("final_test_accuracy")
-    if acc is not None and acc < sc.floor[algo]:
-        problems.append(f"final test accuracy {acc:.4f} below the floor {sc.floor[algo]}")
+    if acc is not None and acc < sc.floor(algo):
+        problems.append(f"final test accuracy {acc:.4f} below the floor {sc.floor(algo)}")
     log = read_fault_log(run_dir)
     problems += fault_log_problems(sc, algo, log, summary)
     if summary:
@@ -237,12 +240,10 @@ def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: 
         answered = sum(1 for e in steps if e.get("status") in ("applied", "late", "rejected"))
         disconnects = sum(1 for e in events if e["event"] == "disconnect")
         killed = sum(1 for e in log if e["action"] == "fired" and e["kind"] in ("kill", "restart") and e["target"] == host)
-        if algo == "edp":
-            applied = sum(1 for e in server if e["event"] == "update" and e.get("source") == rank)
-            late = 0
-        else:
-            applied = sum(1 for e in server if e["event"] == "update" and rank in (e.get("contributors") or []))
-            late = sum(1 for e in server if e["event"] == "late" and e.get("rank") == rank)
+        # an update names its one `source` (asynchronous) or its `contributors` (synchronous)
+        applied = sum(1 for e in server if e["event"] == "update"
+                      and (e.get("source") == rank or rank in (e.get("contributors") or [])))
+        late = sum(1 for e in server if e["event"] == "late" and e.get("rank") == rank)
         rejected = sum(1 for e in rejects if e.get("rank") == rank)
         recorded = applied + late + rejected
         slack = disconnects + killed + crashes

@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TextIO
 
 from smolcluster.common.errors import SimError
+from smolcluster.core import algorithms
 from smolcluster.testbed.sim.plan import RunOverrides
 from smolcluster.testbed.topology import Topology, load_topology
 
-# Server updates between evaluations when the topology does not set eval_steps: EDP applies one
-# update per push (~190 for hybrid's epoch), SyncPS one per step (~470), so both get ~20 points.
-EVAL_STEPS = {"edp": 10, "syncps": 25}
 ACCURACY_MARKS = (0.90, 0.95)
 
 
@@ -56,7 +54,7 @@ def default_run_dir(topo: Topology, algo: str, now: Optional[float] = None) -> P
 def overrides_for(topo: Topology, opts: SimOptions, algo: str) -> RunOverrides:
     extra: dict[str, Any] = {}
     if "eval_steps" not in topo.training.extra:
-        extra["eval_steps"] = EVAL_STEPS[algo]
+        extra["eval_steps"] = algorithms.get(algo).sim_eval_steps
     if opts.wandb:
         extra["wandb"] = "auto"  # online with a key, else offline; never prompts
     return RunOverrides(algorithm=algo, epochs=opts.epochs, max_steps=opts.max_steps, seed=opts.seed, extra=extra)
@@ -66,8 +64,8 @@ def run_sim(opts: SimOptions, out: TextIO = sys.stdout) -> int:
     """The `smolcluster sim` command. Returns the process exit code."""
     if opts.backend not in ("local", "compose"):
         raise SimError(f"unknown backend {opts.backend!r}: use local (processes + proxies) or compose (docker)")
-    if opts.algo is not None and opts.algo not in EVAL_STEPS:
-        raise SimError(f"unknown algorithm {opts.algo!r}: use edp or syncps")
+    if opts.algo is not None and opts.algo not in algorithms.names():
+        raise SimError(f"unknown algorithm {opts.algo!r}: use {algorithms.choices()}")
     if opts.as_json and not opts.check:
         raise SimError("--json goes with --check (the link check's output); a training run writes RUN_DIR/summary.json")
     if opts.backend == "compose":
