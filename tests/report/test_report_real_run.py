@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smolcluster.testbed.report import fault_reactions, load_run, summary_table, time_to_accuracy, write_plots
+from smolcluster.testbed.report import fault_reactions, load_run, summary_table, write_plots
 from smolcluster.testbed.sim.processes import ProcessGroup
 
 pytestmark = pytest.mark.slow
@@ -72,13 +72,13 @@ def test_report_of_a_real_run_with_a_paused_worker(tmp_path, mnist_dir):
 
     run = load_run(run_dir)
     assert run.server == "srv" and run.workers == ["w1", "w2"]
-    assert run.summary["algorithm"] == "syncps" and run.summary["steps"] == 600
+    assert run.summary.algorithm == "syncps" and run.summary.steps == 600
 
     # Time to accuracy matches the first qualifying eval in the server's own metrics.
     evals = [e for e in _metrics(srv_metrics) if e["event"] == "eval"]
     server_start = next(e["time"] for e in _metrics(srv_metrics) if e["event"] == "start")
     first_90 = next((e["time"] - server_start for e in evals if e["test_accuracy"] >= 0.9), None)
-    assert time_to_accuracy(run, 0.9) == (pytest.approx(first_90) if first_90 is not None else None)
+    assert run.time_to_accuracy(0.9) == (pytest.approx(first_90) if first_90 is not None else None)
 
     [r] = fault_reactions(run)
     assert (r["fault"], r["target"]) == ("pause", "w2")

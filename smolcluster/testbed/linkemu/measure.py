@@ -27,7 +27,8 @@ MODE_BULK = b"B"
 MODE_ECHO = b"E"
 
 
-def _handle(conn: socket.socket) -> dict:
+def handle_connection(conn: socket.socket) -> dict:
+    """Serve one measuring connection: echo single bytes (RTT) or sink a bulk upload and report its timing."""
     mode = conn.recv(1)
     if mode == MODE_ECHO:
         # echo single bytes until the peer closes: one round trip per byte
@@ -66,7 +67,7 @@ def serve(bind: str, port: int, count: int = 1, timeout: float = 60.0) -> list[d
             conn, peer = srv.accept()
             with conn:
                 conn.settimeout(timeout)
-                r = _handle(conn)
+                r = handle_connection(conn)
                 r["peer"] = peer[0]
                 results.append(r)
                 print(json.dumps(r), flush=True)
