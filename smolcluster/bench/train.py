@@ -32,6 +32,7 @@ from typing import Callable
 import yaml
 
 from smolcluster.common.jsonl import JsonlFollower, read_jsonl
+from smolcluster.common.wait import wait_until
 from smolcluster.core import algorithms
 from smolcluster.testbed.sim.processes import ProcessGroup
 
@@ -226,6 +227,7 @@ class _EpochRelay:
         self.reported = 0
 
     def poll(self) -> None:
+        """Relay the evaluations metrics.jsonl gained since the last call."""
         for e in self.metrics.read_new():
             if e["event"] == "eval" and e["version"] > 0 and e["version"] % self.eval_steps == 0 \
                     and self.reported < self.epochs:
@@ -258,24 +260,14 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
     (cfg_dir / "nn_config.yaml").write_text(yaml.safe_dump(nn))
     (cfg_dir / f"cluster_config_{algo}.yaml").write_text(yaml.safe_dump(cluster))
     with ProcessGroup() as group:
-        group.start("server", ["server", "--algo", algo, "--config-dir", str(cfg_dir), "--run-dir",
-                               str(run_dir / "server"), "--bind", "127.0.0.1", "--port", "0"], run_dir / "server" / "stdout.log")
-        server_json = run_dir / "server" / "server.json"
-        deadline = time.time() + 120
-        while not server_json.exists():
-            if time.time() > deadline or not group.procs["server"].alive():
-                raise RuntimeError(f"{algo} server did not start: {(run_dir / 'server' / 'stdout.log').read_text()[-1500:]}")
-            time.sleep(0.1)
-        port = json.loads(server_json.read_text())["port"]
+        port = group.start_server("server", ["server", "--algo", algo, "--config-dir", str(cfg_dir), "--run-dir",
+                                             str(run_dir / "server"), "--bind", "127.0.0.1", "--port", "0"],
+                                  run_dir / "server", timeout=120)["port"]
         for rank, name in enumerate(names, start=1):
             group.start(name, ["worker", str(rank), name, "--algo", algo, "--config-dir", str(cfg_dir), "--run-dir",
                                str(run_dir / name), "--connect", f"127.0.0.1:{port}"], run_dir / name / "stdout.log")
         relay = _EpochRelay(run_dir / "server" / "metrics.jsonl", nn["eval_steps"], epochs, progress)
-        deadline = time.time() + 1800
-        while group.procs["server"].alive() and time.time() < deadline:
-            time.sleep(0.5)
-            relay.poll()
-        if group.procs["server"].alive():
+        if not wait_until(lambda: relay.poll() or not group.procs["server"].alive(), 1800, interval=0.5):
             raise RuntimeError(f"{algo} server did not finish within 30 minutes")
         if group.wait("server", timeout=10) != 0:
             raise RuntimeError(f"{algo} server failed: {(run_dir / 'server' / 'stdout.log').read_text()[-1500:]}")

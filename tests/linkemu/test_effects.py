@@ -12,6 +12,7 @@ import time
 import pytest
 from linkemu_net import echo, port_of, recv_exact, source
 
+from smolcluster.common.wait import wait_until
 from smolcluster.testbed.linkemu import ToxiproxyClient
 
 
@@ -243,7 +244,5 @@ def test_stats_count_bytes_per_direction_and_connections(client, upstreams, clie
         s.sendall(b"x" * 1000)
         recv_exact(s, 1000)
         s.close()
-    deadline = time.monotonic() + 5
-    while client.get_proxy("link")["stats"]["connections_active"] and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not client.get_proxy("link")["stats"]["connections_active"], 5, interval=0.01)
     assert client.get_proxy("link")["stats"] == {"upstream_bytes": 2000, "downstream_bytes": 2000, "connections_total": 2, "connections_active": 0}
