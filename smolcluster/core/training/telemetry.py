@@ -5,11 +5,13 @@
       ts=2025-01-01T12:00:00.123Z level=info job=smolcluster component=server host=mini1 rank=0 msg="step closed" step=3
   Promtail's logfmt stage turns job/component/host/rank/level into the labels Grafana filters on.
   Extra key=values: logger.info("msg", extra={"kv": {"step": 3}}).
-- WandbRun: never prompts, never blocks or crashes training; `import wandb` only when mode != "off".
+- WandbRun: never prompts, never blocks or crashes training; `import wandb` only when mode != "off" (without
+  the optional wandb package, "auto" means off and "online" / "offline" warn once).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -183,6 +185,10 @@ class WandbRun:
             self._warn(f"unknown wandb mode {mode!r} (use {', '.join(WANDB_MODES)}); W&B disabled")
             return
         if mode == "off":
+            return
+        if importlib.util.find_spec("wandb") is None:  # an optional extra: a node runs without it
+            if mode != "auto":
+                self._warn(f"wandb mode {mode!r} but wandb is not installed (pip install 'smolcluster[wandb]'); W&B disabled")
             return
         has_key = wandb_has_credentials()
         if mode == "auto":
