@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from smolcluster.common.errors import ReportError
 from smolcluster.common.jsonl import read_jsonl
-from smolcluster.testbed.report.summary import SUMMARY_FILE, RunSummary, read_summary, time_to_accuracy
+from smolcluster.testbed.report.summary import SUMMARY_FILE, NodeSummary, RunSummary, read_summary, time_to_accuracy
 
 
 @dataclass
@@ -149,32 +149,16 @@ def load_run(run_dir: str | Path) -> RunData:
                    start_time=start_time, server=server, workers=workers)
 
 
-@dataclass
-class NodeRow:
-    node: str
-    role: str
-    device: Optional[str] = None  # and slowdown: what the backend emulated, when it says
-    slowdown: Optional[float] = None
-    steps: Optional[int] = None
-    samples_per_s: Optional[float] = None
-    mean_staleness: Optional[float] = None
-    bytes_in: Optional[int] = None
-    bytes_out: Optional[int] = None
-    late: Optional[int] = None
-    rejected: Optional[int] = None
-    joins: Optional[int] = None
-
-
-def node_rows(run: RunData) -> list[NodeRow]:
+def node_rows(run: RunData) -> list[NodeSummary]:
     """One row per node: the server's totals, then each worker from the summary's per_worker, its own
     metrics, the backend's per-node numbers (summary "nodes") and, last, the links it is the source of."""
-    rows: list[NodeRow] = []
+    rows: list[NodeSummary] = []
     s = run.summary
     backend_nodes = {n.node: n for n in s.nodes}
     if run.server:
         updates = run.server_events("update")
         mine = backend_nodes.get(run.server)
-        rows.append(NodeRow(node=run.server, role="server", device=mine and mine.device, slowdown=mine and mine.slowdown,
+        rows.append(NodeSummary(node=run.server, role="server", device=mine and mine.device, slowdown=mine and mine.slowdown,
                             steps=s.steps if s.steps is not None else (updates[-1].get("version") if updates else 0),
                             bytes_in=s.bytes_received, bytes_out=s.bytes_sent,
                             late=run.count("pushes_late", "late"), rejected=run.count("pushes_rejected", "reject"),
@@ -185,7 +169,7 @@ def node_rows(run: RunData) -> list[NodeRow]:
         pw = per_worker.get(node)
         rank = pw.rank if pw is not None and pw.rank is not None else rank_of.get(node)
         mine = backend_nodes.get(node)
-        row = NodeRow(node=node, role="worker", device=mine and mine.device, slowdown=mine and mine.slowdown)
+        row = NodeSummary(node=node, role="worker", device=mine and mine.device, slowdown=mine and mine.slowdown)
         if pw is not None:
             row.steps, row.samples_per_s, row.mean_staleness = pw.steps, pw.samples_per_s, pw.mean_staleness
             row.late, row.rejected, row.joins = pw.late, pw.rejected, pw.joins

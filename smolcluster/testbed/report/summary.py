@@ -77,8 +77,8 @@ class WorkerStats(_Record):
 
 @dataclass
 class NodeSummary(_Record):
-    """One `nodes` entry: a node as the backend saw it. A worker's bytes are its own traffic, not what
-    it forwards for others; up / out = towards the server."""
+    """One `nodes` entry: a node as the backend saw it (also a row of the report's node table). A worker's
+    bytes are its own traffic, not what it forwards for others; out = towards the server."""
 
     node: Optional[str] = None
     role: Optional[str] = None
@@ -92,6 +92,7 @@ class NodeSummary(_Record):
     bytes_in: Optional[int] = None
     late: Optional[int] = None
     rejected: Optional[int] = None
+    joins: Optional[int] = _omit_if_none()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
