@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import socket
 import sys
-import threading
 from dataclasses import asdict, dataclass, field
 from typing import Optional, TextIO
 
@@ -63,51 +62,9 @@ class PathResult:
         return {"from": d.pop("from"), "to": d.pop("to"), **d}
 
 
-class EchoSink:
-    """A loopback server speaking measure.py's protocol (echo for RTT, sink for bulk), one thread per connection."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        self._accept = threading.Thread(target=self._accept_loop, name="linkcheck-sink", daemon=True)
-        self._accept.start()
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self._conns.append(conn)
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    @staticmethod
-    def _serve(conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.settimeout(60)
-                measure.handle_connection(conn)  # the same echo/bulk handler `measure serve` uses
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        for c in self._conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._accept.join(5)
-        for t in self._threads:
-            t.join(5)
+def _measure_handler(conn: socket.socket) -> None:
+    conn.settimeout(60)
+    measure.handle_connection(conn)  # the same echo/bulk handler `measure serve` uses
 
 
 def bulk_upload(host: str, port: int, nbytes: int, timeout: float = 60.0) -> dict:
@@ -160,7 +117,7 @@ def check_links(topo: Topology, toxiproxy_url: Optional[str] = None, seed: Optio
     """Build the proxy chain towards an echo/sink server, measure every worker's path, tear it all down."""
     plans = plan_hops(topo)
     paths = worker_paths(topo)
-    sink = EchoSink()
+    sink = measure.LoopbackServer(_measure_handler)  # echo for RTT, sink for bulk: measure.py's protocol
     embedded: Optional[ToxiproxyServer] = None
     created: list[str] = []
     try:
