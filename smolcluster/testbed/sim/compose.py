@@ -26,7 +26,6 @@ import os
 import re
 import shlex
 import subprocess
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import Iterator, Sequence
 import yaml
 
 from smolcluster.common.errors import ConfigError, DockerCommandFailed
+from smolcluster.common.wait import wait_until
 from smolcluster.testbed.linkemu import netem
 from smolcluster.testbed.profiles import LinkProfile
 from smolcluster.testbed.sim.cluster import node_slowdown
@@ -469,19 +469,17 @@ def up(env: DockerEnv, cp: ComposeProject, timeout: float = 300.0) -> None:
 def wait_ready(env: DockerEnv, cp: ComposeProject, timeout: float = 120.0) -> dict[str, str]:
     """Wait for each service's ready file; fill cp.mechanisms ("node/network" -> mechanism)."""
     expected = [s for s in cp.services if not (s == TOXIPROXY_SERVICE and f"{TOXIPROXY_SERVICE}-net" in cp.services)]
-    deadline = time.monotonic() + timeout
-    while True:
-        failed = [p for p in cp.ready_dir.glob("*.failed")]
+
+    def missing() -> list[str]:
+        failed = list(cp.ready_dir.glob("*.failed"))
         if failed:
             msgs = "; ".join(f"{p.stem}: {p.read_text().strip()}" for p in failed)
             raise DockerCommandFailed(f"container setup failed: {msgs}. Logs: {logs(env, cp)[-3000:]}")
-        missing = [s for s in expected if not (cp.ready_dir / s).exists()]
-        if not missing:
-            break
-        if time.monotonic() > deadline:
-            raise DockerCommandFailed(f"containers {', '.join(missing)} did not finish setup within {timeout:.0f}s. "
-                                      f"Logs:\n{logs(env, cp)[-3000:]}")
-        time.sleep(0.2)
+        return [s for s in expected if not (cp.ready_dir / s).exists()]
+
+    if not wait_until(lambda: not missing(), timeout, interval=0.2):
+        raise DockerCommandFailed(f"containers {', '.join(missing())} did not finish setup within {timeout:.0f}s. "
+                                  f"Logs:\n{logs(env, cp)[-3000:]}")
     for s in expected:
         node = next((n for n in cp.topology.nodes if service_name(n) == s), s)
         for line in (cp.ready_dir / s).read_text().splitlines():
