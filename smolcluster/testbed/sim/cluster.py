@@ -177,6 +177,18 @@ class SimCluster:
     def alive(self, node: str) -> bool:
         raise NotImplementedError
 
+    def kill(self, node: str) -> None:  # call _killed(node) first: wait() then allows for a restart
+        raise NotImplementedError
+
+    def pause(self, node: str) -> None:
+        raise NotImplementedError
+
+    def resume(self, node: str) -> None:
+        raise NotImplementedError
+
+    def restart(self, node: str) -> None:  # call _restarted(node) once it runs again
+        raise NotImplementedError
+
     def links(self) -> list[LinkHandle]:
         raise NotImplementedError
 
