@@ -35,6 +35,7 @@ from smolcluster.common.jsonl import JsonlFollower, read_jsonl
 from smolcluster.common.wait import wait_until
 from smolcluster.core import algorithms
 from smolcluster.testbed.sim.processes import ProcessGroup
+from smolcluster.common.files import write_atomic
 
 
 @dataclass
@@ -257,8 +258,8 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
     per_epoch = steps_per_epoch if spec.synchronous else workers * steps_per_epoch / cluster["push_interval"]
     nn = {"batch_size": batch_size, "learning_rate": lr, "num_epochs": epochs, "eval_steps": max(1, round(per_epoch)),
           "data_dir": data_dir} | (nn_overrides or {})
-    (cfg_dir / "nn_config.yaml").write_text(yaml.safe_dump(nn))
-    (cfg_dir / f"cluster_config_{algo}.yaml").write_text(yaml.safe_dump(cluster))
+    write_atomic(cfg_dir / "nn_config.yaml", yaml.safe_dump(nn))
+    write_atomic(cfg_dir / f"cluster_config_{algo}.yaml", yaml.safe_dump(cluster))
     with ProcessGroup() as group:
         port = group.start_server("server", ["server", "--algo", algo, "--config-dir", str(cfg_dir), "--run-dir",
                                              str(run_dir / "server"), "--bind", "127.0.0.1", "--port", "0"],
@@ -355,6 +356,10 @@ def format_table(runs: list[BenchRun]) -> str:
                      f"{r.samples_per_s:>11.0f}{r.samples_per_s / ddp.samples_per_s:>7.2f}x"
                      f"{r.epoch_test_accuracy[0]:>9.4f}{r.final_test_accuracy:>10.4f}{r.peak_rss_mb:>9.0f}")
     lines.append("acc ep1 = test accuracy after one epoch's worth of samples; accuracy = at the end")
+    from smolcluster.core.training.device import measure_import_rss_mb, torch_info
+
+    t = torch_info(measure_import_rss_mb())
+    lines.append(f"torch {t['version']} ({t['build']}): {t['import_rss_mb']:.0f} MB peak RSS for `import torch` alone")
     lines.append("")
     for label, ok, detail in targets(runs):
         lines.append(f"  [{'PASS' if ok else 'FAIL'}] {label}: {detail}")
@@ -362,7 +367,9 @@ def format_table(runs: list[BenchRun]) -> str:
 
 
 def to_json(runs: list[BenchRun]) -> str:
-    return json.dumps({"runs": [asdict(r) for r in runs],
+    from smolcluster.core.training.device import measure_import_rss_mb, torch_info
+
+    return json.dumps({"runs": [asdict(r) for r in runs], "torch": torch_info(measure_import_rss_mb()),
                        "targets": [{"target": t, "passed": ok, "detail": d} for t, ok, d in targets(runs)]})
 
 

@@ -23,17 +23,18 @@ server, and the server's replies must find their way back. docs/topology.md has 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import typing
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-
-from smolcluster.core import algorithms
-from smolcluster.core.training.config import read_yaml
 from smolcluster.common.errors import ConfigError
+from smolcluster.common.fields import check_value, checked, parse_fields, rule_of, shown, unknown_key_fix
 from smolcluster.common.text import table
+from smolcluster.common.yamlfile import read_yaml, without_gc
+from smolcluster.core import algorithms
 from smolcluster.testbed.profiles import (
     DeviceProfile,
     LinkProfile,
@@ -63,6 +64,20 @@ class Route:
 
 
 @dataclass(frozen=True)
+class HostSpec:
+    """How the real-hardware launcher reaches a node (the optional `host:` block; see docs/hardware.md)."""
+
+    ssh: str  # ssh target or ~/.ssh/config alias; default: the node's name
+    user: str | None = None
+    port: int | None = checked(None, min=1, max=65535, fix="e.g. port: 22")
+    jump: str | None = None  # a node name or ssh target to go through (ProxyJump), e.g. a Pi behind its Mac
+    os: Literal["linux", "macos", "windows"] = checked("linux", fix="use one of: linux, macos, windows")
+    python: str = "python3"  # the interpreter on that host
+    workdir: str = "~/smolcluster"  # where the code, configs and runs live on that host
+    interfaces: dict[str, str] = field(default_factory=dict)  # network -> interface name (topology netsetup)
+
+
+@dataclass(frozen=True)
 class Node:
     name: str
     role: str  # "server" | "worker"
@@ -72,6 +87,27 @@ class Node:
     routes: tuple[Route, ...]
     rank: int  # server 0, workers 1..n in file order
     links: dict[str, LinkProfile] = field(default_factory=dict)  # per-node link overrides: network name -> profile
+    host: HostSpec | None = None  # how `smolcluster launch` reaches it; None: defaults (ssh to the node's name)
+
+    @property
+    def host_spec(self) -> HostSpec:
+        return self.host or HostSpec(ssh=self.name)
+
+    @cached_property
+    def _routes_by_prefix(self) -> list[tuple[int, dict[IPv4Network, Route]]]:
+        table: dict[int, dict[IPv4Network, Route]] = {}
+        for r in self.routes:
+            table.setdefault(r.dest.prefixlen, {}).setdefault(r.dest, r)  # the first route for a subnet wins
+        return sorted(table.items(), reverse=True)
+
+    def route_for(self, dest: IPv4Address) -> Route | None:
+        """The static route with the longest prefix holding `dest` (the first in file order on a tie), in
+        at most 33 lookups however many routes the node has."""
+        for prefixlen, routes in self._routes_by_prefix:
+            hit = routes.get(IPv4Network((int(dest) >> (32 - prefixlen) << (32 - prefixlen), prefixlen)))
+            if hit is not None:
+                return hit
+        return None
 
 
 @dataclass(frozen=True)
@@ -82,18 +118,21 @@ class Hop:
     profile: LinkProfile
 
 
+_AT_LEAST_1 = {"min": 1, "fix": "use a positive integer or null"}
+
+
 @dataclass(frozen=True)
 class TrainingDefaults:
-    algorithm: str = "edp"
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 32
-    learning_rate: float = 0.001
-    seed: int = 42
-    worker_update_interval: int | None = None  # None: the algorithm's default
-    push_interval: int | None = None
-    timeout: float | None = None
-    min_workers: int | None = None
+    algorithm: str = "edp"  # a name in the algorithm registry (checked in _parse_training)
+    epochs: int = checked(1, min=1, fix="use a positive integer")
+    max_steps: int | None = checked(None, **_AT_LEAST_1)
+    batch_size: int = checked(32, min=1, fix="use a positive integer")
+    learning_rate: float = checked(0.001, above=0, fix="use a positive number")
+    seed: int = checked(42, min=0, fix="use e.g. 42")
+    worker_update_interval: int | None = checked(None, **_AT_LEAST_1)  # None: the algorithm's default
+    push_interval: int | None = checked(None, **_AT_LEAST_1)
+    timeout: float | None = checked(None, above=0, fix="use a positive number")
+    min_workers: int | None = checked(None, **_AT_LEAST_1)
     use_quantization: bool = False
     server_trains: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # other cluster/nn config keys, validated by smolcluster.core.training.config
@@ -108,21 +147,31 @@ class Topology:
     training: TrainingDefaults
     faults: list[dict]  # raw entries; the faults module validates them
 
-    @property
+    @cached_property
     def server(self) -> Node:
         return next(n for n in self.nodes.values() if n.role == "server")
 
-    @property
+    @cached_property
     def workers(self) -> list[Node]:
         return sorted((n for n in self.nodes.values() if n.role == "worker"), key=lambda n: n.rank)
 
+    @cached_property
+    def _owners(self) -> dict[IPv4Address, tuple[Node, str]]:
+        return {addr: (node, net) for node in self.nodes.values() for net, addr in node.addresses.items()}
+
     def owner(self, address: IPv4Address) -> tuple[Node, str] | None:
         """The node holding an address, and the network it holds it on."""
-        for node in self.nodes.values():
-            for net, addr in node.addresses.items():
-                if addr == address:
-                    return node, net
-        return None
+        return self._owners.get(address)
+
+    @cached_property
+    def paths(self) -> dict[str, tuple[IPv4Address, list[Hop], list[Hop]]]:
+        """Per worker: the server address it dials, the path there and the path replies take back."""
+        return {w.name: _paths(self, w.name) for w in self.workers}
+
+    @cached_property
+    def links(self) -> list[tuple[str, str]]:
+        """Every hop on a worker's path to the server as (src, dst), src on the worker side, in order."""
+        return list(dict.fromkeys((h.src, h.dst) for w in self.workers for h in self.paths[w.name][1]))
 
     def link_profile(self, node: str, network: str) -> LinkProfile:
         """How `node` is attached to `network`: its own override, else the network's profile."""
@@ -141,7 +190,8 @@ class Topology:
 
 _TOP_KEYS = ("name", "description", "profiles", "networks", "nodes", "training", "faults")
 _NETWORK_KEYS = ("subnet", "profile", "gateway")
-_NODE_KEYS = ("role", "device", "addresses", "forwarding", "routes", "links")
+_NODE_KEYS = ("role", "device", "addresses", "forwarding", "routes", "links", "host")
+_HOST_KEYS = ("ssh", "user", "port", "jump", "os", "python", "workdir", "interfaces")
 _ROUTE_KEYS = ("dest", "via")
 # Cluster-config keys that the topology itself decides; setting them under training: is a mistake.
 _DERIVED_KEYS = ("host_ip", "workers", "num_workers", "server")
@@ -149,40 +199,38 @@ _DERIVED_KEYS = ("host_ip", "workers", "num_workers", "server")
 _RENAMED_KEYS = {"num_epochs": "epochs"}
 
 
-def _unknown_fix(name: Any, allowed: Any) -> str:
-    close = difflib.get_close_matches(str(name), list(allowed), n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"{hint}remove it or use one of: {', '.join(allowed)}"
-
-
 def _unknown(file: Path, key: str, raw: dict, allowed: tuple[str, ...]) -> None:
     for k in raw:
         if k not in allowed:
-            raise ConfigError(file, f"{key}.{k}" if key else str(k), "unknown key", _unknown_fix(k, allowed))
+            raise ConfigError(file, f"{key}.{k}" if key else str(k), "unknown key", unknown_key_fix(k, allowed))
 
 
 def _mapping(file: Path, key: str, raw: Any, example: str) -> dict:
     if not isinstance(raw, dict):
-        raise ConfigError(file, key, f"must be a mapping, got {raw!r}", f"e.g. {example}")
+        raise ConfigError(file, key, f"must be a mapping, got {shown(raw)}", f"e.g. {example}")
     return raw
 
 
 def _address(file: Path, key: str, raw: Any) -> IPv4Address:
     try:
-        return IPv4Address(str(raw))
+        if not isinstance(raw, str):
+            raise ValueError
+        return IPv4Address(raw)
     except ValueError:
-        raise ConfigError(file, key, f"{raw!r} is not an IPv4 address", "write it like 10.10.0.2") from None
+        raise ConfigError(file, key, f"{shown(raw)} is not an IPv4 address", "write it like 10.10.0.2") from None
 
 
 def _subnet(file: Path, key: str, raw: Any) -> IPv4Network:
-    text = "0.0.0.0/0" if raw == "default" else str(raw)
+    text = "0.0.0.0/0" if raw == "default" else raw
     try:
+        if not isinstance(text, str):
+            raise ValueError
         return IPv4Network(text)
     except ValueError as e:
         if "host bits set" in str(e):
             fixed = IPv4Network(text, strict=False)
-            raise ConfigError(file, key, f"{raw!r} has host bits set", f"use the network address: {fixed}") from None
-        raise ConfigError(file, key, f"{raw!r} is not an IPv4 subnet", "write it like 10.10.0.0/24") from None
+            raise ConfigError(file, key, f"{shown(raw)} has host bits set", f"use the network address: {fixed}") from None
+        raise ConfigError(file, key, f"{shown(raw)} is not an IPv4 subnet", "write it like 10.10.0.0/24") from None
 
 
 def _default_gateway(subnet: IPv4Network) -> IPv4Address | None:
@@ -232,12 +280,24 @@ def _parse_networks(file: Path, raw: Any, links: dict[str, LinkProfile]) -> dict
                                   f"use an unused host address of {subnet}, e.g. {_default_gateway(subnet)}")
         else:
             gateway = _default_gateway(subnet)
-        for other in out.values():
-            if subnet.overlaps(other.subnet):
-                raise ConfigError(file, f"{key}.subnet", f"{subnet} overlaps network {other.name!r} ({other.subnet})",
-                                  "give each network its own, non-overlapping subnet")
         out[str(name)] = Network(name=str(name), subnet=subnet, profile=profile, gateway=gateway)
+    _check_overlaps(file, out)
     return out
+
+
+def _check_overlaps(file: Path, networks: dict[str, Network]) -> None:
+    """Subnets either nest or are disjoint: sorted by first address, one overlaps an earlier one exactly when
+    it starts before the widest earlier one ends. The later network in file order is named."""
+    order = {name: i for i, name in enumerate(networks)}
+    widest: Network | None = None
+    for n in sorted(networks.values(), key=lambda n: (n.subnet.network_address, -n.subnet.num_addresses)):
+        if widest is not None and n.subnet.network_address <= widest.subnet.broadcast_address:
+            later, earlier = (n, widest) if order[n.name] > order[widest.name] else (widest, n)
+            raise ConfigError(file, f"networks.{later.name}.subnet",
+                              f"{later.subnet} overlaps network {earlier.name!r} ({earlier.subnet})",
+                              "give each network its own, non-overlapping subnet")
+        if widest is None or n.subnet.broadcast_address > widest.subnet.broadcast_address:
+            widest = n
 
 
 def _parse_node(file: Path, name: str, body: Any, rank: int, networks: dict[str, Network],
@@ -294,15 +354,48 @@ def _parse_node(file: Path, name: str, body: Any, rank: int, networks: dict[str,
             raise ConfigError(file, f"{key}.links.{net}", f"the node has no address on network {net!r}",
                               f"override only networks the node is on: {', '.join(addresses)}")
         node_links[str(net)] = resolve_link(spec, links, file, f"{key}.links.{net}")
+    host = _parse_host(file, key, name, body["host"], addresses) if body.get("host") is not None else None
     return Node(name=name, role=role, device=device, addresses=addresses, forwarding=forwarding,
-                routes=tuple(routes), rank=rank, links=node_links)
+                routes=tuple(routes), rank=rank, links=node_links, host=host)
 
 
-def _parse_training(file: Path, raw: Any) -> TrainingDefaults:
+def _host_word(file: Path, key: str, value: Any, example: str) -> str:
+    """A non-empty string without whitespace (it lands in ssh arguments, never through a shell)."""
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value) or value.startswith("-"):
+        raise ConfigError(file, key, f"got {value!r}, expected a non-empty word (no spaces, not starting with '-')", f"e.g. {example}")
+    return value
+
+
+def _parse_host(file: Path, key: str, name: str, raw: Any, addresses: dict[str, IPv4Address]) -> HostSpec:
+    hkey = f"{key}.host"
+    raw = _mapping(file, hkey, raw, f"host: {{ssh: {name}, user: pi, workdir: ~/smolcluster}}")
+    values = parse_fields(HostSpec, raw, file, f"{hkey}.")
+    examples = {"ssh": f"{name} (an ~/.ssh/config alias) or ssh: pi@192.168.50.2", "user": "pi",
+                "jump": "mini1 (a node name) or jump: admin@gateway"}
+    for k, example in examples.items():  # these land in ssh arguments
+        if values.get(k) is not None:
+            _host_word(file, f"{hkey}.{k}", values[k], example)
+    if values.get("jump") == name:
+        raise ConfigError(file, f"{hkey}.jump", f"{name} cannot jump through itself", "name the node it is cabled to, e.g. jump: mini1")
+    for k in ("python", "workdir"):
+        if k in values and (not values[k].strip() or "\n" in values[k]):
+            raise ConfigError(file, f"{hkey}.{k}", f"got {values[k]!r}", f"e.g. {k}: " + ("python3" if k == "python" else "~/smolcluster"))
+    interfaces = _mapping(file, f"{hkey}.interfaces", raw.get("interfaces") or {}, "interfaces: {thunderbolt: bridge0}")
+    for net, ifname in interfaces.items():
+        if net not in addresses:
+            raise ConfigError(file, f"{hkey}.interfaces.{net}", f"{name} has no address on network {net!r}",
+                              f"name interfaces only for its networks: {', '.join(addresses)}")
+        _host_word(file, f"{hkey}.interfaces.{net}", ifname, "bridge0 (macOS Thunderbolt Bridge), eth0, en5")
+    values.setdefault("ssh", name)
+    return HostSpec(**values, interfaces={str(k): str(v) for k, v in interfaces.items()})
+
+
+def _parse_training(file: Path, raw: Any, server: str, workers: list[str]) -> TrainingDefaults:
     from smolcluster.core.training.config import ClusterConfig, NNConfig
 
     raw = dict(_mapping(file, "training", raw or {}, "training: {algorithm: edp, epochs: 1}"))
     known = {f.name: f for f in dataclasses.fields(TrainingDefaults) if f.name != "extra"}
+    hints = typing.get_type_hints(TrainingDefaults)
     passthrough = {f.name for f in dataclasses.fields(ClusterConfig)} | {f.name for f in dataclasses.fields(NNConfig)}
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -313,41 +406,35 @@ def _parse_training(file: Path, raw: Any) -> TrainingDefaults:
         if k in _RENAMED_KEYS:
             raise ConfigError(file, key, f"is called {_RENAMED_KEYS[k]!r} here", f"rename it to training.{_RENAMED_KEYS[k]}")
         if k in known:
-            values[k] = _training_value(file, key, v, known[k])
+            values[k] = check_value(file, key, v, hints[k], rule_of(known[k]))
         elif k in passthrough and k != "algorithm":
             extra[k] = v
         else:
-            raise ConfigError(file, key, "unknown key", _unknown_fix(k, sorted(set(known) | passthrough - set(_DERIVED_KEYS) - set(_RENAMED_KEYS))))
+            raise ConfigError(file, key, "unknown key", unknown_key_fix(k, sorted(set(known) | passthrough - set(_DERIVED_KEYS) - set(_RENAMED_KEYS))))
     t = TrainingDefaults(**values, extra=extra)
     if t.algorithm not in algorithms.names():
         raise ConfigError(file, "training.algorithm", f"got {t.algorithm!r}", f"use {algorithms.choices()}")
-    for k in ("epochs", "batch_size", "max_steps", "worker_update_interval", "push_interval", "min_workers"):
-        v = getattr(t, k)
-        if v is not None and v < 1:
-            raise ConfigError(file, f"training.{k}", f"got {v}, must be >= 1", "use a positive integer" + (" or null" if k != "epochs" and k != "batch_size" else ""))
-    for k in ("learning_rate", "timeout"):
-        v = getattr(t, k)
-        if v is not None and v <= 0:
-            raise ConfigError(file, f"training.{k}", f"got {v}, must be > 0", "use a positive number")
+    _check_passthrough(file, t, server, workers)
     return t
 
 
-def _training_value(file: Path, key: str, v: Any, f: dataclasses.Field) -> Any:
-    t = str(f.type)
-    if v is None and "None" in t:
-        return None
-    if t.startswith("bool"):
-        ok = isinstance(v, bool)
-    elif t.startswith("int"):
-        ok = isinstance(v, int) and not isinstance(v, bool)
-    elif t.startswith("float"):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        v = float(v) if ok else v
-    else:
-        ok = isinstance(v, str)
-    if not ok:
-        raise ConfigError(file, key, f"got {v!r}, expected {t}", f"set {key} to a value of type {t}")
-    return v
+def _check_passthrough(file: Path, t: TrainingDefaults, server: str, workers: list[str]) -> None:
+    """The training keys a run passes on to nn_config / cluster_config get those files' own checks now,
+    not only when a run starts."""
+    from smolcluster.core.training.config import parse_cluster_config, parse_nn_config, split_config_keys
+
+    nn, cluster = split_config_keys(t.extra)
+    nn |= {"batch_size": t.batch_size, "learning_rate": t.learning_rate, "num_epochs": t.epochs}
+    cluster |= {k: getattr(t, k) for k in ("worker_update_interval", "push_interval", "timeout", "min_workers", "max_steps")
+                if getattr(t, k) is not None}
+    cluster |= {"seed": t.seed, "server": server, "workers": workers, "num_workers": len(workers),
+                "host_ip": {h: "127.0.0.1" for h in [server, *workers]}}
+    try:
+        parse_nn_config(nn, file)
+        parse_cluster_config(cluster, file, t.algorithm)
+    except ConfigError as e:
+        key = {"num_epochs": "epochs"}.get(e.key, e.key)
+        raise ConfigError(file, f"training.{key}", e.problem, e.fix) from None
 
 
 # --------------------------------------------------------------------------- loading
@@ -355,7 +442,11 @@ def _training_value(file: Path, key: str, v: Any, f: dataclasses.Field) -> Any:
 
 def load_topology(path: str | Path) -> Topology:
     """Parse and validate a topology file. Every problem is a ConfigError naming file, key and fix."""
-    file = Path(path)
+    with without_gc():  # tens of thousands of small objects, none of them cyclic (see without_gc)
+        return _load_topology(Path(path))
+
+
+def _load_topology(file: Path) -> Topology:
     raw = read_yaml(file, what="topology file", missing_fix="check the path, e.g. topologies/hybrid.yaml",
                     layout="start with 'networks:' and 'nodes:' sections")
     _unknown(file, "", raw, _TOP_KEYS)
@@ -392,12 +483,25 @@ def load_topology(path: str | Path) -> Topology:
     if not isinstance(faults, list) or not all(isinstance(f, dict) for f in faults):
         raise ConfigError(file, "faults", "must be a list of mappings", "e.g. faults: [] (see the faults docs for entries)")
 
+    training = _parse_training(file, raw.get("training"), servers[0], [n.name for n in nodes.values() if n.role == "worker"])
     topo = Topology(file=file, name=str(raw.get("name") or file.stem), networks=networks, nodes=nodes,
-                    training=_parse_training(file, raw.get("training")), faults=list(faults))
+                    training=training, faults=list(faults))
     _check_routes(topo)
-    for w in topo.workers:
-        _check_reachability(topo, w.name)
+    _check_jumps(topo)
+    topo.paths  # every worker reaches the server and back (raises otherwise)
     return topo
+
+
+def _check_jumps(topo: Topology) -> None:
+    """A jump through another node must not loop (pi -> mac -> pi)."""
+    for node in topo.nodes.values():
+        seen, here = [node.name], node
+        while here.host is not None and here.host.jump in topo.nodes:
+            here = topo.nodes[here.host.jump]
+            if here.name in seen:
+                raise ConfigError(topo.file, f"nodes.{node.name}.host.jump", "jumps loop: " + " -> ".join(seen + [here.name]),
+                                  "jump through the node the host is cabled to, which is reached directly")
+            seen.append(here.name)
 
 
 def _check_routes(topo: Topology) -> None:
@@ -436,10 +540,10 @@ def _next_hop(topo: Topology, node: Node, dest: IPv4Address) -> tuple[IPv4Addres
         subnet = topo.networks[net].subnet
         if dest in subnet and (best is None or (subnet.prefixlen, 1) > best[:2]):
             best = (subnet.prefixlen, 1, dest, net)
-    for r in node.routes:
-        if dest in r.dest and (best is None or (r.dest.prefixlen, 0) > best[:2]):
-            via_net = next(n for n, _ in node.addresses.items() if r.via in topo.networks[n].subnet)
-            best = (r.dest.prefixlen, 0, r.via, via_net)
+    r = node.route_for(dest)
+    if r is not None and (best is None or (r.dest.prefixlen, 0) > best[:2]):
+        via_net = next(n for n, _ in node.addresses.items() if r.via in topo.networks[n].subnet)
+        best = (r.dest.prefixlen, 0, r.via, via_net)
     if best is None:
         raise _NoRoute(node.name, dest, f"{node.name} has no route to {dest}", f"nodes.{node.name}.routes")
     return best[2], best[3]
@@ -517,17 +621,21 @@ def path_to_server(topo: Topology, worker: str) -> list[Hop]:
     """Hop-by-hop path from a worker to the server, following routes (pi4 -> mini3 -> mini1)."""
     if worker not in topo.nodes:
         raise ConfigError(topo.file, "nodes", f"no node named {worker!r}", f"use one of: {', '.join(topo.nodes)}")
-    return _paths(topo, worker)[1]
+    return _paths_of(topo, worker)[1]
 
 
 def path_from_server(topo: Topology, worker: str) -> list[Hop]:
     """The path the server's replies take back to `worker` (may differ from the forward path)."""
-    return _paths(topo, worker)[2]
+    return _paths_of(topo, worker)[2]
 
 
 def server_address_for(topo: Topology, worker: str) -> IPv4Address:
     """The server address this worker dials (e.g. 10.10.0.1 for every hybrid worker)."""
-    return _paths(topo, worker)[0]
+    return _paths_of(topo, worker)[0]
+
+
+def _paths_of(topo: Topology, node: str) -> tuple[IPv4Address, list[Hop], list[Hop]]:
+    return topo.paths[node] if node in topo.paths else _paths(topo, node)
 
 
 def path_expectation(hops: list[Hop]) -> tuple[float, float]:
@@ -535,10 +643,6 @@ def path_expectation(hops: list[Hop]) -> tuple[float, float]:
     rtt = sum(h.profile.rtt_ms() for h in hops)
     bw = min((h.profile.up_mbit for h in hops), default=float("inf"))
     return rtt, bw
-
-
-def _check_reachability(topo: Topology, worker: str) -> None:
-    _paths(topo, worker)
 
 
 # --------------------------------------------------------------------------- output
@@ -557,7 +661,8 @@ def to_dict(topo: Topology) -> dict:
         "nodes": {n.name: {"role": n.role, "rank": n.rank, "device": prof(n.device),
                            "addresses": {k: str(v) for k, v in n.addresses.items()}, "forwarding": n.forwarding,
                            "routes": [{"dest": str(r.dest), "via": str(r.via)} for r in n.routes],
-                           "links": {k: prof(v) for k, v in n.links.items()}}
+                           "links": {k: prof(v) for k, v in n.links.items()},
+                           **({"host": dataclasses.asdict(n.host)} if n.host else {})}
                   for n in topo.nodes.values()},
         "training": dataclasses.asdict(topo.training),
         "faults": topo.faults,
@@ -595,7 +700,7 @@ def format_topology(topo: Topology) -> str:
     out += ["", "paths to the server (expected RTT = sum of 2 x delay; bandwidth = slowest hop towards the server)"]
     rows = []
     for w in topo.workers:
-        addr, there, back = _paths(topo, w.name)
+        addr, there, back = topo.paths[w.name]
         rtt, bw = path_expectation(there)
         hops = " -> ".join([w.name] + [f"{h.dst} [{h.network}]" for h in there])
         rows.append([w.name, str(addr), hops, f"{rtt:.2f} ms", _rate(bw)])

@@ -73,7 +73,7 @@ class Server(ServerBase):
             alpha = 1.0 / (1 + tau)
             with torch.no_grad():
                 for name, w in self.model.state_dict().items():
-                    w.add_(tensors[name].to(w.dtype) - w, alpha=alpha)
+                    w.add_(tensors[name].to(w.device, w.dtype) - w, alpha=alpha)
             norms = {}  # weights, not gradients: nothing to report as gradient norms
         self.version += 1
         self.step = self.version

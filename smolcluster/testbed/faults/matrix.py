@@ -36,6 +36,7 @@ from smolcluster.core import algorithms
 from smolcluster.core.training.checkpoint import load_checkpoint
 from smolcluster.resources import resource_path
 from smolcluster.testbed.faults.injector import read_fault_log
+from smolcluster.common.files import write_atomic
 
 SMALL_TOPOLOGY = resource_path("topologies", "faults-small.yaml")
 
@@ -117,7 +118,7 @@ def run_scenario(sc: Scenario, algo: str, run_dir: Path, topology: Path = SMALL_
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     faults_file = run_dir.parent / f"{run_dir.name}.faults.yaml"
-    faults_file.write_text(yaml.safe_dump({"faults": sc.faults(algo)}, sort_keys=False))
+    write_atomic(faults_file, yaml.safe_dump({"faults": sc.faults(algo)}, sort_keys=False))
     max_steps = algorithms.get(algo).fault_matrix.max_steps
     argv = [sys.executable, "-m", "smolcluster", "sim", str(topology), "--algo", algo, "--max-steps", str(max_steps),
             "--run-dir", str(run_dir), "--faults", str(faults_file)]

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
+from smolcluster.common.files import write_atomic
 from smolcluster.common.jsonl import read_jsonl
-from smolcluster.testbed.topology import Topology
 
 SUMMARY_FILE = "summary.json"
 ACCURACY_TARGETS = (0.90, 0.95)  # the summary's time_to_90_s and time_to_95_s
@@ -82,6 +81,7 @@ class NodeSummary(_Record):
 
     node: Optional[str] = None
     role: Optional[str] = None
+    host: Optional[str] = _omit_if_none()  # where it ran (real hardware: its ssh destination)
     device: Optional[str] = None
     slowdown: Optional[float] = None
     steps: Optional[int] = None
@@ -160,11 +160,13 @@ class RunSummary(_Record):
     bytes_received: Optional[int] = _omit_if_none()
     stop_reason: Optional[str] = _omit_if_none()
     per_worker: list[WorkerStats] = field(default_factory=list)
+    torch: Optional[dict[str, Any]] = _omit_if_none()  # version, build, import_rss_mb: what the nodes ran
     config: dict[str, Any] = field(default_factory=dict)
 
     topology: Optional[str] = _omit_if_none()
     topology_file: Optional[str] = _omit_if_none()
-    backend: Optional[str] = _omit_if_none()  # local, compose (a real cluster or a virtual backend: its name)
+    backend: Optional[str] = _omit_if_none()  # local, compose, hardware (a virtual backend: its name)
+    run_name: Optional[str] = _omit_if_none()  # hardware: the launched run
     toxiproxy: Optional[str] = _omit_if_none()  # what served the links' Toxiproxy API
     run_start: Optional[float] = None  # unix time of the server's `start` event; times count from it
     sim_wall_time_s: Optional[float] = _omit_if_none()  # the whole run, start-up included
@@ -192,10 +194,7 @@ def read_summary(path: str | Path) -> RunSummary:
 
 def write_summary(path: str | Path, summary: RunSummary) -> None:
     """Atomically: a reader never sees half a summary."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(summary.to_json(), indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(summary.to_json(), indent=2))
 
 
 def time_to_accuracy(evals: Sequence[Mapping[str, Any]], start: Optional[float], mark: float) -> Optional[float]:
@@ -209,41 +208,47 @@ def time_to_accuracy(evals: Sequence[Mapping[str, Any]], start: Optional[float],
     return None
 
 
-def build_summary(server: Mapping[str, Any], *, topology: Topology, backend: str, nodes_dir: Path,
-                  links: Sequence[LinkSummary], node_bytes: Mapping[str, tuple[int, int]],
-                  slowdown: Mapping[str, float], wall_time_s: float, toxiproxy: Optional[str],
-                  stopped_after_end: Sequence[str]) -> RunSummary:
+def build_summary(server: Mapping[str, Any], *, backend: str, nodes_dir: Path, server_name: str, workers: Sequence[str],
+                  devices: Mapping[str, str] | None = None, slowdown: Mapping[str, float] | None = None,
+                  hosts: Mapping[str, str] | None = None, topology: Optional[str] = None,
+                  topology_file: Optional[str] = None, run_name: Optional[str] = None,
+                  links: Sequence[LinkSummary] = (), node_bytes: Mapping[str, tuple[int, int]] | None = None,
+                  wall_time_s: Optional[float] = None, toxiproxy: Optional[str] = None,
+                  stopped_after_end: Optional[Sequence[str]] = None) -> RunSummary:
     """The server's summary plus what the backend adds: times to accuracy and the evaluation curve from the
-    server's metrics, a row per node (from the workers' own metrics where the server lacks them), the links.
+    server's metrics (nodes_dir/<server>/metrics.jsonl), a row per node (the workers' own metrics where the
+    server lacks them), the links. Every backend that leaves RUN_DIR/nodes/<node>/ fills it the same way.
 
-    node_bytes: each worker's own (up, down) bytes, when the backend measured them."""
+    devices / slowdown / hosts: per node, where the backend knows them; node_bytes: each worker's own
+    (up, down) bytes, where it measured them; wall_time_s: the whole run, start-up included."""
     s = RunSummary.from_json(server)
-    server_name = topology.server.name
+    devices, slowdown, hosts, node_bytes = devices or {}, slowdown or {}, hosts or {}, node_bytes or {}
     server_metrics = read_jsonl(nodes_dir / server_name / "metrics.jsonl")
     start = next((m["time"] for m in server_metrics if m.get("event") == "start"), None)
     evals = [m for m in server_metrics if m.get("event") == "eval"]
-    nodes = [NodeSummary(node=server_name, role="server", device=topology.server.device.name,
+    nodes = [NodeSummary(node=server_name, role="server", host=hosts.get(server_name), device=devices.get(server_name),
                          slowdown=slowdown.get(server_name), steps=s.steps, bytes_out=s.bytes_sent,
                          bytes_in=s.bytes_received, late=s.pushes_late, rejected=s.pushes_rejected)]
     per_worker = {w.hostname: w for w in s.per_worker}
-    for w in topology.workers:
-        pw = per_worker.get(w.name, WorkerStats())
-        own = read_jsonl(nodes_dir / w.name / "metrics.jsonl")
+    for name in workers:
+        pw = per_worker.get(name, WorkerStats())
+        own = read_jsonl(nodes_dir / name / "metrics.jsonl")
         end = next((m for m in reversed(own) if m.get("event") == "end"), {})
         steps = [m.get("step", 0) for m in own if m.get("event") == "step"]
         # a worker stopped by the backend wrote no `end`: count its step lines instead
         sps = end.get("samples_per_s", pw.samples_per_s)
-        up, down = node_bytes.get(w.name, (None, None))
-        nodes.append(NodeSummary(node=w.name, role="worker", device=w.device.name, slowdown=slowdown.get(w.name),
-                                 steps=end.get("steps", max(steps) + 1 if steps else pw.steps),
+        up, down = node_bytes.get(name, (None, None))
+        nodes.append(NodeSummary(node=name, role="worker", host=hosts.get(name), device=devices.get(name),
+                                 slowdown=slowdown.get(name), steps=end.get("steps", max(steps) + 1 if steps else pw.steps),
                                  samples_per_s=round(sps, 2) if isinstance(sps, float) else sps,
                                  mean_staleness=pw.mean_staleness, pushes=pw.pushes, bytes_out=up, bytes_in=down,
                                  late=pw.late, rejected=pw.rejected))
     t90, t95 = (time_to_accuracy(evals, start, mark) for mark in ACCURACY_TARGETS)
     return dataclasses.replace(
-        s, topology=topology.name, topology_file=str(topology.file), backend=backend, toxiproxy=toxiproxy,
-        run_start=start, sim_wall_time_s=round(wall_time_s, 2),
+        s, topology=topology, topology_file=topology_file, backend=backend, run_name=run_name, toxiproxy=toxiproxy,
+        run_start=start, sim_wall_time_s=round(wall_time_s, 2) if wall_time_s is not None else None,
         time_to_90_s=round(t90, 2) if t90 is not None else None, time_to_95_s=round(t95, 2) if t95 is not None else None,
         evals=[EvalPoint(t=round(e["time"] - start, 2) if start else None, version=e.get("version"),
                          test_accuracy=e.get("test_accuracy"), test_loss=e.get("test_loss")) for e in evals],
-        links=list(links), nodes=nodes, stopped_after_end=list(stopped_after_end), faults=[])
+        links=list(links), nodes=nodes, stopped_after_end=list(stopped_after_end) if stopped_after_end is not None else None,
+        faults=[])

@@ -321,10 +321,12 @@ class SimCluster:
             reason = last_error_line(log)
             raise SimError(f"the server exited with code {code} without a summary" + (f": {reason}" if reason else "")
                            + f"; see {log}")
+        topo = self.topology
         summary = report.build_summary(
-            json.loads(server_summary.read_text()), topology=self.topology, backend=self.backend,
-            nodes_dir=self.nodes_dir, links=self.summary_links(), node_bytes=self.node_bytes(),
-            slowdown={n: self.slowdown(n) for n in self.topology.nodes}, wall_time_s=self.elapsed(),
+            json.loads(server_summary.read_text()), backend=self.backend, nodes_dir=self.nodes_dir, server_name=self.server,
+            workers=[w.name for w in topo.workers], devices={n.name: n.device.name for n in topo.nodes.values()},
+            slowdown={n: self.slowdown(n) for n in topo.nodes}, topology=topo.name, topology_file=str(topo.file),
+            links=self.summary_links(), node_bytes=self.node_bytes(), wall_time_s=self.elapsed(),
             toxiproxy=self.toxiproxy_label(), stopped_after_end=self.stopped_after_end)
         for name, value in self.summary_fields().items():
             setattr(summary, name, value)

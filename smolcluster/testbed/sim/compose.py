@@ -43,6 +43,7 @@ from smolcluster.testbed.sim.cluster import node_slowdown
 from smolcluster.testbed.sim.docker_env import DockerEnv
 from smolcluster.testbed.sim.image import BindMount, container_python, offline_mounts, repo_root
 from smolcluster.testbed.topology import Node, Topology, path_to_server, server_address_for
+from smolcluster.common.files import write_atomic
 
 COMPOSE_FORMAT = "2.4"
 CONTAINER_RUN_DIR = "/run"  # the run dir inside every container (configs at /run/config, nodes at /run/nodes/NAME)
@@ -308,7 +309,7 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
 
     def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
         env = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": "/tmp/matplotlib",
-               "WANDB_MODE": "offline", "HOME": "/root", **image.env}
+               "WANDB_MODE": "offline", "HOME": "/root", "SMOLCLUSTER_RUN_NAME": run_dir.name, **image.env}
         env.update(extra or {})
         return env
 
@@ -318,7 +319,7 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
         script = compose_dir / "entrypoints" / f"{svc}.sh"
         node_links = [l for l in links if l.node == node.name]
         routes = [(str(r.dest), str(r.via)) for r in node.routes]
-        script.write_text(_entrypoint(node.name, mechanism, routes, node_links, f"{CONTAINER_RUN_DIR}/compose/ready/{svc}"))
+        write_atomic(script, _entrypoint(node.name, mechanism, routes, node_links, f"{CONTAINER_RUN_DIR}/compose/ready/{svc}"))
         services[svc] = {
             "image": image.tag,
             "hostname": svc,
@@ -344,7 +345,7 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
                                   rate_mbit=l.rate_mbit, commands=l.commands)
                       for l in links if l.node == server.name and l.network in toxi_nets]
         script = compose_dir / "entrypoints" / f"{TOXIPROXY_SERVICE}.sh"
-        script.write_text(_entrypoint(TOXIPROXY_SERVICE, mechanism, _toxiproxy_routes(topo, toxi_nets), toxi_links,
+        write_atomic(script, _entrypoint(TOXIPROXY_SERVICE, mechanism, _toxiproxy_routes(topo, toxi_nets), toxi_links,
                                       f"{CONTAINER_RUN_DIR}/compose/ready/{TOXIPROXY_SERVICE}"))
         holder = {
             "image": image.tag,
@@ -395,8 +396,8 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
               "# Each node's entrypoints/NODE.sh sets routes and tc shaping, then runs its command.\n"
               "# Workers dial their proxy on the toxiproxy service (see toxiproxy.json); on kernels\n"
               "# without netem, `smolcluster sim --backend compose` adds the links' latency there.\n")
-    compose_file.write_text(header + yaml.dump(data, Dumper=_ReadableDumper, sort_keys=False, width=120))
-    (compose_dir / "toxiproxy.json").write_text(json.dumps(
+    write_atomic(compose_file, header + yaml.dump(data, Dumper=_ReadableDumper, sort_keys=False, width=120))
+    write_atomic(compose_dir / "toxiproxy.json", json.dumps(
         [{"name": p.name, "listen": p.listen, "upstream": p.upstream, "enabled": True} for p in proxies], indent=2) + "\n")
     return ComposeProject(project=project, run_dir=run_dir, compose_dir=compose_dir, compose_file=compose_file,
                           topology=topo, image=image, mechanism=mechanism, links=links, proxies=proxies,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from smolcluster.common.errors import ProxyError, SimError
+from smolcluster.common.files import write_atomic
 from smolcluster.common.wait import wait_until
 from smolcluster.core.training.data import DATA_DIR_ENV, default_cache_dir
 from smolcluster.testbed.control import LinkHandle
@@ -175,7 +176,7 @@ class ComposeCluster(SimCluster):
             r = self.env.run(["logs", cid], timeout=60, check=False)
             d = self.nodes_dir / node
             d.mkdir(parents=True, exist_ok=True)
-            (d / "stdout.log").write_text(r.stdout + r.stderr)
+            write_atomic(d / "stdout.log", r.stdout + r.stderr)
 
     # ------------------------------------------------------------------ node state
 
@@ -257,7 +258,7 @@ class ComposeCluster(SimCluster):
         if node == self.server:
             d = self.nodes_dir / node
             d.mkdir(parents=True, exist_ok=True)
-            (d / cmp.RESUME_MARKER).write_text("resume from checkpoints/ on the next start\n")
+            write_atomic(d / cmp.RESUME_MARKER, "resume from checkpoints/ on the next start\n")
         self._docker(node, "start")
         self._restarted(node)
 

@@ -20,6 +20,7 @@ from typing import Optional, TextIO
 import yaml
 
 from smolcluster.common.errors import SimError
+from smolcluster.common.files import write_atomic
 from smolcluster.testbed.faults import schedule_for
 from smolcluster.testbed.sim import compose as cmp
 from smolcluster.testbed.sim.compose_check import run_compose_check
@@ -41,7 +42,7 @@ def _prepare(topo: Topology, run_dir: Path, algo: str, overrides: RunOverrides, 
         image = cmp.offline_image_spec(offline_image_tag(), data)
         container_data = str(data) if data else ""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "topology.yaml").write_text(yaml.safe_dump(to_dict(topo), sort_keys=False))
+    write_atomic(run_dir / "topology.yaml", yaml.safe_dump(to_dict(topo), sort_keys=False))
     write_run_configs(topo, run_dir / "config", overrides, server_address=lambda w: str(server_address_for(topo, w)),
                       port=SERVER_PORT, data_dir=container_data or None)
     (run_dir / "nodes" / topo.server.name / cmp.RESUME_MARKER).unlink(missing_ok=True)

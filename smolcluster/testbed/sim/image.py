@@ -158,11 +158,12 @@ def offline_mounts(data_dir: str | Path | None = None) -> list[BindMount]:
     /usr (libc, the dynamic loader, iproute2, maybe Python itself), the Python installation
     (sys.prefix / sys.base_prefix when they are outside /usr, e.g. pyenv or a venv), and the
     repo (an editable install points into it). Each at the same path as on the host, so every
-    absolute path recorded by the Python installation still resolves.
+    absolute path recorded by the Python installation still resolves; a venv's own path is mounted
+    as given too (container_python() runs its bin/python link), and where it leads.
     """
     wanted = ["/usr"]
     for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(sys.executable).resolve().parent.parent)):
-        wanted.append(str(Path(p).resolve()))
+        wanted += [os.path.abspath(p), str(Path(p).resolve())]
     wanted.append(str(repo_root()))
     if data_dir is not None:
         wanted.append(str(Path(data_dir).resolve()))
@@ -177,5 +178,10 @@ def offline_mounts(data_dir: str | Path | None = None) -> list[BindMount]:
 
 
 def container_python() -> str:
-    """The interpreter path inside offline-image containers: the host's, via the binds."""
-    return str(Path(sys.executable).resolve())
+    """The interpreter path inside offline-image containers: the host's, via the binds.
+
+    Not resolved: in a virtualenv (python -m venv, uv's .venv) sys.executable is the venv's bin/python,
+    a link to the base interpreter. Run through the link, Python finds the venv's pyvenv.cfg and its
+    packages; the resolved base interpreter has none of them (every node died with "No module named
+    'typer'"). The venv (sys.prefix) and the base installation are both bind-mounted."""
+    return os.path.abspath(sys.executable)

@@ -22,6 +22,7 @@ from typing import Any, Optional, TextIO
 import yaml
 
 from smolcluster.common.errors import ProxyError, SimError
+from smolcluster.common.files import write_atomic
 from smolcluster.testbed.control import LinkHandle
 from smolcluster.testbed.faults import schedule_for
 from smolcluster.testbed.linkemu.api import ToxiproxyServer
@@ -65,7 +66,7 @@ class LocalCluster(SimCluster):
     def start(self) -> None:
         """Write configs, start the server, the link proxies, then the workers."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "topology.yaml").write_text(yaml.safe_dump(to_dict(self.topology), sort_keys=False))
+        write_atomic(self.run_dir / "topology.yaml", yaml.safe_dump(to_dict(self.topology), sort_keys=False))
         write_run_configs(self.topology, self.config_dir, self.overrides, server_address=lambda w: "127.0.0.1", port=0)
         self._t0 = time.time()
         self._start_toxiproxy()
@@ -93,7 +94,7 @@ class LocalCluster(SimCluster):
         info = {"api": self.toxiproxy.api_url, "embedded": self._embedded is not None, "server_port": self.server_port,
                 "proxies": [{"name": p.name, "listen": self.listen[p.name],
                              "upstream": self.listen[p.next] if p.next else f"127.0.0.1:{self.server_port}"} for p in self.plans]}
-        (self.run_dir / "proxies.json").write_text(json.dumps(info, indent=2))
+        write_atomic(self.run_dir / "proxies.json", json.dumps(info, indent=2))
 
     def _start_server(self, resume: bool) -> None:
         d = self.nodes_dir / self.server
