@@ -28,7 +28,8 @@ def register(app: typer.Typer) -> None:
         render_only: bool = typer.Option(False, "--render-only", help="With --backend compose: write the compose project and print how to run it by hand."),
     ) -> None:
         """Run a topology as an emulated cluster: every node a process, every link hop an impairing proxy."""
-        from smolcluster.testbed.sim.run import SimOptions, install_sigterm_as_interrupt, run_sim
+        from smolcluster.testbed.sim.options import SimOptions
+        from smolcluster.testbed.sim.run import install_sigterm_as_interrupt, run_sim
 
         install_sigterm_as_interrupt()
         opts = SimOptions(file=file, algo=algo, epochs=epochs, max_steps=max_steps, seed=seed, run_dir=run_dir, backend=backend,

@@ -195,7 +195,7 @@ def reachability(runner: Runner, plan: DeployPlan, *, hold_s: float = 30.0) -> l
     try:
         listener.stdin.write(PROBE_SOURCE)
         listener.stdin.close()
-        first = _readline_within(listener, 60.0)
+        first = readline_within(listener, 60.0)
         ready = json.loads(first) if first.strip().startswith("{") else {"ready": False, "error": first.strip() or
                                                                           listener.stderr.read().decode(errors="replace").strip()}
         if not ready.get("ready"):
@@ -212,7 +212,7 @@ def reachability(runner: Runner, plan: DeployPlan, *, hold_s: float = 30.0) -> l
         listener.wait()
 
 
-def _readline_within(proc: subprocess.Popen, seconds: float) -> str:
+def readline_within(proc: subprocess.Popen, seconds: float) -> str:
     """The first stdout line of `proc`, or "" if none arrives in time (the reader is a thread: no select on pipes everywhere)."""
     box: list[bytes] = []
     t = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)

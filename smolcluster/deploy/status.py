@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from smolcluster.common.text import table
 from smolcluster.deploy.hosts import quote_path
 from smolcluster.deploy.plan import DeployPlan, NodePlan
 from smolcluster.deploy.runner import Runner
@@ -103,8 +104,6 @@ def all_status(runner: Runner, plan: DeployPlan) -> list[NodeStatus]:
 
 
 def format_status(plan: DeployPlan, statuses: list[NodeStatus]) -> str:
-    from smolcluster.testbed.sim.run import table
-
     rows = []
     now = time.time()
     for st, node in zip(statuses, plan.nodes):

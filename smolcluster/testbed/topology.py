@@ -32,7 +32,9 @@ from typing import Any, Literal
 
 from smolcluster.common.errors import ConfigError
 from smolcluster.common.fields import check_value, checked, parse_fields, rule_of, shown, unknown_key_fix
+from smolcluster.common.text import table
 from smolcluster.common.yamlfile import read_yaml, without_gc
+from smolcluster.core import algorithms
 from smolcluster.testbed.profiles import (
     DeviceProfile,
     LinkProfile,
@@ -121,7 +123,7 @@ _AT_LEAST_1 = {"min": 1, "fix": "use a positive integer or null"}
 
 @dataclass(frozen=True)
 class TrainingDefaults:
-    algorithm: Literal["edp", "syncps"] = checked("edp", fix="use edp or syncps")
+    algorithm: str = "edp"  # a name in the algorithm registry (checked in _parse_training)
     epochs: int = checked(1, min=1, fix="use a positive integer")
     max_steps: int | None = checked(None, **_AT_LEAST_1)
     batch_size: int = checked(32, min=1, fix="use a positive integer")
@@ -410,6 +412,8 @@ def _parse_training(file: Path, raw: Any, server: str, workers: list[str]) -> Tr
         else:
             raise ConfigError(file, key, "unknown key", unknown_key_fix(k, sorted(set(known) | passthrough - set(_DERIVED_KEYS) - set(_RENAMED_KEYS))))
     t = TrainingDefaults(**values, extra=extra)
+    if t.algorithm not in algorithms.names():
+        raise ConfigError(file, "training.algorithm", f"got {t.algorithm!r}", f"use {algorithms.choices()}")
     _check_passthrough(file, t, server, workers)
     return t
 
@@ -665,12 +669,6 @@ def to_dict(topo: Topology) -> dict:
     }
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 def _rate(mbit: float) -> str:
     return f"{mbit / 1000:g} Gbit/s" if mbit >= 1000 else f"{mbit:g} Mbit/s"
 
@@ -685,20 +683,20 @@ def _link(p: LinkProfile) -> str:
 def format_topology(topo: Topology) -> str:
     """The plain-text report of `smolcluster topology show`."""
     out = [f"topology {topo.name} ({topo.file})", ""]
-    out.append(_table(["network", "subnet", "gateway", "link profile"],
+    out.append(table(["network", "subnet", "gateway", "link profile"],
                       [[n.name, str(n.subnet), str(n.gateway or "-"), _link(n.profile)] for n in topo.networks.values()]))
     out.append("")
     nodes = sorted(topo.nodes.values(), key=lambda n: n.rank)
-    out.append(_table(["node", "rank", "role", "device", "addresses", "forwarding"],
+    out.append(table(["node", "rank", "role", "device", "addresses", "forwarding"],
                       [[n.name, str(n.rank), n.role,
                         f"{n.device.name} (speed {n.device.speed:g}, {n.device.cores} cores, {n.device.memory_mb} MB)",
                         ", ".join(f"{a} ({net})" for net, a in n.addresses.items()), "yes" if n.forwarding else "no"]
                        for n in nodes]))
     overrides = [[n.name, net, _link(p)] for n in nodes for net, p in n.links.items()]
     if overrides:
-        out += ["", _table(["node", "network", "link override"], overrides)]
+        out += ["", table(["node", "network", "link override"], overrides)]
     routes = [[n.name, str(r.dest), str(r.via), topo.owner(r.via)[0].name] for n in nodes for r in n.routes]  # type: ignore[index]
-    out += ["", _table(["node", "route to", "via", "(node)"], routes) if routes else "routes: none (all nodes share a network)"]
+    out += ["", table(["node", "route to", "via", "(node)"], routes) if routes else "routes: none (all nodes share a network)"]
     out += ["", "paths to the server (expected RTT = sum of 2 x delay; bandwidth = slowest hop towards the server)"]
     rows = []
     for w in topo.workers:
@@ -708,5 +706,5 @@ def format_topology(topo: Topology) -> str:
         rows.append([w.name, str(addr), hops, f"{rtt:.2f} ms", _rate(bw)])
         if [h.dst for h in back][:-1] != [h.src for h in there][1:][::-1]:  # asymmetric routing: say so
             rows.append(["", "", "replies: " + " -> ".join([topo.server.name] + [h.dst for h in back]), "", ""])
-    out.append(_table(["worker", "dials", "path", "RTT", "bandwidth"], rows))
+    out.append(table(["worker", "dials", "path", "RTT", "bandwidth"], rows))
     return "\n".join(out) + "\n"

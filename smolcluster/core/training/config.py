@@ -20,8 +20,8 @@ from typing import Any, Literal
 from smolcluster.common.errors import ConfigError
 from smolcluster.common.fields import INT64_MAX, checked, parse_fields, shown
 from smolcluster.common.yamlfile import read_yaml
+from smolcluster.core import algorithms
 
-ALGORITHMS: tuple[str, ...] = ("edp", "syncps")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "mps", "cuda")
 
 # Sizes past these are typos (hidden: 1e12 would ask for terabytes), not models this project trains.
@@ -224,8 +224,7 @@ def cluster_config_file(config_dir: Path, algorithm: str) -> Path:
 
 
 def load_run_config(config_dir: str | Path, algorithm: str) -> RunConfig:
-    if algorithm not in ALGORITHMS:
-        raise ConfigError("command line", "--algo", f"unknown algorithm {algorithm!r}", "use edp or syncps")
+    algorithms.get(algorithm)  # an unknown --algo fails here, before any file is read
     config_dir = Path(config_dir)
     nn_file = config_dir / "nn_config.yaml"
     cl_file = cluster_config_file(config_dir, algorithm)

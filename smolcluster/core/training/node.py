@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from smolcluster.core import algorithms
 from smolcluster.core.net.auth import load_cluster_key
 from smolcluster.core.training.config import ClusterConfig, RunConfig, cluster_config_file, load_run_config, rank_of, to_dict
 from smolcluster.common.errors import ConfigError, SmolclusterError
@@ -21,7 +22,6 @@ from smolcluster.core.training.telemetry import (LogfmtFormatter, MetricsWriter,
                                                  setup_logging)
 from smolcluster.core.net.transport import TransportConfig
 
-ALGORITHM_NAMES = {"edp": "EDP", "syncps": "SyncPS"}
 LOKI_URL_ENV = "SMOLCLUSTER_LOKI_URL"
 
 
@@ -53,7 +53,6 @@ def _context(cfg: RunConfig, *, role: str, rank: int, hostname: str, run_dir: Pa
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # many nodes share few cores; one thread each avoids oversubscription
     device = pick_device(cfg.nn.device, file=cfg.config_dir / "nn_config.yaml")
-    algo = ALGORITHM_NAMES[cfg.cluster.algorithm]
     labels = node_labels(role=role, rank=rank, hostname=hostname, algorithm=cfg.cluster.algorithm,
                          run=run_name or default_run_name(run_dir, hostname))
     log = setup_logging(run_dir / f"{role}.log", labels=labels)
@@ -61,7 +60,7 @@ def _context(cfg: RunConfig, *, role: str, rank: int, hostname: str, run_dir: Pa
     shipper = _loki_shipper(cfg, labels, log)
     metrics = MetricsWriter(run_dir / "metrics.jsonl",
                             ship=(lambda line: push_metrics_line(shipper, line)) if shipper is not None else None)
-    wandb = WandbRun(mode=cfg.cluster.wandb, algorithm=algo, role=role, hostname=hostname, rank=rank,
+    wandb = WandbRun(mode=cfg.cluster.wandb, algorithm=cfg.cluster.algorithm, role=role, hostname=hostname, rank=rank,
                      lr=cfg.nn.learning_rate, batch_size=cfg.nn.batch_size,
                      config={"cluster": to_dict(cfg.cluster), "nn": to_dict(cfg.nn)}, run_dir=run_dir, logger=log)
     return NodeContext(cfg=cfg, role=role, rank=rank, hostname=hostname, run_dir=run_dir, log=log, metrics=metrics,
@@ -81,14 +80,6 @@ def _loki_shipper(cfg: RunConfig, labels: dict, log: logging.Logger) -> LokiPush
     log.addHandler(handler)
     log.info(f"shipping logs and metrics to Loki at {shipper.url}")
     return shipper
-
-
-def _algorithm(name: str):
-    if name == "syncps":
-        from smolcluster.core.algorithms import syncps as module
-    else:
-        from smolcluster.core.algorithms import edp as module
-    return module
 
 
 def _check_checkpoint_dir(cfg: RunConfig) -> None:
@@ -111,7 +102,7 @@ def run_server(*, algo: str, config_dir: Path, run_dir: Path, resume: bool = Fal
     hostname = cfg.cluster.server
     ctx = _context(cfg, role="server", rank=0, hostname=hostname, run_dir=Path(run_dir), slowdown=slowdown, run_name=run_name)
     bind = bind or "0.0.0.0"  # all interfaces, as the original did; the listener warns when there is no cluster key
-    server_cls = _algorithm(algo).Server
+    server_cls = algorithms.get(algo).server_class()
     try:
         server = server_cls(ctx, bind=bind, port=cfg.cluster.port if port is None else port, resume=resume)
         return server.serve()
@@ -141,7 +132,7 @@ def run_worker(*, rank: int, hostname: str, algo: str, config_dir: Path, run_dir
     ctx = _context(cfg, role="worker", rank=rank, hostname=hostname, run_dir=Path(run_dir), slowdown=slowdown, run_name=run_name)
     ctx.log.info(f"worker {hostname} (rank {rank}) on {socket.gethostname()} -> server {host}:{port}")
     try:
-        _algorithm(algo).Worker(ctx, host=host, port=port).run()
+        algorithms.get(algo).worker_class()(ctx, host=host, port=port).run()
     except SmolclusterError as e:
         ctx.log.error(f"stopped: {e}")
         raise

@@ -6,11 +6,13 @@
   The labels (node_labels) are the ones the original project's Loki queries select on; a shipper
   (Promtail/Alloy's logfmt stage, or a push client) turns them into Loki labels.
   Extra key=values: logger.info("msg", extra={"kv": {"step": 3}}). parse_logfmt reads a line back.
-- WandbRun: never prompts, never blocks or crashes training; `import wandb` only when mode != "off".
+- WandbRun: never prompts, never blocks or crashes training; `import wandb` only when mode != "off" (without
+  the optional wandb package, "auto" means off and "online" / "offline" warn once).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -22,6 +24,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
+
+from smolcluster.core.algorithms import display_name
 
 # --------------------------------------------------------------------------- metrics
 
@@ -191,8 +195,7 @@ WANDB_INIT_TIMEOUT_S = 20.0
 
 
 def wandb_run_name(algorithm: str, role: str, hostname: str, rank: int, lr: float, batch_size: int) -> str:
-    algo = {"edp": "EDP", "syncps": "SyncPS"}.get(algorithm.lower(), algorithm)
-    return f"{algo}-{role}-{hostname}_rank{rank}_lr{lr}_bs{batch_size}"
+    return f"{display_name(algorithm)}-{role}-{hostname}_rank{rank}_lr{lr}_bs{batch_size}"
 
 
 def wandb_has_credentials() -> bool:
@@ -226,6 +229,10 @@ class WandbRun:
             self._warn(f"unknown wandb mode {mode!r} (use {', '.join(WANDB_MODES)}); W&B disabled")
             return
         if mode == "off":
+            return
+        if importlib.util.find_spec("wandb") is None:  # an optional extra: a node runs without it
+            if mode != "auto":
+                self._warn(f"wandb mode {mode!r} but wandb is not installed (pip install 'smolcluster[wandb]'); W&B disabled")
             return
         has_key = wandb_has_credentials()
         if mode == "auto":

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from smolcluster.common.errors import SmolclusterError
+from smolcluster.common.jsonl import read_jsonl
 from smolcluster.testbed.faults import actions
 from smolcluster.testbed.faults.schedule import Fault, FaultSchedule
 from smolcluster.testbed.control import ClusterControl
@@ -157,7 +158,4 @@ class FaultInjector:
 
 def read_fault_log(run_dir: str | Path) -> list[dict[str, Any]]:
     """The lines of RUN_DIR/faults.jsonl (empty when no fault fired)."""
-    path = Path(run_dir) / FAULTS_LOG
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(Path(run_dir) / FAULTS_LOG)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
 import sys
 import tarfile
 from dataclasses import dataclass
@@ -127,22 +128,18 @@ def build_offline_image(env: DockerEnv, force: bool = False) -> str:
     tag = offline_image_tag(tar_bytes)
     if not force and image_exists(env, tag):
         return tag
-    proc = _run_with_stdin(env, ["import", "--message", "smolcluster offline root (host /usr bind-mounted)", "-", tag], tar_bytes)
-    if proc != 0:
-        raise DockerCommandFailed(f"`docker import` of the offline root failed (exit {proc})")
+    _docker_with_input(env, ["import", "--message", "smolcluster offline root (host /usr bind-mounted)", "-", tag], tar_bytes)
     return tag
 
 
-def _run_with_stdin(env: DockerEnv, args: list[str], data: bytes) -> int:
-    import subprocess
-
+def _docker_with_input(env: DockerEnv, args: list[str], data: bytes) -> None:
+    """`docker ARGS` fed `data` on stdin (bytes: DockerEnv.run speaks text); DockerCommandFailed unless it succeeds."""
     try:
         proc = subprocess.run([env.docker, *args], input=data, capture_output=True, timeout=120)
     except subprocess.TimeoutExpired:
         raise DockerCommandFailed(f"`docker {' '.join(args)}` did not finish within 120s") from None
     if proc.returncode != 0:
         raise DockerCommandFailed(f"`docker {' '.join(args)}` failed: {proc.stderr.decode(errors='replace')[-2000:]}")
-    return 0
 
 
 def build_user_image(env: DockerEnv, tag: str = USER_IMAGE, timeout: float = 3600.0) -> str:

@@ -14,15 +14,12 @@ from typing import Any, Callable
 
 import yaml
 
+from smolcluster.core import algorithms
 from smolcluster.core.training.config import RunConfig, load_run_config, split_config_keys
 from smolcluster.testbed.topology import Topology
 from smolcluster.common.files import write_atomic
 
-# What a sim uses when neither the topology nor the command line says otherwise.
-ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
-    "edp": {"worker_update_interval": 5, "push_interval": 5},
-    "syncps": {"worker_update_interval": 1, "timeout": 2.0},
-}
+# What a sim uses when neither the topology, the algorithm's defaults nor the command line say otherwise.
 SIM_DEFAULTS: dict[str, Any] = {"idle_timeout": 20.0, "heartbeat_interval": 1.0, "heartbeat_timeout": 10.0,
                                 "checkpoint_interval": 100, "wandb": "off"}
 
@@ -55,7 +52,7 @@ def write_run_configs(topo: Topology, config_dir: Path, overrides: RunOverrides,
     # device: cpu unless the topology says otherwise: node speed is emulated by stretching measured CPU compute
     nn: dict[str, Any] = {"batch_size": t.batch_size, "learning_rate": t.learning_rate,
                           "num_epochs": overrides.epochs or t.epochs, "device": device}
-    cluster: dict[str, Any] = dict(defaults) | ALGORITHM_DEFAULTS[algorithm]
+    cluster: dict[str, Any] = dict(defaults) | dict(algorithms.get(algorithm).config_defaults)
     cluster |= {"seed": overrides.seed if overrides.seed is not None else t.seed,
                 "use_quantization": t.use_quantization, "server_trains": t.server_trains}
     for key in ("worker_update_interval", "push_interval", "timeout", "min_workers", "max_steps"):
