@@ -47,6 +47,7 @@ class NodePlan:
     host: Host
     dials: str | None = None  # a worker: the server address it connects to
     first_hop: str | None = None  # a worker: the next hop the topology expects towards the server (None: direct)
+    loki_url: str | None = None  # with --logging: where this node pushes its lines
 
     def run_dir(self, run: str) -> str:
         return f"runs/{run}/nodes/{self.name}"
@@ -92,7 +93,7 @@ class DeployPlan:
         data = {"run_name": self.run_name, "algorithm": self.algorithm, "port": self.port, "created": self.created,
                 "topology_file": self.topology_file,
                 "nodes": [{"name": n.name, "role": n.role, "rank": n.rank, "dials": n.dials, "first_hop": n.first_hop,
-                           "host": _host_json(n.host)} for n in self.nodes]}
+                           "loki_url": n.loki_url, "host": _host_json(n.host)} for n in self.nodes]}
         write_atomic(self.local_dir / "launch.json", json.dumps(data, indent=2))
         write_atomic(self.local_dir.parent / LATEST, self.run_name + "\n")
 
@@ -112,7 +113,7 @@ def load_plan(runs_dir: Path, run_name: str | None) -> DeployPlan:
                           f"use one of: {', '.join(known)}" if known else "launch a run first")
     data = json.loads(path.read_text())
     nodes = [NodePlan(name=n["name"], role=n["role"], rank=n["rank"], host=_host_from_json(n["host"]),
-                      dials=n.get("dials"), first_hop=n.get("first_hop")) for n in data["nodes"]]
+                      dials=n.get("dials"), first_hop=n.get("first_hop"), loki_url=n.get("loki_url")) for n in data["nodes"]]
     return DeployPlan(run_name=data["run_name"], algorithm=data["algorithm"], port=data["port"], nodes=nodes,
                       local_dir=runs_dir / run_name, topology_file=data.get("topology_file"), created=data["created"])
 

@@ -242,6 +242,25 @@ def _connect_check(runner: Runner, w: NodePlan, port: int) -> Check:
     return Check(w.name, "route", "ok", f"reaches {w.dials}:{port} in {result.get('ms')} ms ({hop})")
 
 
+def loki_reachability(runner: Runner, plan: DeployPlan) -> list[Check]:
+    """With --logging, every node's TCP connect to its Loki. Not reaching it only warns: the node still
+    trains and keeps its logs in files; shipping must never stop a run."""
+    from urllib.parse import urlsplit
+
+    def one(node: NodePlan) -> Check:
+        url = urlsplit(node.loki_url or "")
+        result, res = run_probe(runner, node, ["connect", url.hostname or "", str(url.port or 80), "5"])
+        if result is not None and result.get("connected"):
+            return Check(node.name, "loki", "ok", f"reaches Loki at {url.hostname}:{url.port}")
+        cause = (result or {}).get("error") or res.reason()
+        return Check(node.name, "loki", "warn", f"cannot reach Loki at {url.hostname}:{url.port} ({cause}): its lines stay in its files",
+                     "check the address and that Loki listens there (smolcluster logging status), or give --loki-url")
+
+    if runner.dry_run:
+        return []
+    return runner.map(one, [n for n in plan.nodes if n.loki_url])
+
+
 def report(checks: list[Check], echo: Callable[[str], None]) -> bool:
     """Print every check in node order; True when none failed."""
     for c in checks:
