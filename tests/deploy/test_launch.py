@@ -189,6 +189,8 @@ def test_preflight_names_a_worker_without_a_route_and_starts_nothing(cluster):
 
 def test_preflight_names_a_host_without_the_project(cluster):
     r, topo, runs = cluster
+    if not all((r.host_dir(n) / "smolcluster" / "smolcluster").is_dir() for n in r.topology.nodes):
+        assert launch(r, topo, runs, "--run-name", "sync-first", "--max-steps", "5", "--wait").returncode == 0
     r.ssh("mini3", f"rm -rf {r.host_dir('mini3')}/smolcluster/smolcluster")
     p = launch(r, topo, runs, "--run-name", "no-project", "--no-sync")
     assert p.returncode == 1
