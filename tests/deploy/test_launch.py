@@ -191,6 +191,7 @@ def test_preflight_names_a_host_without_the_project(cluster):
     r, topo, runs = cluster
     if not all((r.host_dir(n) / "smolcluster" / "smolcluster").is_dir() for n in r.topology.nodes):
         assert launch(r, topo, runs, "--run-name", "sync-first", "--max-steps", "5", "--wait").returncode == 0
+        wait_until(lambda: run_processes(r) == {n: [] for n in r.topology.nodes}, timeout=60, what="the workers to leave")
     r.ssh("mini3", f"rm -rf {r.host_dir('mini3')}/smolcluster/smolcluster")
     p = launch(r, topo, runs, "--run-name", "no-project", "--no-sync")
     assert p.returncode == 1
