@@ -25,7 +25,7 @@ from smolcluster.deploy.runner import Runner
 from smolcluster.deploy.shipping import loki_urls
 from smolcluster.deploy.start import start
 from smolcluster.deploy.status import all_status, format_status
-from smolcluster.deploy.stop import stop
+from smolcluster.deploy.stop import reap_workers, stop
 from smolcluster.deploy.sync import local_mnist_files, sync
 from smolcluster.deploy.wait import wait
 from smolcluster.testbed.sim.plan import RunOverrides
@@ -159,6 +159,7 @@ def _new_run(opts: LaunchOptions, runner: Runner, echo, out: TextIO) -> int:
 def _wait_and_collect(runner: Runner, plan: DeployPlan, opts: LaunchOptions, echo, out: TextIO) -> int:
     server = wait(runner, plan, out)
     echo(f"wait       the server {server.describe}")
+    reap_workers(runner, plan, echo)
     ok = collect(runner, plan, opts.collect_dir or plan.local_dir, echo)
     return 0 if ok and server.exit_code == 0 else 1
 
