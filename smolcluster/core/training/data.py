@@ -1,4 +1,4 @@
-"""Data: MNIST from IDX files, seeded disjoint shards, deterministic batches; byte-level text for GPT.
+"""Data: MNIST from IDX files, seeded disjoint shards, deterministic batches; token ids for GPT.
 
 Memory: images stay uint8 (60k x 784 = 47 MB) and are normalised per batch, because every
 simulated node is a process and a Pi has 4-8 GB (as float32 they would be 188 MB per process).
@@ -318,18 +318,28 @@ def default_corpus() -> bytes:
 
 
 class TextData:
-    """Byte-level text: vocab 256, train/val split by position, deterministic batches by step."""
+    """Token ids for a GPT: a train and a val part, deterministic batches by step.
 
-    vocab_size = 256
+    TextData(bytes, block_size) is byte-level text (vocab 256) split by position (the last val_fraction is
+    val); TextData.from_tokens(train, val, block_size, vocab_size) takes ids a tokenizer made (wikitext-2)."""
 
     def __init__(self, data: bytes, block_size: int, val_fraction: float = 0.1):
         ids = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # uint8: 1 byte per char in memory
         n_val = int(len(ids) * val_fraction)
-        self.train, self.val = ids[: len(ids) - n_val], ids[len(ids) - n_val:]
-        self.block_size = block_size
+        self._set(ids[: len(ids) - n_val], ids[len(ids) - n_val:], block_size, 256, unit="bytes")
+
+    @classmethod
+    def from_tokens(cls, train: torch.Tensor, val: torch.Tensor, block_size: int, vocab_size: int) -> "TextData":
+        data = cls.__new__(cls)
+        data._set(train, val, block_size, vocab_size, unit="tokens")
+        return data
+
+    def _set(self, train: torch.Tensor, val: torch.Tensor, block_size: int, vocab_size: int, unit: str) -> None:
+        self.train, self.val = train, val
+        self.block_size, self.vocab_size = block_size, vocab_size
         for name, part in (("train", self.train), ("val", self.val)):
             if len(part) <= block_size + 1:
-                raise DataError(f"text {name} split has {len(part)} bytes, needs more than block_size+1 = {block_size + 1}")
+                raise DataError(f"text {name} split has {len(part)} {unit}, needs more than block_size+1 = {block_size + 1}")
 
     @classmethod
     def load(cls, path: str | Path | None, block_size: int, val_fraction: float = 0.1) -> "TextData":
@@ -364,12 +374,15 @@ class TextData:
         return win[:, :-1], win[:, 1:]
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, batch_size: int = 32, max_batches: int = 20) -> tuple[float, float]:
-        """(mean loss, next-byte accuracy) on non-overlapping val windows, the same every call."""
+    def evaluate(self, model: torch.nn.Module, batch_size: int = 32, max_batches: int | None = 20) -> tuple[float, float]:
+        """(mean loss, next-token accuracy) on non-overlapping val windows, the same every call
+        (the first max_batches batches of them; None: all of them)."""
         was_training = model.training
         model.eval()
         T = self.block_size
-        n_win = min((len(self.val) - 1) // T, batch_size * max_batches)
+        n_win = (len(self.val) - 1) // T
+        if max_batches is not None:
+            n_win = min(n_win, batch_size * max_batches)
         total_loss, correct, count = 0.0, 0, 0
         try:
             for b in range(0, n_win, batch_size):

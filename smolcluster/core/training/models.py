@@ -1,4 +1,4 @@
-"""Models: SimpleNN (the seed's MNIST MLP) and a small char-level GPT (nanoGPT style).
+"""Models: SimpleNN (the seed's MNIST MLP) and a GPT (nanoGPT style) over bytes or BPE tokens.
 
 `build_model(cfg, seed)` gives the same initial weights for the same seed on every node, without
 touching the process-wide RNG (other code may rely on it).
@@ -56,12 +56,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, ff_dim: int | None = None):
         super().__init__()
+        ff_dim = ff_dim or 4 * n_embd
         self.ln1 = nn.LayerNorm(n_embd)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout)
         self.ln2 = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.Linear(n_embd, ff_dim), nn.GELU(), nn.Linear(ff_dim, n_embd), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -69,20 +70,20 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer over bytes. forward(idx [B,T] int64) -> logits [B,T,vocab].
+    """Decoder-only transformer over tokens (bytes, or BPE ids). forward(idx [B,T] int64) -> logits [B,T,vocab].
 
     No weight tying: every parameter has exactly one name, which keeps the parameter
     server's name-keyed pushes and the wire schema simple.
     """
 
     def __init__(self, vocab_size: int = 256, block_size: int = 64, n_layer: int = 2, n_head: int = 2,
-                 n_embd: int = 64, dropout: float = 0.0):
+                 n_embd: int = 64, dropout: float = 0.0, ff_dim: int | None = None):
         super().__init__()
         self.block_size = block_size
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.pos_emb = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, ff_dim) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -130,7 +131,7 @@ def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
         if cfg.type == "SimpleNN":
             return SimpleNN(cfg.input_dim, cfg.hidden, cfg.out, cfg.activation)
         if cfg.type == "GPT":
-            return GPT(cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
+            return GPT(cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.ff_dim)
     raise ValueError(f"unknown model type {cfg.type!r}; use SimpleNN or GPT")
 
 

@@ -14,7 +14,7 @@ from smolcluster.core.training.config import ClusterConfig, RunConfig, cluster_c
 from smolcluster.common.errors import ConfigError, SmolclusterError
 from smolcluster.core.training.context import NodeContext
 from smolcluster.core.training.device import pick_device, torch_build, torch_info
-from smolcluster.core.training.telemetry import MetricsWriter, WandbRun, node_labels, peak_rss_mb, setup_logging
+from smolcluster.core.training.telemetry import WANDB_PROJECT, MetricsWriter, WandbRun, node_labels, peak_rss_mb, setup_logging
 from smolcluster.core.net.transport import TransportConfig
 
 ALGORITHM_NAMES = {"edp": "EDP", "syncps": "SyncPS"}
@@ -56,7 +56,8 @@ def _context(cfg: RunConfig, *, role: str, rank: int, hostname: str, run_dir: Pa
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     wandb = WandbRun(mode=cfg.cluster.wandb, algorithm=algo, role=role, hostname=hostname, rank=rank,
                      lr=cfg.nn.learning_rate, batch_size=cfg.nn.batch_size,
-                     config={"cluster": to_dict(cfg.cluster), "nn": to_dict(cfg.nn)}, run_dir=run_dir, logger=log)
+                     config={"cluster": to_dict(cfg.cluster), "nn": to_dict(cfg.nn)} | ({"gpt": cfg.gpt.resolved()} if cfg.gpt else {}),
+                     run_dir=run_dir, logger=log, project=cfg.gpt.logging.project_name if cfg.gpt else WANDB_PROJECT)
     return NodeContext(cfg=cfg, role=role, rank=rank, hostname=hostname, run_dir=run_dir, log=log, metrics=metrics,
                        wandb=wandb, key=_key_for(cfg), transport=_transport(cfg.cluster), slowdown=slowdown, device=device,
                        torch=torch_info(import_rss))
