@@ -357,6 +357,8 @@ def parse_gpt_config(raw: dict, file: Path | None) -> GPTConfig:
         value = {} if value is None else value
         _expect(file, name, isinstance(value, dict), "must be a mapping of keys", f"e.g. {name}: {{...}} (see configs/gpt_config.yaml)")
         cls = GPT_SECTIONS[name]
+        if name == "logging" and isinstance(value.get("wandb"), bool):  # YAML reads a bare off/on as a boolean
+            value = value | {"wandb": "auto" if value["wandb"] else "off"}
         sections[name] = cls(**parse_fields(cls, value, file, f"{name}."))
     cfg = GPTConfig(**sections, file=file)
     m, t, lr = cfg.model, cfg.training, cfg.lr_schedule

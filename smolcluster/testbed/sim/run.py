@@ -47,6 +47,7 @@ class SimOptions:
     progress_interval: float = 5.0  # seconds between progress lines when stdout is not a terminal
     faults: Optional[Path] = None  # fault schedule file, added to the topology's own `faults:`
     render_only: bool = False  # compose: write the project and print how to run it by hand
+    gpt_config: Optional[Path] = None  # train this gpt_config.yaml's GPT instead of the topology's model
 
 
 def default_run_dir(topo: Topology, algo: str, now: Optional[float] = None) -> Path:
@@ -60,7 +61,8 @@ def overrides_for(topo: Topology, opts: SimOptions, algo: str) -> RunOverrides:
         extra["eval_steps"] = EVAL_STEPS[algo]
     if opts.wandb:
         extra["wandb"] = "auto"  # online with a key, else offline; never prompts
-    return RunOverrides(algorithm=algo, epochs=opts.epochs, max_steps=opts.max_steps, seed=opts.seed, extra=extra)
+    return RunOverrides(algorithm=algo, epochs=opts.epochs, max_steps=opts.max_steps, seed=opts.seed, extra=extra,
+                        gpt_config=opts.gpt_config)
 
 
 def run_sim(opts: SimOptions, out: TextIO = sys.stdout) -> int:
@@ -71,6 +73,9 @@ def run_sim(opts: SimOptions, out: TextIO = sys.stdout) -> int:
         raise SimError(f"unknown algorithm {opts.algo!r}: use edp or syncps")
     if opts.as_json and not opts.check:
         raise SimError("--json goes with --check (the link check's output); a training run writes RUN_DIR/summary.json")
+    if opts.backend == "compose" and opts.gpt_config is not None:
+        raise SimError("--gpt-config runs on the local backend (the compose image mounts MNIST, not WikiText-2): "
+                       "drop --backend compose")
     if opts.backend == "compose":
         return _run_compose(opts, out)
     topo = load_topology(opts.file)
