@@ -70,7 +70,7 @@ class ModelConfig:
 class NNConfig:
     batch_size: int = checked(32, min=1, max=1 << 20, fix="use e.g. 32")
     learning_rate: float = checked(0.001, above=0, max=1e3, fix="use e.g. 0.001")
-    optimizer: Literal["adam", "adamw", "sgd"] = checked("adam", fix="use adam, adamw or sgd")
+    optimizer: Literal["adam", "adamw", "sgd"] = checked("adam", fix="use adam or sgd (or adamw, with weight_decay)")
     weight_decay: float = checked(0.0, min=0, max=10, fix="use e.g. 0.01 (AdamW), or 0 for none")
     num_epochs: int = checked(1, min=1, max=1_000_000, fix="use e.g. 1")
     eval_steps: int = checked(200, min=1, fix="use e.g. 200")
