@@ -19,7 +19,7 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from smolcluster.common.errors import DataError
 
+T = TypeVar("T")
 DATA_DIR_ENV = "SMOLCLUSTER_DATA_DIR"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 MNIST_FILES = {
@@ -175,6 +176,18 @@ def download_mnist(dest: Path, split: str) -> None:
     _download_urllib(dest, split)
 
 
+def download_then_read(download: Callable[[], None], read: Callable[[], T | None]) -> tuple[T | None, str]:
+    """Download into a cache, then read what it left: (the data, "") or (None, what went wrong)."""
+    try:
+        download()
+        found = read()
+        return (found, "") if found is not None else (None, "download finished but the files are not there")
+    except DataError as e:
+        return None, str(e)
+    except Exception as e:
+        return None, f"download failed: {type(e).__name__}: {e}"
+
+
 def load_mnist(split: str, data_dir: str | Path | None, *, download: bool = True,
                cache_dir: Path | None = None,
                downloader: Callable[[Path, str], None] | None = None) -> ImageSet:
@@ -195,16 +208,9 @@ def load_mnist(split: str, data_dir: str | Path | None, *, download: bool = True
         looked.append(f"{folder} ({'missing' if not folder.exists() else 'no ' + MNIST_FILES[split][0] + '[.gz]'})")
     problem = "not downloaded (download disabled)"
     if download:
-        try:
-            (downloader or download_mnist)(cache, split)
-            found = _read_split(cache, split)
-            if found is not None:
-                return found
-            problem = "download finished but the files are not there"
-        except DataError as e:
-            problem = str(e)
-        except Exception as e:
-            problem = f"download failed: {type(e).__name__}: {e}"
+        found, problem = download_then_read(lambda: (downloader or download_mnist)(cache, split), lambda: _read_split(cache, split))
+        if found is not None:
+            return found
     raise DataError(
         f"MNIST {split} set not found. Looked in: {'; '.join(looked)}. Download into {cache}: {problem}. "
         f"Fix: put the official IDX files (train-images-idx3-ubyte.gz etc.) in a folder and set data_dir "

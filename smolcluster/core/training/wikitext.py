@@ -22,6 +22,7 @@ from typing import Callable
 
 from smolcluster.common.errors import DataError
 from smolcluster.common.files import write_atomic
+from smolcluster.core.training.data import download_then_read
 
 TEXT_DIR_ENV = "SMOLCLUSTER_TEXT_DIR"
 SPLIT_FILES = {
@@ -164,16 +165,9 @@ def load_wikitext(configured_dir: str | None, *, download: bool = True, cache_di
             break  # a folder the user named must hold the data: no silent download elsewhere
     problem = "download not tried"
     if download and explicit is None:
-        try:
-            (downloader or download_wikitext)(cache)
-            found = _from_folder(cache)
-            if found is not None:
-                return found
-            problem = "download finished but the files are not there"
-        except DataError as e:
-            problem = str(e)
-        except Exception as e:
-            problem = f"download failed: {type(e).__name__}: {e}"
+        found, problem = download_then_read(lambda: (downloader or download_wikitext)(cache), lambda: _from_folder(cache))
+        if found is not None:
+            return found
     raise DataError(
         f"WikiText-2 not found. Looked in: {'; '.join(looked)}. {problem}. Fix: put wiki.train.raw, "
         f"wiki.valid.raw and wiki.test.raw (or valid.txt and test.txt) in a folder and set data.dir in "
