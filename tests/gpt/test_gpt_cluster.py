@@ -64,4 +64,5 @@ def test_edp_and_syncps_train_the_gpt_on_the_sim(algo, tiny_config, tmp_path):
     assert s["tokenizer"]["name"] == "bpe-512" and s["gpt"]["model"]["model_dim"] == 64
     assert s["steps"] >= 80 and s["pushes_rejected"] == 0
     server_log = (run / "nodes" / "mini1" / "server.log").read_text()
-    assert "training on valid, evaluating on test" in server_log
+    assert "training on valid, evaluating on test" in server_log and "training on valid, evaluating on test" in out.stdout
+    assert "test perplexity" in out.stdout and "bpe-512" in out.stdout

@@ -128,3 +128,21 @@ def test_best_checkpoint_is_written_only_when_validation_improves(tiny_config, t
     best = ckpt.load_checkpoint(run / "checkpoints", name=BEST_NAME)
     assert best.step == improved_at[-1] == summary["best_step"]
     assert best.counters["best_val_loss"] == pytest.approx(best_so_far) == pytest.approx(summary["best_val_loss"])
+
+
+def test_the_device_setting_applies(tiny_config, tmp_path):
+    from smolcluster.common.errors import ConfigError
+    from smolcluster.core.training.device import Accelerators
+    from smolcluster.core.training.train_gpt import GPTTrainer
+
+    path = tiny_config({"training": {"device": "cuda"}})
+    with pytest.raises(ConfigError) as e:
+        GPTTrainer(load_gpt_config(path), tmp_path / "run", available=Accelerators(mps=False, cuda=False))
+    msg = str(e.value)
+    assert str(path) in msg and "'training.device'" in msg and "sees no CUDA GPU" in msg and "training.device: cpu" in msg
+    trainer = GPTTrainer(load_gpt_config(tiny_config({"training": {"device": "auto"}})), tmp_path / "run2",
+                         available=Accelerators(mps=False, cuda=False))
+    try:
+        assert trainer.device.type == "cpu" and next(trainer.model.parameters()).device.type == "cpu"
+    finally:
+        trainer.close()

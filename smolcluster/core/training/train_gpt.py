@@ -64,7 +64,7 @@ class GPTTrainer:
         labels = {"job": "smolcluster-train", "component": "train", "host": socket.gethostname(), "rank": 0,
                   "algorithm": "single", "run": self.run_dir.resolve().name}
         self.log = setup_logging(self.run_dir / "train.log", labels=labels, stderr=False)
-        self.device = pick_device(t.device, available, file=gpt.file)
+        self.device = pick_device(t.device, available, file=gpt.file, key="training.device")
         text, self.about = wikitext_data(gpt, self.log)
         self.batch_size = gpt.batch_size()
         self.task = TextTask(text, 1, self.batch_size, t.seed, eval_batches=t.eval_batches,

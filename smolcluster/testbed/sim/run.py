@@ -353,6 +353,9 @@ def format_summary(s: dict) -> str:
         f"pushes applied {s['pushes_applied']}, late {s['pushes_late']}, rejected {s['pushes_rejected']}"
         + (f" ({', '.join(f'{k}: {v}' for k, v in s['rejected_reasons'].items())})" if s.get("rejected_reasons") else ""),
     ]
+    if s.get("final_test_perplexity") is not None:  # a GPT run: the splits and the tokenizer, with the perplexity
+        overall.insert(2, f"{s['data']['eval_split']} perplexity {s['final_test_perplexity']:.1f}, tokenizer "
+                          f"{s['tokenizer']['name']} ({s['tokenizer']['vocab_size']} tokens); {s['data']['note']}")
     if s.get("torch"):
         overall.append(f"torch {s['torch']['version']} ({s['torch']['build']}), {s['torch']['import_rss_mb']:.0f} MB RSS per node "
                        "once imported")
