@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from smolcluster.common.errors import DataError
+from smolcluster.core.training.models import gpt_eval_sums
 
 T = TypeVar("T")
 DATA_DIR_ENV = "SMOLCLUSTER_DATA_DIR"
@@ -394,11 +395,10 @@ class TextData:
             for b in range(0, n_win, batch_size):
                 starts = torch.arange(b, min(b + batch_size, n_win)) * T
                 win = self.val[starts[:, None] + torch.arange(T + 1)].long().to(next(model.parameters()).device)
-                logits = model(win[:, :-1])
-                y = win[:, 1:]
-                total_loss += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
-                correct += int((logits.argmax(-1) == y).sum())
-                count += y.numel()
+                loss_sum, right = gpt_eval_sums(model, win[:, :-1], win[:, 1:])
+                total_loss += loss_sum
+                correct += right
+                count += win[:, 1:].numel()
         finally:
             model.train(was_training)
         return total_loss / max(count, 1), correct / max(count, 1)
