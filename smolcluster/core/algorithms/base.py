@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
 import signal
@@ -532,6 +533,9 @@ class ServerBase:
             "torch": self.ctx.torch,
             "config": to_dict(self.cfg.cluster) | {"nn": to_dict(self.cfg.nn)},
         }
+        about = getattr(self.ctx.task, "about", None)
+        if about:  # a GPT on wikitext-2: which splits (train on valid offline) and which tokenizer
+            summary |= about | {"final_test_perplexity": math.exp(loss), "gpt": self.cfg.gpt.resolved() if self.cfg.gpt else None}
         write_atomic(self.ctx.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.ctx.metrics.write("end", version=self.version, test_accuracy=acc, test_loss=loss, peak_rss_mb=peak_rss_mb())
         self.log.info(f"done: {self.version} updates, test accuracy {acc:.4f}, wall {summary['wall_time_s']} s")

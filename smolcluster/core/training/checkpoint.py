@@ -1,4 +1,5 @@
 """Server checkpoints: the full server state in one file, written atomically, nothing unpickled.
+(`smolcluster train` writes its single-process state in the same format: checkpoint.smcl and best.smcl.)
 
 The file is one smolcluster wire frame (see wire.py): JSON fields for the scalar state and
 optimizer hyper-parameters, tensors for the model and the optimizer's buffers. Writing goes to a
@@ -72,7 +73,7 @@ def state_digest(model_state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(directory: Path, state: ServerState) -> Path:
+def save_checkpoint(directory: Path, state: ServerState, name: str = CHECKPOINT_NAME) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
@@ -89,8 +90,8 @@ def save_checkpoint(directory: Path, state: ServerState) -> Path:
         "model_digest": state_digest(state.model),
     }
     buffers = encode_frame(Message(MessageKind.WEIGHTS, fields=fields, tensors=tensors))
-    final = directory / CHECKPOINT_NAME
-    tmp = directory / f".{CHECKPOINT_NAME}.{os.getpid()}.tmp"
+    final = directory / name
+    tmp = directory / f".{name}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         for b in buffers:
             f.write(b)
@@ -127,8 +128,8 @@ class _FileSource:
         return self._f.read(n)
 
 
-def load_checkpoint(directory: Path) -> ServerState:
-    path = Path(directory) / CHECKPOINT_NAME
+def load_checkpoint(directory: Path, name: str = CHECKPOINT_NAME) -> ServerState:
+    path = Path(directory) / name
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path} (start without --resume, or point checkpoint_dir at the old run)")
     size = path.stat().st_size
