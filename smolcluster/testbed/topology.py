@@ -131,7 +131,7 @@ class TrainingDefaults:
     seed: int = checked(42, min=0, fix="use e.g. 42")
     worker_update_interval: int | None = checked(None, **_AT_LEAST_1)  # None: the algorithm's default
     push_interval: int | None = checked(None, **_AT_LEAST_1)
-    timeout: float | None = checked(None, above=0, fix="use a positive number")
+    timeout: float | Literal["auto"] | None = checked(None, above=0, fix="use a positive number, or auto (adaptive)")
     min_workers: int | None = checked(None, **_AT_LEAST_1)
     use_quantization: bool = False
     server_trains: bool = False
@@ -622,6 +622,19 @@ def path_to_server(topo: Topology, worker: str) -> list[Hop]:
     if worker not in topo.nodes:
         raise ConfigError(topo.file, "nodes", f"no node named {worker!r}", f"use one of: {', '.join(topo.nodes)}")
     return _paths_of(topo, worker)[1]
+
+
+def path_between(topo: Topology, src: str, dst: str) -> list[Hop]:
+    """Hop-by-hop path from node `src` to node `dst` (workers talking to each other, as in an all-reduce):
+    towards the first of dst's addresses that src's routes reach. ConfigError when none is reachable."""
+    problems = []
+    for addr in topo.nodes[dst].addresses.values():
+        try:
+            return _walk(topo, src, addr)
+        except _NoRoute as e:
+            problems.append(e)
+    e = problems[0]
+    raise ConfigError(topo.file, e.key, f"{src} has no path to {dst}: {e.reason}", e.fix or f"add a route to {dst}'s subnet")
 
 
 def path_from_server(topo: Topology, worker: str) -> list[Hop]:

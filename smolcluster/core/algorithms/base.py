@@ -533,6 +533,7 @@ class ServerBase:
             "torch": self.ctx.torch,
             "config": to_dict(self.cfg.cluster) | {"nn": to_dict(self.cfg.nn)},
         }
+        summary |= self.summary_fields()
         about = getattr(self.ctx.task, "about", None)
         if about:  # a GPT on wikitext-2: which splits (train on valid offline) and which tokenizer
             summary |= about | {"final_test_perplexity": math.exp(loss), "gpt": self.cfg.gpt.resolved() if self.cfg.gpt else None}
@@ -540,6 +541,10 @@ class ServerBase:
         self.ctx.metrics.write("end", version=self.version, test_accuracy=acc, test_loss=loss, peak_rss_mb=peak_rss_mb())
         self.log.info(f"done: {self.version} updates, test accuracy {acc:.4f}, wall {summary['wall_time_s']} s")
         return summary
+
+    def summary_fields(self) -> dict[str, Any]:
+        """What an algorithm adds to its summary (SyncPS: the deadline it used)."""
+        return {}
 
     def idle_too_long(self) -> bool:
         """No worker connected for idle_timeout seconds (after at least one joined)."""

@@ -5,7 +5,8 @@ worker has pushed, or when `timeout` seconds have passed and at least `min_worke
 arrived. It averages the gradients weighted by samples, clips, steps the optimizer once and bumps the
 version. A push for a closed step is late: counted, discarded, and the sender is told the current
 step and given the current weights. Workers take the server weights every `worker_update_interval`
-steps, blended as polyak_alpha * server + (1 - polyak_alpha) * local.
+steps, blended as polyak_alpha * server + (1 - polyak_alpha) * local. With `timeout: auto` the deadline
+adapts to the recent arrival delays (deadline.py); every update records the deadline its step had.
 """
 
 from __future__ import annotations
@@ -16,12 +17,28 @@ import time
 import torch
 
 from smolcluster.core.algorithms.base import Peer, ServerBase, WorkerBase
+from smolcluster.core.algorithms.deadline import AdaptiveDeadline
 from smolcluster.core.training.optim import all_finite, tensor_norms
 from smolcluster.core.net.wire import Message, MessageKind
 
 
 class Server(ServerBase):
     algorithm = "syncps"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        c = self.cluster
+        self.adaptive = AdaptiveDeadline(c.timeout_k, c.timeout_window, c.timeout_min, c.timeout_max) \
+            if c.timeout == "auto" else None
+        self.opened: dict[int, float] = {}  # step -> when it opened, for the delays of late pushes
+
+    def step_deadline(self) -> float:
+        """Seconds a step that opens now waits for stragglers."""
+        return self.adaptive.next_step() if self.adaptive else self.cluster.timeout
+
+    def summary_fields(self) -> dict:
+        c = self.cluster
+        return {"deadline": self.adaptive.summary() if self.adaptive else {"mode": "fixed", "seconds": c.timeout}}
 
     def total_steps(self) -> int:
         total = self.nn.num_epochs * self.ctx.steps_per_epoch()
@@ -34,7 +51,8 @@ class Server(ServerBase):
             self.stop_reason = self.idle_stop_reason()
             self.log.warning(f"stopping before the first step: {self.stop_reason}")
             return
-        self.deadline = time.time() + self.cluster.timeout
+        self.opened_at = self.opened[self.step] = time.time()  # the first step opens once everyone is here
+        self.deadline = self.opened_at + self.deadline_s
         while self.step < total:
             wait = self.deadline - time.time() if self.contribs else 0.5
             self.next_event(timeout=min(0.5, wait))
@@ -67,8 +85,10 @@ class Server(ServerBase):
     def open_step(self) -> None:
         self.contribs: dict[int, tuple[dict[str, torch.Tensor], int, float]] = {}
         self.arrived: dict[int, float] = {}
-        self.opened_at = time.time()
-        self.deadline = self.opened_at + self.cluster.timeout
+        self.opened_at = self.opened[self.step] = time.time()
+        self.opened.pop(self.step - 1000, None)
+        self.deadline_s = self.step_deadline()
+        self.deadline = self.opened_at + self.deadline_s
         if self.cluster.server_trains and not self.done_training_data():
             self.contribs[0] = self.own_gradients()
 
@@ -99,7 +119,8 @@ class Server(ServerBase):
             fields = {"step": s, "next_step": self.step, "version": self.version, "held_s": now - self.arrived.get(rank, now)}
             peer.send(self.weights_message(MessageKind.STEP_DONE, fields) if send_weights else Message(MessageKind.STEP_DONE, fields))
         self.after_update(contributors=sorted(self.contribs), missing=missing, loss=loss,
-                          step_time_s=now - self.opened_at, grad_norms=norms)
+                          step_time_s=now - self.opened_at, grad_norms=norms, deadline_s=round(self.deadline_s, 6),
+                          arrival_s={r: round(t - self.opened_at, 6) for r, t in self.arrived.items()})
         self.ctx.wandb.log({"train/loss": loss, "step_time_s": now - self.opened_at, "contributors": len(self.contribs),
                             **{f"grad_norm/{k}": v for k, v in norms.items()}}, step=self.version)
 
@@ -114,6 +135,7 @@ class Server(ServerBase):
             self.reject(peer.rank, "bad-fields", "push without an integer 'step'")
             return self._reply_current(peer, "rejected", "push without an integer step")
         if step < self.step:
+            self.observe_arrival(step)
             self.late += 1
             st.late += 1
             self.ctx.metrics.write("late", rank=peer.rank, step=step, current_step=self.step, version=self.version)
@@ -132,7 +154,13 @@ class Server(ServerBase):
         samples = int(f.get("samples", self.nn.batch_size))
         self.contribs[peer.rank] = (grads, samples, float(f.get("loss", math.nan)))
         self.arrived[peer.rank] = time.time()
+        self.observe_arrival(step)
         st.record_push(samples, staleness=self.version - int(f.get("base_version", self.version)), now=time.time())
+
+    def observe_arrival(self, step: int) -> None:
+        """A push for `step` (open or closed) arrived now: its delay feeds the adaptive deadline."""
+        if self.adaptive and step in self.opened:
+            self.adaptive.observe(time.time() - self.opened[step])
 
     def _reply_current(self, peer: Peer, status: str, reason: str = "") -> None:
         """Bring a late or rejected sender up to date: the open step and the current weights."""
@@ -146,7 +174,8 @@ class Worker(WorkerBase):
     def train(self, welcome: Message) -> None:
         step = int(welcome.fields.get("step", 0))
         alpha = self.nn.polyak_alpha
-        reply_timeout = self.cluster.timeout + self.ctx.transport.io_timeout
+        deadline = self.cluster.timeout_max if self.cluster.timeout == "auto" else self.cluster.timeout
+        reply_timeout = deadline + self.ctx.transport.io_timeout
         while step < self.total_steps:
             loss, samples = self.compute_gradients(step)
             grads = self.gradients()  # unclipped: the server clips the average, as one big batch would
