@@ -267,9 +267,12 @@ def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: 
         if summary.get("pushes_late") != n_late or summary.get("pushes_rejected") != len(rejects):
             out.append(f"summary counters (late {summary.get('pushes_late')}, rejected {summary.get('pushes_rejected')}) "
                        f"differ from the server's events (late {n_late}, rejected {len(rejects)})")
-        n_updates = sum(1 for e in server if e["event"] == "update")
-        if summary.get("pushes_applied") != n_updates:
-            out.append(f"summary pushes_applied {summary.get('pushes_applied')} != {n_updates} update events")
+        # pushes applied: a worker's EDP update each, or each worker contribution to a closed SyncPS step
+        updates = [e for e in server if e["event"] == "update"]
+        n_applied = (sum(1 for e in updates if e.get("source", 0) != 0) if algo == "edp" else
+                     sum(sum(1 for r in e.get("contributors") or [] if r != 0) for e in updates))
+        if summary.get("pushes_applied") != n_applied:
+            out.append(f"summary pushes_applied {summary.get('pushes_applied')} != {n_applied} pushes in the update events")
     return out
 
 
