@@ -17,7 +17,7 @@ from typing import Any
 
 
 class NormFilter:
-    def __init__(self, k: float = 10.0, window: int = 64, min_history: int = 8):
+    def __init__(self, k: float = 20.0, window: int = 64, min_history: int = 8):
         self.k, self.window, self.min_history = k, window, min_history
         self.norms: deque[float] = deque(maxlen=window)
         self.rejected = 0

@@ -1,4 +1,5 @@
-"""Real server and worker processes on loopback, with configs written for the test."""
+"""Real server and worker processes on loopback, with configs written for the test (the `local_cluster`
+fixture in tests/conftest.py), and the one wait-until helper the live tests poll with."""
 
 from __future__ import annotations
 
@@ -8,12 +9,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from smolcluster.testbed.sim.processes import ProcessGroup
 
 WORKERS = ["w1", "w2", "w3"]
+
+
+def wait_until(predicate, timeout: float, what: str, detail=lambda: "") -> None:
+    """Poll `predicate` (every 0.05 s, on the monotonic clock) until it is true; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}\n{detail()}"
+        time.sleep(0.05)
 
 
 def write_configs(config_dir: Path, algo: str, data_dir: Path, nn: dict[str, Any] | None = None,
@@ -51,11 +59,11 @@ class LocalCluster:
         self.procs.start("server", ["server", "--algo", self.algo, "--config-dir", str(self.config_dir),
                                     "--run-dir", str(self.server_dir), "--bind", "127.0.0.1", "--port",
                                     str(self.port or 0), *extra], self.server_dir / "stdout.log")
-        deadline = time.time() + 60
-        while not (self.server_dir / "server.json").exists():
+        def listening() -> bool:
             assert self.procs.procs["server"].alive(), self.log("server")
-            assert time.time() < deadline, "server did not start listening within 60 s"
-            time.sleep(0.1)
+            return (self.server_dir / "server.json").exists()
+
+        wait_until(listening, 60, "the server to listen")
         time.sleep(0.05)
         self.port = json.loads((self.server_dir / "server.json").read_text())["port"]
 
@@ -76,26 +84,8 @@ class LocalCluster:
         return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
     def wait_for(self, predicate, timeout: float, what: str) -> None:
-        deadline = time.time() + timeout
-        while not predicate():
-            assert time.time() < deadline, f"timed out waiting for {what}\n{self.log('server')}"
-            time.sleep(0.1)
+        wait_until(predicate, timeout, what, lambda: self.log("server"))
 
     def log(self, node: str) -> str:
         p = self.root / node / "stdout.log"
         return p.read_text()[-3000:] if p.exists() else ""
-
-
-@pytest.fixture
-def local_cluster(tmp_path, mnist_dir):
-    clusters: list[LocalCluster] = []
-
-    def make(algo: str, nn: dict | None = None, cluster: dict | None = None) -> LocalCluster:
-        cfg = write_configs(tmp_path / f"config-{algo}", algo, mnist_dir, nn, cluster)
-        c = LocalCluster(tmp_path / f"run-{algo}", algo, cfg)
-        clusters.append(c)
-        return c
-
-    yield make
-    for c in clusters:
-        c.procs.stop_all()
