@@ -116,3 +116,66 @@ def events(path: Path, event: str) -> list[dict]:
     if not path.exists():
         return []
     return [e for e in (json.loads(l) for l in path.read_text().splitlines() if l.strip()) if e["event"] == event]
+
+
+class Relay:
+    """A TCP relay between workers and the server (the man in the middle): connection number i can have
+    its server-to-worker bytes tampered with (`tamper(i, offset, chunk)` edits the chunk in place), and
+    the first connections can be answered by the relay itself (`answer_first(sock)`), like a spoofer."""
+
+    def __init__(self, server_port: int, *, tamper: Callable[[int, int, bytearray], None] | None = None,
+                 answer_first: Callable[[socket.socket], None] | None = None, spoofed: int = 1):
+        self.server_port, self.tamper, self.answer_first, self.spoofed = server_port, tamper, answer_first, spoofed
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                continue
+            i, self.connections = self.connections, self.connections + 1
+            self._socks.append(client)
+            if self.answer_first is not None and i < self.spoofed:
+                threading.Thread(target=self._spoof, args=(client,), daemon=True).start()
+                continue
+            server = socket.create_connection(("127.0.0.1", self.server_port))
+            self._socks.append(server)
+            threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, i), daemon=True).start()
+
+    def _spoof(self, client: socket.socket) -> None:
+        try:
+            self.answer_first(client)
+        finally:
+            client.close()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, index: int | None) -> None:
+        offset = 0
+        try:
+            while chunk := src.recv(1 << 16):
+                data = bytearray(chunk)
+                if index is not None and self.tamper is not None:
+                    self.tamper(index, offset, data)
+                offset += len(chunk)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        for s in self._socks:
+            s.close()

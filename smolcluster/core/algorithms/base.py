@@ -631,19 +631,19 @@ class ServerBase:
                             layers=self.schema)
 
     def norm_prior(self, weights_mode: bool) -> float | None:
-        """Before the robust filter has a history: the most one update can honestly move. A weights push
-        stays within the weights' own norm of them; a gradient within 1000x the clipping norm."""
+        """The most one update can honestly move, whatever the history: a weights push stays within the
+        weights' own norm of them; a gradient within 1000x the clipping norm."""
         if weights_mode:
             return math.sqrt(sum(float(t.double().square().sum()) for t in self.model.state_dict().values())) + 1.0
         return 1000.0 * self.nn.gradient_clipping if self.nn.gradient_clipping else None
 
-    def robust_problem(self, norm: float, weights_mode: bool) -> str:
-        """Why an update of this norm must not be applied ("" when it may)."""
+    def robust_problem(self, rank: int, norm: float, weights_mode: bool) -> str:
+        """Why an update of this norm from `rank` must not be applied ("" when it may)."""
         if not math.isfinite(norm):
             return "non-finite"
         if self.robust is None:
             return ""
-        return self.robust.check(norm, self.norm_prior(weights_mode))
+        return self.robust.check(rank, norm, self.norm_prior(weights_mode))
 
     def reject(self, rank: int, reason: str, detail: str = "") -> None:
         self.rejected += 1

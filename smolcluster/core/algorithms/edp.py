@@ -71,14 +71,14 @@ class Server(ServerBase):
             update = tensors
         norms = tensor_norms(update)
         size = math.sqrt(sum(v * v for v in norms.values()))
-        problem = self.robust_problem(size, weights_mode)
+        problem = self.robust_problem(peer.rank, size, weights_mode)
         if problem:
             reason = "non-finite" if problem == "non-finite" else "outlier"
             detail = f"{push.mode} contain NaN or Inf" if reason == "non-finite" else problem
             self.reject(peer.rank, reason, detail)
             return self._ack(peer, "rejected", push, tau=0)
         if self.robust is not None:
-            self.robust.accept(size)
+            self.robust.accept(peer.rank, size)
         tau = self.version - push.base_version
         if weights_mode:
             alpha = 1.0 / (1 + tau)

@@ -131,14 +131,15 @@ class Server(ServerBase):
             self.reject(peer.rank, "wrong-step", f"push for step {push.step} while step {self.step} is open")
             return self._reply_current(peer, "rejected", "wrong step")
         norms = tensor_norms(grads)
-        problem = self.robust_problem(math.sqrt(sum(v * v for v in norms.values())), weights_mode=False)
+        size = math.sqrt(sum(v * v for v in norms.values()))
+        problem = self.robust_problem(peer.rank, size, weights_mode=False)
         if problem:
             reason = "non-finite" if problem == "non-finite" else "outlier"
             self.reject(peer.rank, reason, "gradients contain NaN or Inf" if reason == "non-finite" else problem)
             self.settled.add(peer.rank)  # its turn is over: the others do not wait for it
             return self._reply_current(peer, "rejected", "non-finite gradients" if reason == "non-finite" else problem)
         if self.robust is not None:
-            self.robust.accept(math.sqrt(sum(v * v for v in norms.values())))
+            self.robust.accept(peer.rank, size)
         self.contribs[peer.rank] = (grads, push.samples, push.loss if push.loss is not None else math.nan)
         now = time.monotonic()
         self.arrived[peer.rank] = now

@@ -78,12 +78,14 @@ def _optional(inner: Check) -> Check:
 def _norms(kind: str, name: str, v: Any) -> dict[str, float]:
     if type(v) is not dict or len(v) > MAX_LAYERS:
         raise BadField(kind, name, f"must be an object of at most {MAX_LAYERS} layer names -> norms, got {_show(v)}")
-    number = _float()
     out: dict[str, float] = {}
     for layer, norm in v.items():
         if len(layer) > 512:
             raise BadField(kind, name, f"has a layer name of {len(layer)} characters")
-        out[layer] = number(kind, f"{name}.{layer[:64]}", norm)
+        if type(norm) not in (int, float) or not math.isfinite(norm) or norm < 0:
+            # the reason stays "bad-field:grad_norms": counters must not be keyed by what a peer names
+            raise BadField(kind, name, f"layer {layer[:64]!r} has {_show(norm)}, not a finite number >= 0")
+        out[layer] = float(norm)
     return out
 
 
