@@ -38,7 +38,7 @@ class WorkersGoneWatch:
         if any(code is None or code == 0 for code in codes.values()):
             self.since = None
             return None
-        now = time.time()
+        now = time.monotonic()
         self.since = self.since or now
         limit = ALL_WORKERS_GONE_S if on_purpose or trained else WORKERS_NEVER_STARTED_S
         if now - self.since <= limit:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import resource
 import socket
-import threading
 import time
 
 import pytest
 
-from attack import Background, Process, join, keyed_handshake, lines, raw_socket, send_raw
+from attack import Background, Process, join, keyed_handshake, lines, raw_socket
 from localcluster import wait_until
 from smolcluster.common import errors
 from smolcluster.core.net import auth

@@ -5,16 +5,14 @@ worker trains to its floor while the server's memory is sampled."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
-import torch
 
 from attack import Background, Process, ask, join, raw_socket, weights_of
 from smolcluster.common.errors import SmolclusterError
-from smolcluster.core.net.wire import MAGIC, PREAMBLE, VERSION, Message, MessageKind, encode_frame
+from smolcluster.core.net.wire import MAGIC, PREAMBLE, VERSION, Message, MessageKind
 
 pytestmark = pytest.mark.slow
 
@@ -91,32 +89,20 @@ def test_a_strangers_first_frame_cannot_make_the_server_allocate(local_cluster):
     assert "no valid HELLO" in (c.server_dir / "server.log").read_text()
 
 
-def _stale_tiny_pushes(port: int, seconds: float) -> tuple[int, int]:
-    """Rank 2 sends ~100-byte PUSHes for step 0 (long closed), no tensors: bytes sent and received."""
-    conn, welcome = join(port, 2, "syncps")
-    sent0, recv0 = conn.bytes_sent, conn.bytes_received
-    deadline = time.monotonic() + seconds
-    try:
-        while time.monotonic() < deadline:
-            reply = ask(conn, {"step": 0, "base_version": 0, "samples": 32, "loss": 0.5, "worker_step": 1})
-            if reply.kind == MessageKind.BYE:
-                break
-    except SmolclusterError:
-        pass
-    sent, received = conn.bytes_sent - sent0, conn.bytes_received - recv0
-    conn.close()
-    return sent, received
-
-
-def _pull_flood(port: int, seconds: float) -> tuple[int, int]:
-    """EDP rank 2 sends tiny PULLs as fast as it can, its worker_step racing ahead at the pull cadence."""
-    conn, _ = join(port, 2, "edp")
+def _flood(port: int, algo: str, seconds: float) -> tuple[int, int]:
+    """Rank 2 asks as fast as it can for what would be the whole model: SyncPS, ~100-byte PUSHes without
+    tensors for step 0 (long closed); EDP, tiny PULLs with its worker_step racing ahead at the pull
+    cadence. Returns the bytes it sent and received."""
+    conn, _ = join(port, 2, algo)
     sent0, recv0 = conn.bytes_sent, conn.bytes_received
     deadline, step = time.monotonic() + seconds, 0
     try:
         while time.monotonic() < deadline:
             step += 5
-            reply = ask(conn, {"worker_step": min(step, 600)}, kind=MessageKind.PULL)
+            if algo == "syncps":
+                reply = ask(conn, {"step": 0, "base_version": 0, "samples": 32, "loss": 0.5, "worker_step": 1})
+            else:
+                reply = ask(conn, {"worker_step": min(step, 600)}, kind=MessageKind.PULL)
             if reply.kind == MessageKind.BYE:
                 break
     except SmolclusterError:
@@ -134,7 +120,7 @@ def test_replies_stay_within_a_small_multiple_of_what_a_peer_sent(local_cluster,
     c.start_server()
     c.start_worker(1, "--slowdown", "2")
     c.wait_for(lambda: sum(1 for m in c.metrics() if m["event"] == "update") >= 5, 60, "training to start")
-    sent, received = _stale_tiny_pushes(c.port, 4.0) if algo == "syncps" else _pull_flood(c.port, 4.0)
+    sent, received = _flood(c.port, algo, 4.0)
     assert c.wait_server(timeout=180) == 0, c.log("server")
     s = c.summary()
     ratio = received / max(1, sent)

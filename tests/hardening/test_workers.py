@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from attack import Background, Relay, join, lines, send_raw
+from attack import Relay, join, lines, send_raw
 from localcluster import wait_until
 from smolcluster.common.errors import ServerFailed
 from smolcluster.core.algorithms import syncps
@@ -93,12 +93,10 @@ def _key_cluster(local_cluster, tmp_path, **cluster):
     return local_cluster("edp", cluster={"max_steps": 100, "cluster_key_file": str(path)} | cluster, workers=["w1"])
 
 
-def test_one_corrupted_frame_from_the_server_costs_a_reconnect_not_the_worker(local_cluster, tmp_path):
-    """Defect 10: one BadMac from the server (a flipped bit in transit) was never retried: the worker exited 2
-    and the server later stopped with "no worker connected"."""
-    c = _key_cluster(local_cluster, tmp_path)
+def _run_through(c, relay_options: dict) -> Relay:
+    """Start the server, and worker 1 dialling it through a Relay; both must end cleanly."""
     c.start_server()
-    relay = Relay(c.port, tamper=_flip_once(600_000))  # inside a reply after the WELCOME (~400 kB)
+    relay = Relay(c.port, **relay_options)
     try:
         c.port, server_port = relay.port, c.port
         c.start_worker(1)
@@ -107,6 +105,14 @@ def test_one_corrupted_frame_from_the_server_costs_a_reconnect_not_the_worker(lo
         assert c.procs.wait("w1", timeout=30) == 0, c.log("w1")
     finally:
         relay.close()
+    return relay
+
+
+def test_one_corrupted_frame_from_the_server_costs_a_reconnect_not_the_worker(local_cluster, tmp_path):
+    """Defect 10: one BadMac from the server (a flipped bit in transit) was never retried: the worker exited 2
+    and the server later stopped with "no worker connected"."""
+    c = _key_cluster(local_cluster, tmp_path)
+    _run_through(c, dict(tamper=_flip_once(600_000)))  # inside a reply after the WELCOME (~400 kB)
     s = c.summary()
     assert s["per_worker"][0]["joins"] == 2 and s["final_test_accuracy"] >= FLOOR, s
     log = (c.root / "w1" / "stdout.log").read_text()
@@ -123,16 +129,7 @@ def _spoofed_refusal(sock) -> None:
 def test_a_spoofed_handshake_refusal_is_retried(local_cluster, tmp_path):
     """Defect 10: an unauthenticated ERROR at the handshake (anyone on the path can send one) ended the worker."""
     c = _key_cluster(local_cluster, tmp_path)
-    c.start_server()
-    relay = Relay(c.port, answer_first=_spoofed_refusal, spoofed=2)  # two in a row, fewer than auth_attempts
-    try:
-        c.port, server_port = relay.port, c.port
-        c.start_worker(1)
-        c.port = server_port
-        assert c.wait_server(timeout=120) == 0, c.log("server")
-        assert c.procs.wait("w1", timeout=30) == 0, c.log("w1")
-    finally:
-        relay.close()
+    relay = _run_through(c, dict(answer_first=_spoofed_refusal, spoofed=2))  # two in a row, fewer than auth_attempts
     assert relay.connections >= 3
     assert c.summary()["final_test_accuracy"] >= FLOOR
 

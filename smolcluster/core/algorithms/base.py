@@ -187,6 +187,7 @@ class Peer:
         if full:
             self._events.put(Left(self.conn, self.rank, f"not reading: {self._in_outbox} bytes queued for it"))
             self.close("not reading")
+            self.conn.interrupt()  # its sender thread is stuck in a send it will never finish
             return
         self._outbox.put((msg, size))
 
@@ -216,6 +217,11 @@ class Peer:
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
+
+    @property
+    def closing(self) -> bool:
+        """Still sending what was queued before its close."""
+        return self._thread.is_alive()
 
 
 class ServerBase:
@@ -352,7 +358,7 @@ class ServerBase:
         deadline = time.monotonic() + timeout
         for peer in self.retiring:
             peer.join(max(0.0, deadline - time.monotonic()))
-        self.retiring = [p for p in self.retiring if p._thread.is_alive()]
+        self.retiring = [p for p in self.retiring if p.closing]
 
     # ------------------------------------------------------------------ connection threads
 
@@ -547,7 +553,7 @@ class ServerBase:
         peer.close(reason)
         self.retiring.append(peer)
         if len(self.retiring) > 64:
-            self.retiring = [p for p in self.retiring if p._thread.is_alive()]
+            self.retiring = [p for p in self.retiring if p.closing]
 
     def _closed_connection(self, conn: Connection) -> None:
         with self._bytes_lock:  # from the peer's sender thread

@@ -355,6 +355,14 @@ class Connection:
             finally:
                 self._send_lock.release()
 
+    def interrupt(self) -> None:
+        """Wake a send or recv blocked on this connection (it fails as closed), from any thread, without
+        waiting for anything; its owner then closes it."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def close(self, reason: str = "", *, graceful: bool = False, linger: float = 1.0) -> None:
         """Close once; later calls do nothing. Wakes a recv or send blocked in another thread.
 

@@ -139,7 +139,7 @@ class ComposeCluster:
                 self._add_latency_toxics()
 
     def _wait_api(self, timeout: float = 60.0) -> None:
-        deadline = time.time() + timeout
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 names = set(self.toxiproxy.proxies())
@@ -147,7 +147,7 @@ class ComposeCluster:
                     return
             except ProxyError:
                 pass
-            if time.time() > deadline:
+            if time.monotonic() > deadline:
                 raise SimError(f"the Toxiproxy service did not come up with the worker proxies within {timeout:.0f} s; "
                                f"logs:\n{cmp.logs(self.env, self.cp)[-2000:]}")
             time.sleep(0.2)
@@ -225,7 +225,7 @@ class ComposeCluster:
             status, code = self.states().get(self.server, ("missing", 1))
             killed = self._killed_at.get(self.server)
             if status not in ("running", "paused", "restarting", "created") and (
-                    killed is None or time.time() - killed > KILLED_SERVER_GRACE_S):
+                    killed is None or time.monotonic() - killed > KILLED_SERVER_GRACE_S):
                 break
             self._check_workers_alive()
             time.sleep(poll)
@@ -235,8 +235,8 @@ class ComposeCluster:
             self.tail.poll()
             return [w.name for w in self.topology.workers if w.name not in self.tail.ended and self.alive(w.name)]
 
-        deadline = time.time() + WORKER_GRACE_S
-        while time.time() < deadline and unfinished():
+        deadline = time.monotonic() + WORKER_GRACE_S
+        while time.monotonic() < deadline and unfinished():
             time.sleep(0.2)
         self.stopped_after_end = unfinished()
         return code
@@ -297,7 +297,7 @@ class ComposeCluster:
         self.env.run([*args, cid], timeout=60)
 
     def kill(self, node: str) -> None:
-        self._killed_at[node] = time.time()
+        self._killed_at[node] = time.monotonic()
         self._docker(node, "kill")
 
     def pause(self, node: str) -> None:
@@ -323,8 +323,8 @@ class ComposeCluster:
         self._killed_at.pop(node, None)
 
     def _wait_state(self, node: str, wanted: set[str], timeout: float = 30.0) -> None:
-        deadline = time.time() + timeout
-        while self.states().get(node, ("missing", 0))[0] not in wanted and time.time() < deadline:
+        deadline = time.monotonic() + timeout
+        while self.states().get(node, ("missing", 0))[0] not in wanted and time.monotonic() < deadline:
             time.sleep(0.1)
 
     def alive(self, node: str) -> bool:

@@ -301,7 +301,7 @@ class LocalCluster:
         if resume:
             args.append("--resume")
         proc = self.procs.start(name, args, d / "stdout.log")
-        deadline = time.time() + SERVER_START_TIMEOUT_S
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while True:
             info = _read_json(d / "server.json")
             if info and info.get("pid") == proc.pid:
@@ -309,7 +309,7 @@ class LocalCluster:
             if not proc.alive():
                 raise SimError(f"the server ({name}) exited with code {proc.returncode} before listening:\n"
                                f"{_tail(d / 'stdout.log')}")
-            if time.time() > deadline:
+            if time.monotonic() > deadline:
                 raise SimError(f"the server ({name}) did not start listening within {SERVER_START_TIMEOUT_S:.0f} s; see {d / 'stdout.log'}")
             time.sleep(0.1)
         old, self.server_port = self.server_port, int(info["port"])
@@ -368,17 +368,17 @@ class LocalCluster:
             proc = self.procs.procs[server]
             # A server killed on purpose (a fault) may be restarted with --resume: wait a while for that.
             killed = self._killed_at.get(server)
-            if not proc.alive() and (killed is None or time.time() - killed > KILLED_SERVER_GRACE_S):
+            if not proc.alive() and (killed is None or time.monotonic() - killed > KILLED_SERVER_GRACE_S):
                 break
             self._check_workers_alive()
             time.sleep(poll)
         # The server said BYE to every worker; one that missed it (a close racing the message) would
         # keep redialling its proxy, which accepts and then finds no server. Nothing is left to do for
         # it, so after a short grace the sim stops it (recorded in `stopped_after_end`).
-        deadline = time.time() + WORKER_GRACE_S
+        deadline = time.monotonic() + WORKER_GRACE_S
         for w in self.topology.workers:
             p = self.procs.procs.get(w.name)
-            while p is not None and p.alive() and time.time() < deadline:
+            while p is not None and p.alive() and time.monotonic() < deadline:
                 time.sleep(0.1)
         self.stopped_after_end = [w.name for w in self.topology.workers if self.alive(w.name)]
         self.tail.poll()
@@ -408,7 +408,7 @@ class LocalCluster:
         return [link for link in self.links() if node in (link.src, link.dst)]
 
     def kill(self, node: str) -> None:
-        self._killed_at[node] = time.time()
+        self._killed_at[node] = time.monotonic()
         self.procs.signal(node, signal.SIGKILL)
 
     def pause(self, node: str) -> None:
