@@ -9,7 +9,7 @@ import typer
 
 from smolcluster.common.errors import SmolclusterError
 
-COMMAND_GROUPS = ("node", "sim", "topology", "linkemu", "faults", "report", "deploy", "image", "bench")
+COMMAND_GROUPS = ("node", "sim", "topology", "linkemu", "faults", "report", "deploy", "logs", "image", "bench")
 
 
 def build_app() -> typer.Typer:

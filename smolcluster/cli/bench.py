@@ -61,3 +61,10 @@ def register(app: typer.Typer) -> None:
         from smolcluster.bench.wire import main as wire_main
 
         wire_main(as_json=as_json)
+
+    @bench_app.command("logging", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def bench_logging(ctx: typer.Context) -> None:
+        """Training steps with Loki shipping off / to a live receiver / to a dead Loki / to a hanging one (--steps, --rounds, --modes, --json)."""
+        from smolcluster.bench.logging import main as logging_main
+
+        raise typer.Exit(logging_main(ctx.args))

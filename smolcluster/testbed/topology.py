@@ -60,6 +60,23 @@ class Route:
     via: IPv4Address
 
 
+HOST_OSES = ("linux", "macos", "windows")
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """How the real-hardware launcher reaches a node (the optional `host:` block; see docs/hardware.md)."""
+
+    ssh: str  # ssh target or ~/.ssh/config alias; default: the node's name
+    user: str | None = None
+    port: int | None = None
+    jump: str | None = None  # a node name or ssh target to go through (ProxyJump), e.g. a Pi behind its Mac
+    os: str = "linux"  # linux | macos | windows
+    python: str = "python3"  # the interpreter on that host
+    workdir: str = "~/smolcluster"  # where the code, configs and runs live on that host
+    interfaces: dict[str, str] = field(default_factory=dict)  # network -> interface name (topology netsetup)
+
+
 @dataclass(frozen=True)
 class Node:
     name: str
@@ -70,6 +87,11 @@ class Node:
     routes: tuple[Route, ...]
     rank: int  # server 0, workers 1..n in file order
     links: dict[str, LinkProfile] = field(default_factory=dict)  # per-node link overrides: network name -> profile
+    host: HostSpec | None = None  # how `smolcluster launch` reaches it; None: defaults (ssh to the node's name)
+
+    @property
+    def host_spec(self) -> HostSpec:
+        return self.host or HostSpec(ssh=self.name)
 
 
 @dataclass(frozen=True)
@@ -139,7 +161,8 @@ class Topology:
 
 _TOP_KEYS = ("name", "description", "profiles", "networks", "nodes", "training", "faults")
 _NETWORK_KEYS = ("subnet", "profile", "gateway")
-_NODE_KEYS = ("role", "device", "addresses", "forwarding", "routes", "links")
+_NODE_KEYS = ("role", "device", "addresses", "forwarding", "routes", "links", "host")
+_HOST_KEYS = ("ssh", "user", "port", "jump", "os", "python", "workdir", "interfaces")
 _ROUTE_KEYS = ("dest", "via")
 # Cluster-config keys that the topology itself decides; setting them under training: is a mistake.
 _DERIVED_KEYS = ("host_ip", "workers", "num_workers", "server")
@@ -292,8 +315,47 @@ def _parse_node(file: Path, name: str, body: Any, rank: int, networks: dict[str,
             raise ConfigError(file, f"{key}.links.{net}", f"the node has no address on network {net!r}",
                               f"override only networks the node is on: {', '.join(addresses)}")
         node_links[str(net)] = resolve_link(spec, links, file, f"{key}.links.{net}")
+    host = _parse_host(file, key, name, body["host"], addresses) if body.get("host") is not None else None
     return Node(name=name, role=role, device=device, addresses=addresses, forwarding=forwarding,
-                routes=tuple(routes), rank=rank, links=node_links)
+                routes=tuple(routes), rank=rank, links=node_links, host=host)
+
+
+def _host_word(file: Path, key: str, value: Any, example: str) -> str:
+    """A non-empty string without whitespace (it lands in ssh arguments, never through a shell)."""
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value) or value.startswith("-"):
+        raise ConfigError(file, key, f"got {value!r}, expected a non-empty word (no spaces, not starting with '-')", f"e.g. {example}")
+    return value
+
+
+def _parse_host(file: Path, key: str, name: str, raw: Any, addresses: dict[str, IPv4Address]) -> HostSpec:
+    hkey = f"{key}.host"
+    raw = _mapping(file, hkey, raw, f"host: {{ssh: {name}, user: pi, workdir: ~/smolcluster}}")
+    _unknown(file, hkey, raw, _HOST_KEYS)
+    ssh = _host_word(file, f"{hkey}.ssh", raw.get("ssh", name), f"ssh: {name} (an ~/.ssh/config alias) or ssh: pi@192.168.50.2")
+    user = _host_word(file, f"{hkey}.user", raw["user"], "user: pi") if raw.get("user") is not None else None
+    port = raw.get("port")
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535):
+        raise ConfigError(file, f"{hkey}.port", f"got {port!r}, expected a TCP port", "e.g. port: 22")
+    jump = _host_word(file, f"{hkey}.jump", raw["jump"], "jump: mini1 (a node name) or jump: admin@gateway") if raw.get("jump") is not None else None
+    if jump == name:
+        raise ConfigError(file, f"{hkey}.jump", f"{name} cannot jump through itself", "name the node it is cabled to, e.g. jump: mini1")
+    os_name = raw.get("os", "linux")
+    if os_name not in HOST_OSES:
+        raise ConfigError(file, f"{hkey}.os", f"got {os_name!r}", f"use one of: {', '.join(HOST_OSES)}")
+    python = raw.get("python", "python3")
+    if not isinstance(python, str) or not python.strip():
+        raise ConfigError(file, f"{hkey}.python", f"got {python!r}", "e.g. python: python3, or a venv's bin/python")
+    workdir = raw.get("workdir", "~/smolcluster")
+    if not isinstance(workdir, str) or not workdir.strip() or "\n" in workdir:
+        raise ConfigError(file, f"{hkey}.workdir", f"got {workdir!r}", "e.g. workdir: ~/smolcluster")
+    interfaces = _mapping(file, f"{hkey}.interfaces", raw.get("interfaces") or {}, "interfaces: {thunderbolt: bridge0}")
+    for net, ifname in interfaces.items():
+        if net not in addresses:
+            raise ConfigError(file, f"{hkey}.interfaces.{net}", f"{name} has no address on network {net!r}",
+                              f"name interfaces only for its networks: {', '.join(addresses)}")
+        _host_word(file, f"{hkey}.interfaces.{net}", ifname, "bridge0 (macOS Thunderbolt Bridge), eth0, en5")
+    return HostSpec(ssh=ssh, user=user, port=port, jump=jump, os=os_name, python=python, workdir=workdir,
+                    interfaces={str(k): str(v) for k, v in interfaces.items()})
 
 
 def _parse_training(file: Path, raw: Any) -> TrainingDefaults:
@@ -393,9 +455,22 @@ def load_topology(path: str | Path) -> Topology:
     topo = Topology(file=file, name=str(raw.get("name") or file.stem), networks=networks, nodes=nodes,
                     training=_parse_training(file, raw.get("training")), faults=list(faults))
     _check_routes(topo)
+    _check_jumps(topo)
     for w in topo.workers:
         _check_reachability(topo, w.name)
     return topo
+
+
+def _check_jumps(topo: Topology) -> None:
+    """A jump through another node must not loop (pi -> mac -> pi)."""
+    for node in topo.nodes.values():
+        seen, here = [node.name], node
+        while here.host is not None and here.host.jump in topo.nodes:
+            here = topo.nodes[here.host.jump]
+            if here.name in seen:
+                raise ConfigError(topo.file, f"nodes.{node.name}.host.jump", "jumps loop: " + " -> ".join(seen + [here.name]),
+                                  "jump through the node the host is cabled to, which is reached directly")
+            seen.append(here.name)
 
 
 def _check_routes(topo: Topology) -> None:
@@ -555,7 +630,8 @@ def to_dict(topo: Topology) -> dict:
         "nodes": {n.name: {"role": n.role, "rank": n.rank, "device": prof(n.device),
                            "addresses": {k: str(v) for k, v in n.addresses.items()}, "forwarding": n.forwarding,
                            "routes": [{"dest": str(r.dest), "via": str(r.via)} for r in n.routes],
-                           "links": {k: prof(v) for k, v in n.links.items()}}
+                           "links": {k: prof(v) for k, v in n.links.items()},
+                           **({"host": dataclasses.asdict(n.host)} if n.host else {})}
                   for n in topo.nodes.values()},
         "training": dataclasses.asdict(topo.training),
         "faults": topo.faults,
