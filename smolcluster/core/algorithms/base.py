@@ -249,6 +249,7 @@ class ServerBase:
         self.connections_rejected = 0
         self.listener: Listener | None = None
         self._bytes_lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self.bytes_sent = self.bytes_received = 0  # of connections already closed
         self.ever_joined = False
         self.last_peer_seen = time.monotonic()
@@ -363,7 +364,8 @@ class ServerBase:
     # ------------------------------------------------------------------ connection threads
 
     def _on_reject(self, peer: str, error: Exception) -> None:
-        self.connections_rejected += 1  # counted from the listener thread; an int increment is atomic enough here
+        with self._count_lock:  # from the listener's threads
+            self.connections_rejected += 1
 
     def _on_connection(self, conn: Connection) -> None:
         """Runs in the listener's per-connection thread: hello, then read frames until the peer goes.
@@ -376,7 +378,8 @@ class ServerBase:
             return
         problem, hello = self._check_hello(hello_msg)
         if problem:
-            self.messages_rejected["bad-hello"] += 1
+            with self._count_lock:  # a connection thread, not the main one
+                self.messages_rejected["bad-hello"] += 1
             self.say.warning("bad-hello", f"dropping {conn.peer}: {problem}")
             try:
                 conn.send(Message(MessageKind.ERROR, {"error": problem}), timeout=5)
