@@ -22,6 +22,7 @@ from smolcluster.core.training import checkpoint as ckpt
 from smolcluster.core.training.config import ModelConfig
 from smolcluster.core.training.models import build_model, loss_fn
 from smolcluster.core.training.optim import build_optimizer
+from smolcluster.core.net.wire import PREAMBLE
 
 FIXTURE = Path(__file__).parent / "fixtures" / "main-edp-hidden8.smcl"  # see fixtures/make_main_fixture.py
 FIXTURE_DIGEST = "f0a2aca6f8599da3e21cff7210db1eed52bf73507bde015453b501fcb2458f0b"
@@ -54,6 +55,12 @@ def _flip(raw: bytes, offset: int) -> bytes:
     return bytes(b)
 
 
+def _model_offset(raw: bytes) -> int:
+    """A byte inside the first tensor of the payload: the model's first layer."""
+    header_len = PREAMBLE.unpack_from(raw)[4]
+    return PREAMBLE.size + header_len + 16
+
+
 def _optimizer_offset(raw: bytes) -> int:
     """A byte inside the last tensor of the payload: the optimizer's exp_avg_sq of the last layer."""
     return len(raw) - 32 - 7  # before the 32-byte digest
@@ -61,7 +68,7 @@ def _optimizer_offset(raw: bytes) -> int:
 
 EDITS = {
     "bit flip in optimizer state": lambda raw: _flip(raw, _optimizer_offset(raw)),
-    "bit flip in the model": lambda raw: _flip(raw, len(raw) // 2),
+    "bit flip in the model": lambda raw: _flip(raw, _model_offset(raw)),
     "version edited": lambda raw: _edit(raw, b'"version":20', b'"version":90'),
     "step edited": lambda raw: _edit(raw, b'"step":20', b'"step":21'),
     "learning rate edited": lambda raw: _edit(raw, b'"lr":0.001', b'"lr":0.101'),

@@ -120,12 +120,18 @@ def test_replies_stay_within_a_small_multiple_of_what_a_peer_sent(local_cluster,
     c.start_server()
     c.start_worker(1, "--slowdown", "2")
     c.wait_for(lambda: sum(1 for m in c.metrics() if m["event"] == "update") >= 5, 60, "training to start")
+    t0 = time.time()
     sent, received = _flood(c.port, algo, 4.0)
+    t1 = time.time()
     assert c.wait_server(timeout=180) == 0, c.log("server")
     s = c.summary()
+    during = [m for m in c.metrics() if m["event"] == "update" and t0 <= m["time"] <= t1]
+    if algo == "syncps":  # the flooder's rejected pushes end its turn: steps do not wait the deadline for it
+        times = sorted(u["step_time_s"] for u in during)
+        assert len(during) >= 20 and times[len(times) // 2] < 0.25, (len(during), times[len(times) // 2 :][:5])
     ratio = received / max(1, sent)
     print(f"\n{algo}: the attacker sent {sent / 1e6:.2f} MB and got {received / 1e6:.2f} MB back ({ratio:.1f}x); "
-          f"accuracy {s['final_test_accuracy']:.4f}")
+          f"{len(during) / (t1 - t0):.0f} honest updates/s meanwhile; accuracy {s['final_test_accuracy']:.4f}")
     assert sent > 50_000  # thousands of requests
     assert received <= 4 * sent + 3 * MODEL_BYTES, (sent, received)  # the budget: 4x what it sent, plus a WELCOME
     assert s["final_test_accuracy"] >= FLOOR

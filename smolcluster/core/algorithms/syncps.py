@@ -120,24 +120,19 @@ class Server(ServerBase):
             self.check_push(push, max_samples=self.nn.batch_size, max_worker_step=4 * self.max_worker_step)
             grads = self.decode_push(msg)  # complete and well-formed before any reply carries weights
         except BadField as e:
-            self.reject(peer.rank, e.reason, e.problem)
-            if push.step == self.step:
-                self.settled.add(peer.rank)
-            return self._reply_current(peer, "rejected", e.problem, weights=False)
+            return self._rejected(peer, e.reason, e.problem, weights=False)
         if push.step < self.step:
             self.count_late(peer.rank, "its step had closed", step=push.step)
             return self._reply_current(peer, "late")
         if push.step > self.step or peer.rank in self.contribs:
-            self.reject(peer.rank, "wrong-step", f"push for step {push.step} while step {self.step} is open")
-            return self._reply_current(peer, "rejected", "wrong step")
+            return self._rejected(peer, "wrong-step", f"push for step {push.step} while step {self.step} is open")
         norms = tensor_norms(grads)
         size = math.sqrt(sum(v * v for v in norms.values()))
         problem = self.robust_problem(peer.rank, size, weights_mode=False)
+        if problem == "non-finite":
+            return self._rejected(peer, problem, "gradients contain NaN or Inf")
         if problem:
-            reason = "non-finite" if problem == "non-finite" else "outlier"
-            self.reject(peer.rank, reason, "gradients contain NaN or Inf" if reason == "non-finite" else problem)
-            self.settled.add(peer.rank)  # its turn is over: the others do not wait for it
-            return self._reply_current(peer, "rejected", "non-finite gradients" if reason == "non-finite" else problem)
+            return self._rejected(peer, "outlier", problem)
         if self.robust is not None:
             self.robust.accept(peer.rank, size)
         self.contribs[peer.rank] = (grads, push.samples, push.loss if push.loss is not None else math.nan)
@@ -145,8 +140,16 @@ class Server(ServerBase):
         self.arrived[peer.rank] = now
         st.record_push(push.samples, staleness=self.version - push.base_version, now=now)
 
-    def reply_rejected(self, peer: Peer, reason: str) -> None:
-        self._reply_current(peer, "rejected", reason, weights=False)
+    def _rejected(self, peer: Peer, reason: str, detail: str, weights: bool = True) -> None:
+        self.reject(peer.rank, reason, detail)
+        self.reply_rejected(peer, detail, weights)
+
+    def reply_rejected(self, peer: Peer, reason: str, weights: bool = False) -> None:
+        """A rejected push costs its sender its turn: the open step no longer waits for it (it may still push
+        for it again), so a peer sending bad pushes cannot hold every step up to the straggler deadline."""
+        if peer.rank not in self.contribs:
+            self.settled.add(peer.rank)
+        self._reply_current(peer, "rejected", reason, weights=weights)
 
     def _reply_current(self, peer: Peer, status: str, reason: str = "", weights: bool = True) -> None:
         """Bring a late or rejected sender up to date: the open step and (a complete push earns them) the weights."""
