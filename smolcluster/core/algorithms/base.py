@@ -643,7 +643,7 @@ class ServerBase:
         """The most one update can honestly move, whatever the history: a weights push stays within the
         weights' own norm of them; a gradient within 1000x the clipping norm."""
         if weights_mode:
-            return math.sqrt(sum(float(t.double().square().sum()) for t in self.model.state_dict().values())) + 1.0
+            return math.sqrt(sum(v * v for v in tensor_norms(self.model.state_dict()).values())) + 1.0
         return 1000.0 * self.nn.gradient_clipping if self.nn.gradient_clipping else None
 
     def robust_problem(self, rank: int, norm: float, weights_mode: bool) -> str:
