@@ -22,14 +22,16 @@ def mnist_dir() -> Path:
 
 @pytest.fixture
 def local_cluster(tmp_path, mnist_dir):
-    """make(algo, nn=None, cluster=None, workers=None) -> LocalCluster; every process is stopped at teardown."""
-    from localcluster import WORKERS, LocalCluster, write_configs
+    """make(algo, nn=..., cluster=..., workers=...) -> NodeProcesses (three workers unless told); all stopped at
+    teardown. Used by the training, hardening and fuzz tests."""
+    from helpers import WORKERS, NodeProcesses, write_configs
 
-    clusters = []
+    clusters: list = []
 
     def make(algo: str, nn: dict | None = None, cluster: dict | None = None, workers: list[str] | None = None):
-        cfg = write_configs(tmp_path / f"config-{algo}", algo, mnist_dir, nn, cluster, workers or WORKERS)
-        c = LocalCluster(tmp_path / f"run-{algo}", algo, cfg)
+        workers = list(workers or WORKERS)
+        cfg = write_configs(tmp_path / f"config-{algo}", algo, mnist_dir, nn, cluster, workers)
+        c = NodeProcesses(tmp_path / f"run-{algo}", algo, cfg, workers=workers)
         clusters.append(c)
         return c
 

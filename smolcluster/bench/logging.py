@@ -61,6 +61,8 @@ class PushSink:
 
     responses: Sequence[int | None] = (204,)
     record: bool = True
+    bind: str = "127.0.0.1"
+    port: int = 0  # 0: any free port
     requests: list[Received] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -92,7 +94,7 @@ class PushSink:
             def log_message(self, *args: Any) -> None:  # quiet: the tests read requests, not logs
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer((self.bind, self.port), Handler)
         self._server.daemon_threads = True
         # a short poll interval: close() (shutdown) waits for one poll
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="push-sink",
@@ -101,7 +103,8 @@ class PushSink:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        host = "127.0.0.1" if self.bind in ("0.0.0.0", "") else self.bind
+        return f"http://{host}:{self._server.server_address[1]}"
 
     def set_responses(self, responses: Sequence[int | None]) -> None:
         with self._lock:
@@ -230,7 +233,8 @@ def train_loop(steps: int, workdir: Path, url: str | None, *, seed: int = 0,
     With url None nothing is shipped (the files are still written: that is what a node does anyway)."""
     import torch
 
-    from smolcluster.core.training.lokipush import FormatOnce, LokiLogHandler, LokiPusher, node_labels, push_metrics_line
+    from smolcluster.core.training.lokipush import FormatOnce, LokiLogHandler, LokiPusher, push_metrics_line
+    from smolcluster.core.training.telemetry import node_labels
     from smolcluster.core.training.models import SimpleNN, loss_fn
     from smolcluster.core.training.telemetry import LogfmtFormatter
 
@@ -238,7 +242,7 @@ def train_loop(steps: int, workdir: Path, url: str | None, *, seed: int = 0,
     model = SimpleNN()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     data = _batches(64, seed)
-    labels = node_labels(component="worker", hostname="bench", rank=1, algorithm="edp", run="bench-logging")
+    labels = node_labels(role="worker", hostname="bench", rank=1, algorithm="edp", run="bench-logging")
 
     log = logging.Logger("smolcluster.bench.logging")  # not registered globally: no state left behind
     file_handler = logging.FileHandler(workdir / "worker.log", encoding="utf-8")

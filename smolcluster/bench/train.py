@@ -31,7 +31,11 @@ from typing import Callable
 
 import yaml
 
+from smolcluster.common.jsonl import JsonlFollower, read_jsonl
+from smolcluster.common.wait import wait_until
+from smolcluster.core import algorithms
 from smolcluster.testbed.sim.processes import ProcessGroup
+from smolcluster.common.files import write_atomic
 
 
 @dataclass
@@ -214,29 +218,18 @@ def run_ddp(world: int, batch_size: int, epochs: int, lr: float, seed: int, data
                     results[0]["epoch_test_accuracy"])
 
 
-def _events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 class _EpochRelay:
     """Relays the server's per-epoch evaluations while it runs. Reads only what metrics.jsonl gained
     since the last call: the file grows by a line per update, and this polls beside the measured run."""
 
     def __init__(self, metrics: Path, eval_steps: int, epochs: int, progress: Callable[[str], None]):
-        self.metrics, self.eval_steps, self.epochs, self.progress = metrics, eval_steps, epochs, progress
-        self.offset = 0
+        self.metrics = JsonlFollower(metrics)
+        self.eval_steps, self.epochs, self.progress = eval_steps, epochs, progress
         self.reported = 0
 
     def poll(self) -> None:
-        if not self.metrics.exists():
-            return
-        with self.metrics.open("rb") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
-        self.offset += len(complete)
-        for line in complete.splitlines():
-            e = json.loads(line)
+        """Relay the evaluations metrics.jsonl gained since the last call."""
+        for e in self.metrics.read_new():
             if e["event"] == "eval" and e["version"] > 0 and e["version"] % self.eval_steps == 0 \
                     and self.reported < self.epochs:
                 self.reported += 1
@@ -247,6 +240,7 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
            workdir: Path, nn_overrides: dict | None = None, label: str = "",
            progress: Callable[[str], None] = lambda _: None, **cluster_overrides) -> BenchRun:
     """Server + workers as real processes on loopback, configured like the seed's defaults."""
+    spec = algorithms.get(algo)
     names = [f"w{i}" for i in range(1, workers + 1)]
     tag = algo + "".join(f"-{k}{v}" for k, v in cluster_overrides.items())
     cfg_dir, run_dir = workdir / f"{tag}-config", workdir / f"{tag}-run"
@@ -254,53 +248,44 @@ def run_ps(algo: str, workers: int, batch_size: int, epochs: int, lr: float, see
     cluster = {"host_ip": {n: "127.0.0.1" for n in names + ["server"]}, "port": 0, "num_workers": workers,
                "workers": names, "server": "server", "seed": seed, "wandb": "off", "checkpoint_interval": 0,
                "min_workers": workers, "timeout": 5.0, "idle_timeout": 60.0,
-               "worker_update_interval": 1 if algo == "syncps" else 5, "push_interval": 5} | cluster_overrides
-    # The server evaluates every `eval_steps` versions: make that one epoch's worth of samples. A SyncPS
-    # version is one step of every worker; an EDP version is one push, carrying push_interval steps.
+               "worker_update_interval": spec.config_defaults.get("worker_update_interval", 1),
+               "push_interval": 5} | cluster_overrides
+    # The server evaluates every `eval_steps` versions: make that one epoch's worth of samples. A synchronous
+    # version is one step of every worker; an asynchronous one is one push, carrying push_interval steps.
     from smolcluster.core.training.tasks import MnistTask
 
     steps_per_epoch = MnistTask(None, workers, batch_size, seed).steps_per_epoch
-    per_epoch = steps_per_epoch if algo == "syncps" else workers * steps_per_epoch / cluster["push_interval"]
+    per_epoch = steps_per_epoch if spec.synchronous else workers * steps_per_epoch / cluster["push_interval"]
     nn = {"batch_size": batch_size, "learning_rate": lr, "num_epochs": epochs, "eval_steps": max(1, round(per_epoch)),
           "data_dir": data_dir} | (nn_overrides or {})
-    (cfg_dir / "nn_config.yaml").write_text(yaml.safe_dump(nn))
-    (cfg_dir / f"cluster_config_{algo}.yaml").write_text(yaml.safe_dump(cluster))
+    write_atomic(cfg_dir / "nn_config.yaml", yaml.safe_dump(nn))
+    write_atomic(cfg_dir / f"cluster_config_{algo}.yaml", yaml.safe_dump(cluster))
     with ProcessGroup() as group:
-        group.start("server", ["server", "--algo", algo, "--config-dir", str(cfg_dir), "--run-dir",
-                               str(run_dir / "server"), "--bind", "127.0.0.1", "--port", "0"], run_dir / "server" / "stdout.log")
-        server_json = run_dir / "server" / "server.json"
-        deadline = time.time() + 120
-        while not server_json.exists():
-            if time.time() > deadline or not group.procs["server"].alive():
-                raise RuntimeError(f"{algo} server did not start: {(run_dir / 'server' / 'stdout.log').read_text()[-1500:]}")
-            time.sleep(0.1)
-        port = json.loads(server_json.read_text())["port"]
+        port = group.start_server("server", ["server", "--algo", algo, "--config-dir", str(cfg_dir), "--run-dir",
+                                             str(run_dir / "server"), "--bind", "127.0.0.1", "--port", "0"],
+                                  run_dir / "server", timeout=120)["port"]
         for rank, name in enumerate(names, start=1):
             group.start(name, ["worker", str(rank), name, "--algo", algo, "--config-dir", str(cfg_dir), "--run-dir",
                                str(run_dir / name), "--connect", f"127.0.0.1:{port}"], run_dir / name / "stdout.log")
         relay = _EpochRelay(run_dir / "server" / "metrics.jsonl", nn["eval_steps"], epochs, progress)
-        deadline = time.time() + 1800
-        while group.procs["server"].alive() and time.time() < deadline:
-            time.sleep(0.5)
-            relay.poll()
-        if group.procs["server"].alive():
+        if not wait_until(lambda: relay.poll() or not group.procs["server"].alive(), 1800, interval=0.5):
             raise RuntimeError(f"{algo} server did not finish within 30 minutes")
         if group.wait("server", timeout=10) != 0:
             raise RuntimeError(f"{algo} server failed: {(run_dir / 'server' / 'stdout.log').read_text()[-1500:]}")
         relay.poll()
         for name in names:
             group.wait(name, timeout=60)
-    server = _events(run_dir / "server" / "metrics.jsonl")
+    server = read_jsonl(run_dir / "server" / "metrics.jsonl")
     updates = [e["time"] for e in server if e["event"] == "update"]
     start = next(e["time"] for e in server if e["event"] == "training_start")
     evals = [e for e in server if e["event"] == "eval" and e["version"] > 0]
     # Evaluations inside the training span paused it: take them out, as the single and DDP runs do.
     wall = max(updates) - start - sum(e.get("seconds", 0.0) for e in evals if e["time"] <= max(updates))
-    ends = [e for n in names for e in _events(run_dir / n / "metrics.jsonl") if e["event"] == "end"]
+    ends = [e for n in names for e in read_jsonl(run_dir / n / "metrics.jsonl") if e["event"] == "end"]
     samples = sum(e["samples"] for e in ends)
     summary = json.loads((run_dir / "server" / "summary.json").read_text())
     rss = max([e.get("peak_rss_mb", 0) for e in ends] + [e.get("peak_rss_mb", 0) for e in server if e["event"] == "end"])
-    global_batch = batch_size * workers if algo == "syncps" else batch_size
+    global_batch = batch_size * workers if spec.synchronous else batch_size
     epoch_accs = [e["test_accuracy"] for e in evals if e["version"] % nn["eval_steps"] == 0][:epochs - 1]
     return BenchRun(label or algo, workers + 1, global_batch, epochs, round(wall, 2), round(samples / wall, 1),
                     summary["final_test_accuracy"], round(rss, 1), [*epoch_accs, summary["final_test_accuracy"]])
@@ -371,6 +356,10 @@ def format_table(runs: list[BenchRun]) -> str:
                      f"{r.samples_per_s:>11.0f}{r.samples_per_s / ddp.samples_per_s:>7.2f}x"
                      f"{r.epoch_test_accuracy[0]:>9.4f}{r.final_test_accuracy:>10.4f}{r.peak_rss_mb:>9.0f}")
     lines.append("acc ep1 = test accuracy after one epoch's worth of samples; accuracy = at the end")
+    from smolcluster.core.training.device import measure_import_rss_mb, torch_info
+
+    t = torch_info(measure_import_rss_mb())
+    lines.append(f"torch {t['version']} ({t['build']}): {t['import_rss_mb']:.0f} MB peak RSS for `import torch` alone")
     lines.append("")
     for label, ok, detail in targets(runs):
         lines.append(f"  [{'PASS' if ok else 'FAIL'}] {label}: {detail}")
@@ -378,7 +367,9 @@ def format_table(runs: list[BenchRun]) -> str:
 
 
 def to_json(runs: list[BenchRun]) -> str:
-    return json.dumps({"runs": [asdict(r) for r in runs],
+    from smolcluster.core.training.device import measure_import_rss_mb, torch_info
+
+    return json.dumps({"runs": [asdict(r) for r in runs], "torch": torch_info(measure_import_rss_mb()),
                        "targets": [{"target": t, "passed": ok, "detail": d} for t, ok, d in targets(runs)]})
 
 

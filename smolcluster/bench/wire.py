@@ -49,7 +49,8 @@ def large_state(layers: int = 24, width: int = 1024) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- socket helpers
 
 
-def _tuned(sock: socket.socket) -> socket.socket:
+def tuned_socket(sock: socket.socket) -> socket.socket:
+    """No Nagle delay and 4 MB buffers, as every variant of the benchmark gets."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
@@ -71,12 +72,14 @@ def _recv_exact(sock: socket.socket, n: int) -> torch.Tensor | None:
     return buf
 
 
-def _raw_send(sock: socket.socket, data: memoryview) -> None:
+def raw_send(sock: socket.socket, data: memoryview) -> None:
+    """The raw baseline: an 8-byte length, then the bytes."""
     sock.sendall(struct.pack("!Q", data.nbytes))
     sock.sendall(data)
 
 
-def _raw_recv(sock: socket.socket) -> torch.Tensor | None:
+def raw_recv(sock: socket.socket) -> torch.Tensor | None:
+    """One raw_send message into a fresh tensor (None when the peer closed)."""
     head = _recv_exact(sock, 8)
     if head is None:
         return None
@@ -126,14 +129,14 @@ def _serve(ready: Any, stop: Any) -> None:
 
     def loop(mode: str, s: socket.socket) -> None:
         c, _ = s.accept()
-        _tuned(c)
+        tuned_socket(c)
         with c:
             while True:
                 if mode == "raw":
-                    data = _raw_recv(c)
+                    data = raw_recv(c)
                     if data is None:
                         return
-                    _raw_send(c, memoryview(data.numpy()))
+                    raw_send(c, memoryview(data.numpy()))
                 else:
                     obj = _pickle_recv(c)
                     if obj is None:
@@ -155,7 +158,7 @@ def _serve(ready: Any, stop: Any) -> None:
 # --------------------------------------------------------------------------- measurement
 
 
-def _interleaved(fns: dict[str, Callable[[], None]], rounds: int, min_seconds: float,
+def interleaved_medians(fns: dict[str, Callable[[], None]], rounds: int, min_seconds: float,
                  max_rounds: dict[str, int]) -> dict[str, float]:
     """Median seconds per call for each function, run round-robin so machine noise hits all of them alike.
 
@@ -207,8 +210,8 @@ def run(min_seconds: float = 3.0, include_large: bool = True) -> dict[str, Any]:
             "smolwire": connect("127.0.0.1", ports["smolwire"], key=None, config=config, retry=RetryPolicy(deadline=30)),
             "smolwire_keyed": connect("127.0.0.1", ports["smolwire_keyed"], key=BENCH_KEY, config=config, retry=RetryPolicy(deadline=30)),
         }
-        raw = _tuned(socket.create_connection(("127.0.0.1", ports["raw"])))
-        pick = _tuned(socket.create_connection(("127.0.0.1", ports["pickle"])))
+        raw = tuned_socket(socket.create_connection(("127.0.0.1", ports["raw"])))
+        pick = tuned_socket(socket.create_connection(("127.0.0.1", ports["pickle"])))
         results = []
         try:
             for name, state in cases:
@@ -225,8 +228,8 @@ def run(min_seconds: float = 3.0, include_large: bool = True) -> dict[str, Any]:
                     return fn
 
                 def rawfn() -> None:
-                    _raw_send(raw, flat_view)
-                    assert _raw_recv(raw).numel() == payload  # type: ignore[union-attr]
+                    raw_send(raw, flat_view)
+                    assert raw_recv(raw).numel() == payload  # type: ignore[union-attr]
 
                 def picklefn() -> None:
                     _pickle_send(pick, state)
@@ -236,7 +239,7 @@ def run(min_seconds: float = 3.0, include_large: bool = True) -> dict[str, Any]:
                 fns.update(raw=rawfn, pickle=picklefn)
                 # The large pickle round trip takes seconds (quadratic receive): a few samples are enough.
                 small = payload < (8 << 20)
-                rates = _interleaved(fns, rounds=200 if small else 7, min_seconds=min_seconds,
+                rates = interleaved_medians(fns, rounds=200 if small else 7, min_seconds=min_seconds,
                                      max_rounds={} if small else {"pickle": 3})
                 gbps = {m: 2 * payload * 8 / t / 1e9 for m, t in rates.items()}
                 results.append({

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from smolcluster.bench.wire import _interleaved, _raw_recv, _raw_send, _tuned, echo_process, mnist_state
+from smolcluster.bench.wire import echo_process, interleaved_medians, mnist_state, raw_recv, raw_send, tuned_socket
 from smolcluster.core.net.transport import Connection, Listener, RetryPolicy, TransportConfig, connect
 from smolcluster.core.net.wire import (
     MAGIC,
@@ -33,10 +33,10 @@ from smolcluster.core.net.wire import (
     LayoutCache,
     Message,
     MessageKind,
-    _table_prefix,
     encode_frame,
     read_frame,
     send_frame,
+    table_prefix,
 )
 
 VARIANTS = ("raw", "tensors", "framed", "wire.py", "Connection")
@@ -50,7 +50,7 @@ def _layout(state: dict[str, torch.Tensor]) -> tuple[list[_Spec], bytes]:
         specs.append((name, t.dtype, tuple(t.shape), offset, t.numel() * t.element_size()))
         offset += t.numel() * t.element_size()
     table = [{"name": n, "dtype": "float32", "shape": list(s), "offset": o, "length": ln} for n, _, s, o, ln in specs]
-    return specs, _table_prefix(table)
+    return specs, table_prefix(table)
 
 
 def _fill(sock: socket.socket, view: memoryview) -> None:
@@ -76,7 +76,7 @@ def _tensors_send(sock: socket.socket, tensors: dict[str, torch.Tensor]) -> None
 
 
 def _tensors_recv(sock: socket.socket, specs: list[_Spec]) -> dict[str, torch.Tensor]:
-    buf = _raw_recv(sock)  # the same 8-byte length and recv_into loop as the raw baseline
+    buf = raw_recv(sock)  # the same 8-byte length and recv_into loop as the raw baseline
     if buf is None:
         raise EOFError("peer closed")
     return _views(memoryview(buf.numpy()), specs)
@@ -109,10 +109,10 @@ def _echo(conn: socket.socket, variant: str, specs: list[_Spec], prefix: bytes) 
         try:
             while True:
                 if variant == "raw":
-                    data = _raw_recv(conn)
+                    data = raw_recv(conn)
                     if data is None:
                         return
-                    _raw_send(conn, memoryview(data.numpy()))
+                    raw_send(conn, memoryview(data.numpy()))
                 elif variant == "tensors":
                     _tensors_send(conn, _tensors_recv(conn, specs))
                 elif variant == "framed":
@@ -144,7 +144,7 @@ def _serve(ready: Any, stop: Any) -> None:
                 conn, _ = plain.accept()
             except OSError:
                 return
-            _tuned(conn)
+            tuned_socket(conn)
             variant = VARIANTS[conn.recv(1)[0]]
             threading.Thread(target=_echo, args=(conn, variant, specs, prefix), daemon=True).start()
 
@@ -165,13 +165,13 @@ def run(min_seconds: float = 3.0) -> list[dict[str, Any]]:
     with echo_process(_serve) as ports, contextlib.ExitStack() as closing:
         socks: dict[str, socket.socket] = {}
         for i, variant in enumerate(VARIANTS[:-1]):
-            socks[variant] = closing.enter_context(_tuned(socket.create_connection(("127.0.0.1", ports["plain"]))))
+            socks[variant] = closing.enter_context(tuned_socket(socket.create_connection(("127.0.0.1", ports["plain"]))))
             socks[variant].sendall(bytes([i]))  # tells the echo which variant this connection speaks
         conn = connect("127.0.0.1", ports["connection"], key=None, retry=RetryPolicy(deadline=30),
                        config=TransportConfig(heartbeat_timeout=600.0, io_timeout=600.0))
         closing.callback(conn.close)
         fns: dict[str, Callable[[], Any]] = {
-            "raw": lambda: (_raw_send(socks["raw"], flat_view), _raw_recv(socks["raw"])),
+            "raw": lambda: (raw_send(socks["raw"], flat_view), raw_recv(socks["raw"])),
             "tensors": lambda: (_tensors_send(socks["tensors"], state), _tensors_recv(socks["tensors"], specs)),
             "framed": lambda: (_framed_send(socks["framed"], state, prefix, msg.fields),
                                _framed_recv(socks["framed"], specs, prefix)),
@@ -179,7 +179,7 @@ def run(min_seconds: float = 3.0) -> list[dict[str, Any]]:
                                 read_frame(socks["wire.py"], cache=recv_cache)),
             "Connection": lambda: (conn.send(msg), conn.recv()),
         }
-        times = _interleaved(fns, rounds=200, min_seconds=min_seconds, max_rounds={})
+        times = interleaved_medians(fns, rounds=200, min_seconds=min_seconds, max_rounds={})
     payload = flat_view.nbytes
     rows, previous = [], None
     for variant in VARIANTS:

@@ -5,9 +5,12 @@ Every command imports what it runs inside its function, so `smolcluster --help` 
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from smolcluster.common.errors import SmolclusterError
+from smolcluster.common.pyversion import python_problem
 
 COMMAND_GROUPS = ("node", "sim", "topology", "linkemu", "faults", "report", "deploy", "logs", "image", "bench")
 
@@ -28,6 +31,10 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
+    problem = python_problem()
+    if problem:  # pip refuses to install on an old Python; a checkout run with `python -m smolcluster` lands here
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         build_app()()
     except SmolclusterError as e:

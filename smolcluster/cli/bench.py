@@ -62,9 +62,15 @@ def register(app: typer.Typer) -> None:
 
         wire_main(as_json=as_json)
 
-    @bench_app.command("logging", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def bench_logging(ctx: typer.Context) -> None:
-        """Training steps with Loki shipping off / to a live receiver / to a dead Loki / to a hanging one (--steps, --rounds, --modes, --json)."""
+    @bench_app.command("logging")
+    def bench_logging(
+        steps: int = typer.Option(1000, "--steps", min=1, help="Timed training steps per run."),
+        rounds: int = typer.Option(9, "--rounds", min=1, help="Rounds of every mode (the table shows medians)."),
+        modes: str = typer.Option("off,live,dead,hanging", "--modes", help="Comma-separated: off, live, dead, hanging."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    ) -> None:
+        """Training steps with Loki shipping off, to a live receiver, to a dead Loki and to a hanging one."""
         from smolcluster.bench.logging import main as logging_main
 
-        raise typer.Exit(logging_main(ctx.args))
+        raise typer.Exit(logging_main(["--steps", str(steps), "--rounds", str(rounds), "--modes", modes]
+                                      + (["--json"] if as_json else [])))

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help='Print {"results": [...]} instead of the table.'),
         topology: Optional[Path] = typer.Option(None, "--topology", help="Topology to run on (default topologies/faults-small.yaml: a server and workers w1, w2)."),
         faults: Optional[str] = typer.Option(None, "--faults", help="Comma-separated fault scenarios (default: all)."),
-        algos: str = typer.Option("edp,syncps", "--algos", help="Comma-separated algorithms."),
+        algos: Optional[str] = typer.Option(None, "--algos", help="Comma-separated algorithms (default: all, e.g. edp,syncps)."),
         out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the run directories go (default runs/faults-matrix-<time>)."),
     ) -> None:
         """Run every fault x algorithm as a short real sim and print outcome, final accuracy and recovery time."""
@@ -42,16 +42,17 @@ def register(app: typer.Typer) -> None:
         import time as _time
 
         from smolcluster.common.errors import ConfigError
-        from smolcluster.testbed.faults.matrix import ALGORITHMS, SCENARIO_NAMES, SMALL_TOPOLOGY, format_matrix, matrix_json, run_matrix
+        from smolcluster.core import algorithms
+        from smolcluster.testbed.faults.matrix import SCENARIO_NAMES, SMALL_TOPOLOGY, format_matrix, matrix_json, run_matrix
 
         names = [n.strip() for n in faults.split(",")] if faults else list(SCENARIO_NAMES)
-        algo_list = [a.strip() for a in algos.split(",") if a.strip()]
+        algo_list = [a.strip() for a in algos.split(",") if a.strip()] if algos else list(algorithms.names())
         for n in names:
             if n not in SCENARIO_NAMES:
                 raise ConfigError(None, "--faults", f"unknown fault scenario {n!r}", f"use some of: {', '.join(SCENARIO_NAMES)}")
         for a in algo_list:
-            if a not in ALGORITHMS:
-                raise ConfigError(None, "--algos", f"unknown algorithm {a!r}", "use edp and/or syncps")
+            if a not in algorithms.names():
+                raise ConfigError(None, "--algos", f"unknown algorithm {a!r}", f"use some of: {', '.join(algorithms.names())}")
         out = out_dir or Path("runs") / f"faults-matrix-{_time.strftime('%Y%m%d-%H%M%S')}"
 
         def progress(o) -> None:

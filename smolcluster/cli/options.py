@@ -1,3 +1,5 @@
 """Option help texts shared by several commands."""
 
-ALGO_HELP = "Training algorithm: edp (asynchronous, elastic) or syncps (synchronous, straggler deadline)."
+from smolcluster.core.algorithms import BUILTIN
+
+ALGO_HELP = "Training algorithm: " + " or ".join(f"{a.name} ({a.description})" for a in BUILTIN) + "."

@@ -14,11 +14,15 @@ def register(app: typer.Typer) -> None:
 
     @topology_app.command("validate")
     def topology_validate(file: Path = typer.Argument(..., help="Topology file, e.g. topologies/hybrid.yaml.")) -> None:
-        """Check a topology file: addresses, subnets, profiles, routes, every worker's path to the server and back."""
+        """Check a topology file: addresses, subnets, profiles, routes, every worker's path to the server and back,
+        the training keys (as nn_config / cluster_config check them) and the fault entries."""
+        from smolcluster.testbed.faults import schedule_for
         from smolcluster.testbed.topology import load_topology
 
         topo = load_topology(file)
-        typer.echo(f"OK: {len(topo.nodes)} nodes, {len(topo.networks)} networks ({file})")
+        faults = schedule_for(topo)
+        typer.echo(f"OK: {len(topo.nodes)} nodes, {len(topo.networks)} networks"
+                   + (f", {len(faults)} fault entries" if len(faults) else "") + f" ({file})")
 
     @topology_app.command("show")
     def topology_show(file: Path = typer.Argument(..., help="Topology file, e.g. topologies/hybrid.yaml.")) -> None:

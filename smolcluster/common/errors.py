@@ -39,6 +39,10 @@ class ReportError(SmolclusterError):
     """A run directory cannot be reported on (missing, no metrics, unreadable summary)."""
 
 
+class WaitTimeout(SmolclusterError, TimeoutError):
+    """Something waited for did not happen in time (smolcluster.common.wait.wait_until)."""
+
+
 class QuantizationError(SmolclusterError):
     """A quantized tensor set is malformed (missing scale/zero companion, unknown scheme, bad shapes)."""
 

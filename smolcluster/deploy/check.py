@@ -19,12 +19,13 @@ from typing import Callable, Optional, TextIO
 
 import yaml
 
+from smolcluster.common.files import write_atomic
 from smolcluster.deploy.hosts import quote_path, sh, ssh_argv
 from smolcluster.deploy.plan import DeployPlan, NodePlan
-from smolcluster.deploy.preflight import _readline_within, run_probe
+from smolcluster.deploy.preflight import readline_within, run_probe
 from smolcluster.deploy.runner import Runner
-from smolcluster.testbed.sim.linkcheck import RTT_SAMPLES, TOLERANCE, PathResult, format_check
-from smolcluster.testbed.sim.local import hop_name, plan_hops
+from smolcluster.testbed.sim.hops import hop_name, plan_hops
+from smolcluster.testbed.sim.linkcheck import RTT_SAMPLES, TOLERANCE, PathResult, format_check, within_tolerance
 from smolcluster.testbed.topology import Topology, path_expectation, path_to_server
 
 MEASURE_PORT = 5201
@@ -48,7 +49,7 @@ def measure_pair(runner: Runner, src: NodePlan, dst: NodePlan, address: str) -> 
         return {}, {}
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        if "listening" not in _readline_within(server, 60.0):
+        if "listening" not in readline_within(server, 60.0):
             raise RuntimeError(f"no measure server on {dst.name}: {server.stderr.read().decode(errors='replace').strip()}")
         rtt = _json(runner.ssh(src.host, _measure_cmd(src, ["rtt", address, str(MEASURE_PORT), "--count", str(RTT_SAMPLES)])))
         bulk = _json(runner.ssh(src.host, _measure_cmd(src, ["send", address, str(MEASURE_PORT), "--seconds", str(BULK_SECONDS)])))
@@ -68,10 +69,6 @@ def _json(res) -> dict:
     return out
 
 
-def _within(measured: float, expected: float) -> bool:
-    return abs(measured - expected) <= TOLERANCE * expected
-
-
 def check_paths(runner: Runner, plan: DeployPlan, topo: Topology) -> list[PathResult]:
     """One worker at a time (paths share links): RTT and goodput to the address it dials."""
     results = []
@@ -84,7 +81,7 @@ def check_paths(runner: Runner, plan: DeployPlan, topo: Topology) -> list[PathRe
         rtt_ms, mbps = rtt["median_ms"], bulk["mbit"]
         rtt_checked = rtt_exp >= MIN_JUDGED_RTT_MS
         notes = [] if rtt_checked else [f"RTT {rtt_exp:g} ms < {MIN_JUDGED_RTT_MS:g} ms: measured, not judged"]
-        ok = (not rtt_checked or _within(rtt_ms, rtt_exp)) and _within(mbps, mbps_exp)
+        ok = (not rtt_checked or within_tolerance(rtt_ms, rtt_exp)) and within_tolerance(mbps, mbps_exp)
         if not ok:
             notes.append("the profile does not match this link: --write-profiles OUT.yaml writes what was measured")
         results.append(PathResult(src=w.name, dst=plan.server.name, hops=[hop_name(h) for h in path],
@@ -137,7 +134,7 @@ def check_links(runner: Runner, plan: DeployPlan, topo: Optional[Topology], echo
         if not runner.dry_run:
             header = (f"# measured by smolcluster launch {topo.file} --check on the real cluster; use it from a topology\n"
                       "# with `profiles: <this file>`, then networks.<net>.profile: <net>-measured, nodes.<n>.device: <n>-measured\n")
-            write_profiles.write_text(header + yaml.safe_dump(profiles, sort_keys=False))
+            write_atomic(write_profiles, header + yaml.safe_dump(profiles, sort_keys=False))
             echo(f"check      wrote {write_profiles}: {len(profiles['links'])} link and {len(profiles['devices'])} device profiles")
     if runner.dry_run:
         return 0

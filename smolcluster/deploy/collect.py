@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
+from smolcluster.common.files import write_atomic
 from smolcluster.deploy.plan import DeployPlan, NodePlan
 from smolcluster.deploy.preflight import Check
 from smolcluster.deploy.runner import Runner
-from smolcluster.testbed.sim.run import ACCURACY_MARKS, time_to_accuracy
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a half-written last line
-    return out
+from smolcluster.testbed.report import PLOTS_MISSING, RunSummary, build_summary, plots_available, write_plots, write_summary
+from smolcluster.testbed.report.summary import SUMMARY_FILE
 
 
 def pull_node(runner: Runner, plan: DeployPlan, node: NodePlan, dest: Path) -> Check:
@@ -34,33 +25,15 @@ def pull_node(runner: Runner, plan: DeployPlan, node: NodePlan, dest: Path) -> C
     return Check(node.name, "collect", "ok", f"{remote} -> {local}", phase="collect")
 
 
-def hardware_summary(plan: DeployPlan, run_dir: Path) -> dict[str, Any]:
+def hardware_summary(plan: DeployPlan, run_dir: Path) -> RunSummary:
     """The server's summary plus what a sim summary adds (nodes, evals, time to 90/95 %), backend 'hardware'."""
-    server_dir = run_dir / "nodes" / plan.server.name
-    server_summary = json.loads((server_dir / "summary.json").read_text()) if (server_dir / "summary.json").is_file() else {}
-    metrics = _read_jsonl(server_dir / "metrics.jsonl")
-    start = next((m["time"] for m in metrics if m.get("event") == "start"), None)
-    evals = [m for m in metrics if m.get("event") == "eval"]
-    per_worker = {w["hostname"]: w for w in server_summary.get("per_worker", [])}
-    nodes = [{"node": plan.server.name, "role": "server", "host": plan.server.host.destination, "device": "-", "slowdown": 1,
-              "steps": server_summary.get("steps"), "samples_per_s": None, "mean_staleness": None,
-              "bytes_out": server_summary.get("bytes_sent"), "bytes_in": server_summary.get("bytes_received"),
-              "late": server_summary.get("pushes_late"), "rejected": server_summary.get("pushes_rejected")}]
-    for w in plan.workers:
-        pw = per_worker.get(w.name, {})
-        end = next((m for m in reversed(_read_jsonl(run_dir / "nodes" / w.name / "metrics.jsonl")) if m.get("event") == "end"), {})
-        sps = end.get("samples_per_s", pw.get("samples_per_s"))
-        nodes.append({"node": w.name, "role": "worker", "host": w.host.destination, "device": "-", "slowdown": 1,
-                      "steps": end.get("steps", pw.get("steps")), "samples_per_s": round(sps, 2) if isinstance(sps, float) else sps,
-                      "mean_staleness": pw.get("mean_staleness"), "pushes": pw.get("pushes"),
-                      "bytes_out": None, "bytes_in": None, "late": pw.get("late"), "rejected": pw.get("rejected")})
-    marks = {f"time_to_{round(m * 100)}_s": time_to_accuracy(evals, start, m) for m in ACCURACY_MARKS}
-    return {**server_summary, "topology": Path(plan.topology_file).stem if plan.topology_file else None,
-            "topology_file": plan.topology_file, "backend": "hardware", "run_name": plan.run_name, "run_start": start,
-            "sim_wall_time_s": server_summary.get("wall_time_s"), **marks,
-            "evals": [{"t": round(e["time"] - start, 2) if start else None, "version": e.get("version"),
-                       "test_accuracy": e.get("test_accuracy"), "test_loss": e.get("test_loss")} for e in evals],
-            "links": [], "nodes": nodes, "faults": []}
+    server_file = run_dir / "nodes" / plan.server.name / SUMMARY_FILE
+    server_summary = json.loads(server_file.read_text()) if server_file.is_file() else {}
+    return build_summary(server_summary, backend="hardware", nodes_dir=run_dir / "nodes", server_name=plan.server.name,
+                         workers=[w.name for w in plan.workers], hosts={n.name: n.host.destination for n in plan.nodes},
+                         topology=Path(plan.topology_file).stem if plan.topology_file else None,
+                         topology_file=plan.topology_file, run_name=plan.run_name,
+                         wall_time_s=server_summary.get("wall_time_s"))
 
 
 def collect(runner: Runner, plan: DeployPlan, dest: Path, echo: Callable[[str], None]) -> bool:
@@ -73,23 +46,21 @@ def collect(runner: Runner, plan: DeployPlan, dest: Path, echo: Callable[[str], 
     if dest.resolve() != plan.local_dir.resolve():  # the configs and topology travel with the results
         for name in ("topology.yaml", "launch.json"):
             if (plan.local_dir / name).is_file():
-                (dest / name).write_bytes((plan.local_dir / name).read_bytes())
+                write_atomic(dest / name, (plan.local_dir / name).read_bytes())
         (dest / "config").mkdir(exist_ok=True)
         for f in plan.config_dir.glob("*.yaml"):
-            (dest / "config" / f.name).write_bytes(f.read_bytes())
+            write_atomic(dest / "config" / f.name, f.read_bytes())
     summary = hardware_summary(plan, dest)
-    tmp = dest / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(dest / "summary.json")
-    if not summary.get("algorithm"):
+    write_summary(dest / SUMMARY_FILE, summary)
+    if not summary.algorithm:
         echo(Check(plan.server.name, "summary", "warn", "the server wrote no summary.json (still running, or killed)",
                    phase="collect").line())
-    try:
-        from smolcluster.testbed.report import write_plots
-
-        written = write_plots(dest)
-        echo(f"collect    plots: {', '.join(str(p) for p in written)}")
-    except Exception as e:  # noqa: BLE001 - a plotting problem must not lose the collected run
-        echo(f"collect    plots: skipped ({type(e).__name__}: {e})")
+    if not plots_available():
+        echo(f"collect    {PLOTS_MISSING}")
+    else:
+        try:
+            echo(f"collect    plots: {', '.join(str(p) for p in write_plots(dest))}")
+        except Exception as e:  # noqa: BLE001 - a plotting problem must not lose the collected run
+            echo(f"collect    plots: skipped ({type(e).__name__}: {e})")
     echo(f"collect    run dir: {dest}  (smolcluster report {dest})")
     return all(c.level != "fail" for c in checks)

@@ -24,6 +24,8 @@ from typing import Any
 import yaml
 
 from smolcluster.common.errors import ConfigError
+from smolcluster.common.files import write_atomic
+from smolcluster.common.yamlfile import read_yaml
 from smolcluster.core.training.config import ClusterConfig, load_run_config
 from smolcluster.deploy.hosts import Host, hosts_of
 from smolcluster.testbed.sim.plan import RunOverrides, write_run_configs
@@ -45,6 +47,7 @@ class NodePlan:
     host: Host
     dials: str | None = None  # a worker: the server address it connects to
     first_hop: str | None = None  # a worker: the next hop the topology expects towards the server (None: direct)
+    loki_url: str | None = None  # with --logging: where this node pushes its lines
 
     def run_dir(self, run: str) -> str:
         return f"runs/{run}/nodes/{self.name}"
@@ -90,9 +93,9 @@ class DeployPlan:
         data = {"run_name": self.run_name, "algorithm": self.algorithm, "port": self.port, "created": self.created,
                 "topology_file": self.topology_file,
                 "nodes": [{"name": n.name, "role": n.role, "rank": n.rank, "dials": n.dials, "first_hop": n.first_hop,
-                           "host": _host_json(n.host)} for n in self.nodes]}
-        _write_atomic(self.local_dir / "launch.json", json.dumps(data, indent=2))
-        _write_atomic(self.local_dir.parent / LATEST, self.run_name + "\n")
+                           "loki_url": n.loki_url, "host": _host_json(n.host)} for n in self.nodes]}
+        write_atomic(self.local_dir / "launch.json", json.dumps(data, indent=2))
+        write_atomic(self.local_dir.parent / LATEST, self.run_name + "\n")
 
 
 def load_plan(runs_dir: Path, run_name: str | None) -> DeployPlan:
@@ -110,7 +113,7 @@ def load_plan(runs_dir: Path, run_name: str | None) -> DeployPlan:
                           f"use one of: {', '.join(known)}" if known else "launch a run first")
     data = json.loads(path.read_text())
     nodes = [NodePlan(name=n["name"], role=n["role"], rank=n["rank"], host=_host_from_json(n["host"]),
-                      dials=n.get("dials"), first_hop=n.get("first_hop")) for n in data["nodes"]]
+                      dials=n.get("dials"), first_hop=n.get("first_hop"), loki_url=n.get("loki_url")) for n in data["nodes"]]
     return DeployPlan(run_name=data["run_name"], algorithm=data["algorithm"], port=data["port"], nodes=nodes,
                       local_dir=runs_dir / run_name, topology_file=data.get("topology_file"), created=data["created"])
 
@@ -121,12 +124,6 @@ def _host_json(h: Host) -> dict:
 
 def _host_from_json(d: dict) -> Host:
     return Host(node=d["node"], spec=HostSpec(**d["spec"]), via=_host_from_json(d["via"]) if d.get("via") else None)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- building
@@ -157,7 +154,7 @@ def plan_from_topology(topo: Topology, *, algorithm: str, runs_dir: Path, run_na
                       server_address=lambda name: dials[name], port=plan.port, defaults=HARDWARE_DEFAULTS,
                       generated_by="smolcluster launch")
     plan.config_dir.parent.mkdir(parents=True, exist_ok=True)
-    (plan.local_dir / "topology.yaml").write_text(yaml.safe_dump(to_dict(topo), sort_keys=False))
+    write_atomic(plan.local_dir / "topology.yaml", yaml.safe_dump(to_dict(topo), sort_keys=False))
     return plan
 
 
@@ -176,16 +173,14 @@ def plan_from_config_dir(config_dir: Path, *, algorithm: str, runs_dir: Path, ru
     nodes += [NodePlan(name=w, role="worker", rank=r, host=host(w), dials=cl.host_ip[w]) for r, w in enumerate(cl.workers, 1)]
     plan = DeployPlan(run_name=run, algorithm=algorithm, port=cl.port, nodes=nodes, local_dir=runs_dir / run)
     plan.config_dir.mkdir(parents=True, exist_ok=True)
-    (plan.config_dir / "nn_config.yaml").write_bytes((Path(config_dir) / "nn_config.yaml").read_bytes())
-    # The user's cluster config, pointed at the synced key and data unless it names its own.
+    # The user's configs, pointed at the synced key and data unless they name their own.
     cluster_file = f"cluster_config_{algorithm}.yaml"
-    cluster = yaml.safe_load((Path(config_dir) / cluster_file).read_text()) or {}
+    cluster = read_yaml(Path(config_dir) / cluster_file)
     cluster.setdefault("cluster_key_file", f"../../../{KEY_FILE}")
-    (plan.config_dir / cluster_file).write_text(yaml.safe_dump(cluster, sort_keys=False))
-    nn = yaml.safe_load((plan.config_dir / "nn_config.yaml").read_text()) or {}
-    if "data_dir" not in nn:
-        nn["data_dir"] = f"../../../{DATA_SUBDIR}"
-        (plan.config_dir / "nn_config.yaml").write_text(yaml.safe_dump(nn, sort_keys=False))
+    write_atomic(plan.config_dir / cluster_file, yaml.safe_dump(cluster, sort_keys=False))
+    nn = read_yaml(Path(config_dir) / "nn_config.yaml")
+    nn.setdefault("data_dir", f"../../../{DATA_SUBDIR}")
+    write_atomic(plan.config_dir / "nn_config.yaml", yaml.safe_dump(nn, sort_keys=False))
     load_run_config(plan.config_dir, algorithm)  # still valid after our two keys
     return plan
 

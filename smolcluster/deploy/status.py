@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from smolcluster.common.text import table
 from smolcluster.deploy.hosts import quote_path
 from smolcluster.deploy.plan import DeployPlan, NodePlan
 from smolcluster.deploy.runner import Runner
@@ -103,13 +104,11 @@ def all_status(runner: Runner, plan: DeployPlan) -> list[NodeStatus]:
 
 
 def format_status(plan: DeployPlan, statuses: list[NodeStatus]) -> str:
-    from smolcluster.testbed.sim.run import table
-
     rows = []
     now = time.time()
     for st, node in zip(statuses, plan.nodes):
         last = st.last
-        step = last.get("version") if st.role == "server" else last.get("step")
+        step = last.get("version") if st.role == "server" else last.get("step", last.get("steps"))  # "end" lines count steps
         acc = st.last_eval.get("test_accuracy") if st.role == "server" else None
         loss = last.get("loss") if isinstance(last.get("loss"), (int, float)) else None
         age = f"{now - last['time']:.0f}s ago" if isinstance(last.get("time"), (int, float)) else "-"

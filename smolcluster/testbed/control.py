@@ -1,7 +1,7 @@
-"""What every sim backend (local processes, docker-compose) offers to the rest of smolcluster.
-
-The fault injector, the link check and the tests only talk to a running cluster through this
-interface, so a fault schedule means the same thing on every backend.
+"""What a running cluster offers to the fault injector (ClusterControl), on every sim backend (local
+processes, docker-compose; smolcluster.testbed.sim.cluster.SimCluster implements it), so a fault
+schedule means the same thing on each. It sits beside faults/ and sim/ so both import it and
+neither imports the other.
 
 Run directory layout (all backends):
     RUN_DIR/topology.yaml            resolved topology (plain data)
@@ -14,37 +14,12 @@ Run directory layout (all backends):
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from smolcluster.testbed.linkemu.client import ToxiproxyClient
 from smolcluster.testbed.topology import Topology
-
-
-ALL_WORKERS_GONE_S = 60.0  # every worker dead this long (after training began, or after a deliberate kill)
-WORKERS_NEVER_STARTED_S = 3.0  # every worker dead before any trained a step: a setup error (data, config)
-
-
-class WorkersGoneWatch:
-    """Every worker exited with an error and none finished cleanly: the server would wait for nobody.
-    A backend feeds it the workers' exit codes (None while running) on every poll."""
-
-    def __init__(self) -> None:
-        self.since: float | None = None
-
-    def problem(self, codes: dict[str, int | None], *, on_purpose: bool, trained: bool) -> str | None:
-        if any(code is None or code == 0 for code in codes.values()):
-            self.since = None
-            return None
-        now = time.monotonic()
-        self.since = self.since or now
-        limit = ALL_WORKERS_GONE_S if on_purpose or trained else WORKERS_NEVER_STARTED_S
-        if now - self.since <= limit:
-            return None
-        return (f"every worker exited ({', '.join(f'{n}: {c}' for n, c in codes.items())}); "
-                "the server has nobody to train with.")
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
-
-from smolcluster.core.training.config import read_yaml
 from smolcluster.common.errors import ConfigError
+from smolcluster.common.fields import checked, parse_fields, shown
+from smolcluster.common.yamlfile import read_yaml
 from smolcluster.resources import resource_path
 
 PROFILES_FILE = "profiles.yaml"
@@ -36,15 +36,19 @@ def default_profiles_path() -> Path:
     return resource_path("netem", PROFILES_FILE)
 
 
+_RATE = {"above": 0, "unit": "Mbit/s"}
+
+
 @dataclass(frozen=True)
 class LinkProfile:
     name: str
-    delay_ms: float  # one way
-    jitter_ms: float
-    loss_pct: float  # 0..100
-    rate_mbit: float
-    up_rate_mbit: float | None = None  # towards the server; None -> rate_mbit
-    down_rate_mbit: float | None = None  # away from the server; None -> rate_mbit
+    _: KW_ONLY
+    delay_ms: float = checked(min=0, unit="ms")  # one way
+    jitter_ms: float = checked(0.0, min=0, unit="ms")
+    loss_pct: float = checked(0.0, min=0, below=100, unit="%")
+    rate_mbit: float = checked(**_RATE)
+    up_rate_mbit: float | None = checked(None, **_RATE)  # towards the server; None -> rate_mbit
+    down_rate_mbit: float | None = checked(None, **_RATE)  # away from the server; None -> rate_mbit
 
     def rtt_ms(self) -> float:
         return 2.0 * self.delay_ms
@@ -61,9 +65,10 @@ class LinkProfile:
 @dataclass(frozen=True)
 class DeviceProfile:
     name: str
-    speed: float  # relative compute speed, mac-mini = 1.0 (a node computes 1/speed times slower)
-    cores: int
-    memory_mb: int
+    _: KW_ONLY
+    speed: float = checked(above=0, max=1000, fix="a relative speed > 0 (mac-mini = 1.0)")  # a node computes 1/speed times slower
+    cores: int = checked(min=1, max=4096)
+    memory_mb: int = checked(min=64, unit="MB")
 
 
 def series(a: LinkProfile, b: LinkProfile) -> LinkProfile:
@@ -81,50 +86,11 @@ def series(a: LinkProfile, b: LinkProfile) -> LinkProfile:
 
 # --------------------------------------------------------------------------- parsing
 
-# field -> (type, optional, check, what the check means)
-_LINK_FIELDS: dict[str, tuple[type, bool, Any, str]] = {
-    "delay_ms": (float, False, lambda v: v >= 0, "a one-way delay >= 0 ms"),
-    "jitter_ms": (float, False, lambda v: v >= 0, "a jitter >= 0 ms"),
-    "loss_pct": (float, False, lambda v: 0 <= v < 100, "a loss percentage in [0, 100)"),
-    "rate_mbit": (float, False, lambda v: v > 0, "a rate > 0 Mbit/s"),
-    "up_rate_mbit": (float, True, lambda v: v > 0, "a rate > 0 Mbit/s, or null"),
-    "down_rate_mbit": (float, True, lambda v: v > 0, "a rate > 0 Mbit/s, or null"),
-}
-_DEVICE_FIELDS: dict[str, tuple[type, bool, Any, str]] = {
-    "speed": (float, False, lambda v: v > 0, "a relative speed > 0 (mac-mini = 1.0)"),
-    "cores": (int, False, lambda v: v >= 1, "a core count >= 1"),
-    "memory_mb": (int, False, lambda v: v >= 64, "a memory size >= 64 MB"),
-}
-_LINK_DEFAULTS = {"jitter_ms": 0.0, "loss_pct": 0.0, "up_rate_mbit": None, "down_rate_mbit": None}
-
-
-def _value(file: Path | str, key: str, value: Any, spec: tuple[type, bool, Any, str]) -> Any:
-    kind, optional, check, meaning = spec
-    if value is None and optional:
-        return None
-    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        ok_type = ok_type and float(value).is_integer()
-    if not ok_type or not check(value):
-        raise ConfigError(file, key, f"got {value!r}, expected {meaning}", f"set '{key}' to {meaning}")
-    return kind(value)
-
-
-def _fields(file: Path | str, key: str, raw: Any, specs: dict, required: bool, defaults: dict) -> dict[str, Any]:
+def _fields(file: Path | str, key: str, raw: Any, cls: type, required: bool) -> dict[str, Any]:
     if not isinstance(raw, dict):
-        raise ConfigError(file, key, f"must be a mapping, got {raw!r}", f"e.g. {key}: {{{', '.join(f'{k}: ...' for k in specs)}}}")
-    out: dict[str, Any] = {}
-    for name, value in raw.items():
-        if name not in specs:
-            raise ConfigError(file, f"{key}.{name}", "unknown key", f"remove it or use one of: {', '.join(specs)}")
-        out[name] = _value(file, f"{key}.{name}", value, specs[name])
-    if required:
-        for name in specs:
-            if name not in out:
-                if name not in defaults:
-                    raise ConfigError(file, f"{key}.{name}", "missing", f"add {name}: <{specs[name][3]}>")
-                out[name] = defaults[name]
-    return out
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "name"]
+        raise ConfigError(file, key, f"must be a mapping, got {shown(raw)}", f"e.g. {key}: {{{', '.join(f'{k}: ...' for k in names)}}}")
+    return parse_fields(cls, raw, file, f"{key}.", exclude=("name",), required=required)
 
 
 def _read(path: Path) -> dict:
@@ -148,7 +114,7 @@ def load_link_profiles(path: Path | None = None) -> dict[str, LinkProfile]:
     path = Path(path) if path is not None else default_profiles_path()
     out: dict[str, LinkProfile] = {}
     for name, raw in _section(path, "links").items():
-        out[str(name)] = LinkProfile(name=str(name), **_fields(path, f"links.{name}", raw, _LINK_FIELDS, True, _LINK_DEFAULTS))
+        out[str(name)] = LinkProfile(name=str(name), **_fields(path, f"links.{name}", raw, LinkProfile, True))
     return out
 
 
@@ -157,11 +123,11 @@ def load_device_profiles(path: Path | None = None) -> dict[str, DeviceProfile]:
     path = Path(path) if path is not None else default_profiles_path()
     out: dict[str, DeviceProfile] = {}
     for name, raw in _section(path, "devices").items():
-        out[str(name)] = DeviceProfile(name=str(name), **_fields(path, f"devices.{name}", raw, _DEVICE_FIELDS, True, {}))
+        out[str(name)] = DeviceProfile(name=str(name), **_fields(path, f"devices.{name}", raw, DeviceProfile, True))
     return out
 
 
-def _resolve(spec: Any, known: dict, kind: str, specs: dict, file: Path | str, key: str) -> Any:
+def _resolve(spec: Any, known: dict, kind: str, cls: type, file: Path | str, key: str) -> Any:
     """A profile reference: NAME, or {profile: NAME, field: value, ...} overriding single values."""
     overrides: dict[str, Any] = {}
     if isinstance(spec, dict):
@@ -169,19 +135,19 @@ def _resolve(spec: Any, known: dict, kind: str, specs: dict, file: Path | str, k
         name = spec.pop("profile", None)
         if name is None:
             raise ConfigError(file, f"{key}.profile", "missing", f"name the {kind} profile to start from, e.g. {{profile: {next(iter(known), 'NAME')}, ...}}")
-        overrides = _fields(file, key, spec, specs, False, {})
+        overrides = _fields(file, key, spec, cls, False)
         key = f"{key}.profile"
     else:
         name = spec
     if not isinstance(name, str) or name not in known:
-        raise ConfigError(file, key, f"unknown {kind} profile {name!r}",
+        raise ConfigError(file, key, f"unknown {kind} profile {shown(name)}",
                           f"use one of: {', '.join(sorted(known))} (or add it to netem/{PROFILES_FILE} or the topology's profiles file)")
     return dataclasses.replace(known[name], **overrides) if overrides else known[name]
 
 
 def resolve_link(spec: Any, known: dict[str, LinkProfile], file: Path | str, key: str) -> LinkProfile:
-    return _resolve(spec, known, "link", _LINK_FIELDS, file, key)
+    return _resolve(spec, known, "link", LinkProfile, file, key)
 
 
 def resolve_device(spec: Any, known: dict[str, DeviceProfile], file: Path | str, key: str) -> DeviceProfile:
-    return _resolve(spec, known, "device", _DEVICE_FIELDS, file, key)
+    return _resolve(spec, known, "device", DeviceProfile, file, key)

@@ -23,15 +23,18 @@ server, and the server's replies must find their way back. docs/topology.md has 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import typing
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-
-from smolcluster.core.training.config import read_yaml
 from smolcluster.common.errors import ConfigError
+from smolcluster.common.fields import check_value, checked, parse_fields, rule_of, shown, unknown_key_fix
+from smolcluster.common.text import table
+from smolcluster.common.yamlfile import read_yaml, without_gc
+from smolcluster.core import algorithms
 from smolcluster.testbed.profiles import (
     DeviceProfile,
     LinkProfile,
@@ -60,18 +63,15 @@ class Route:
     via: IPv4Address
 
 
-HOST_OSES = ("linux", "macos", "windows")
-
-
 @dataclass(frozen=True)
 class HostSpec:
     """How the real-hardware launcher reaches a node (the optional `host:` block; see docs/hardware.md)."""
 
     ssh: str  # ssh target or ~/.ssh/config alias; default: the node's name
     user: str | None = None
-    port: int | None = None
+    port: int | None = checked(None, min=1, max=65535, fix="e.g. port: 22")
     jump: str | None = None  # a node name or ssh target to go through (ProxyJump), e.g. a Pi behind its Mac
-    os: str = "linux"  # linux | macos | windows
+    os: Literal["linux", "macos", "windows"] = checked("linux", fix="use one of: linux, macos, windows")
     python: str = "python3"  # the interpreter on that host
     workdir: str = "~/smolcluster"  # where the code, configs and runs live on that host
     interfaces: dict[str, str] = field(default_factory=dict)  # network -> interface name (topology netsetup)
@@ -93,6 +93,22 @@ class Node:
     def host_spec(self) -> HostSpec:
         return self.host or HostSpec(ssh=self.name)
 
+    @cached_property
+    def _routes_by_prefix(self) -> list[tuple[int, dict[IPv4Network, Route]]]:
+        table: dict[int, dict[IPv4Network, Route]] = {}
+        for r in self.routes:
+            table.setdefault(r.dest.prefixlen, {}).setdefault(r.dest, r)  # the first route for a subnet wins
+        return sorted(table.items(), reverse=True)
+
+    def route_for(self, dest: IPv4Address) -> Route | None:
+        """The static route with the longest prefix holding `dest` (the first in file order on a tie), in
+        at most 33 lookups however many routes the node has."""
+        for prefixlen, routes in self._routes_by_prefix:
+            hit = routes.get(IPv4Network((int(dest) >> (32 - prefixlen) << (32 - prefixlen), prefixlen)))
+            if hit is not None:
+                return hit
+        return None
+
 
 @dataclass(frozen=True)
 class Hop:
@@ -102,18 +118,21 @@ class Hop:
     profile: LinkProfile
 
 
+_AT_LEAST_1 = {"min": 1, "fix": "use a positive integer or null"}
+
+
 @dataclass(frozen=True)
 class TrainingDefaults:
-    algorithm: str = "edp"
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 32
-    learning_rate: float = 0.001
-    seed: int = 42
-    worker_update_interval: int | None = None  # None: the algorithm's default
-    push_interval: int | None = None
-    timeout: float | None = None
-    min_workers: int | None = None
+    algorithm: str = "edp"  # a name in the algorithm registry (checked in _parse_training)
+    epochs: int = checked(1, min=1, fix="use a positive integer")
+    max_steps: int | None = checked(None, **_AT_LEAST_1)
+    batch_size: int = checked(32, min=1, fix="use a positive integer")
+    learning_rate: float = checked(0.001, above=0, fix="use a positive number")
+    seed: int = checked(42, min=0, fix="use e.g. 42")
+    worker_update_interval: int | None = checked(None, **_AT_LEAST_1)  # None: the algorithm's default
+    push_interval: int | None = checked(None, **_AT_LEAST_1)
+    timeout: float | None = checked(None, above=0, fix="use a positive number")
+    min_workers: int | None = checked(None, **_AT_LEAST_1)
     use_quantization: bool = False
     server_trains: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # other cluster/nn config keys, validated by smolcluster.core.training.config
@@ -128,21 +147,31 @@ class Topology:
     training: TrainingDefaults
     faults: list[dict]  # raw entries; the faults module validates them
 
-    @property
+    @cached_property
     def server(self) -> Node:
         return next(n for n in self.nodes.values() if n.role == "server")
 
-    @property
+    @cached_property
     def workers(self) -> list[Node]:
         return sorted((n for n in self.nodes.values() if n.role == "worker"), key=lambda n: n.rank)
 
+    @cached_property
+    def _owners(self) -> dict[IPv4Address, tuple[Node, str]]:
+        return {addr: (node, net) for node in self.nodes.values() for net, addr in node.addresses.items()}
+
     def owner(self, address: IPv4Address) -> tuple[Node, str] | None:
         """The node holding an address, and the network it holds it on."""
-        for node in self.nodes.values():
-            for net, addr in node.addresses.items():
-                if addr == address:
-                    return node, net
-        return None
+        return self._owners.get(address)
+
+    @cached_property
+    def paths(self) -> dict[str, tuple[IPv4Address, list[Hop], list[Hop]]]:
+        """Per worker: the server address it dials, the path there and the path replies take back."""
+        return {w.name: _paths(self, w.name) for w in self.workers}
+
+    @cached_property
+    def links(self) -> list[tuple[str, str]]:
+        """Every hop on a worker's path to the server as (src, dst), src on the worker side, in order."""
+        return list(dict.fromkeys((h.src, h.dst) for w in self.workers for h in self.paths[w.name][1]))
 
     def link_profile(self, node: str, network: str) -> LinkProfile:
         """How `node` is attached to `network`: its own override, else the network's profile."""
@@ -170,40 +199,38 @@ _DERIVED_KEYS = ("host_ip", "workers", "num_workers", "server")
 _RENAMED_KEYS = {"num_epochs": "epochs"}
 
 
-def _unknown_fix(name: Any, allowed: Any) -> str:
-    close = difflib.get_close_matches(str(name), list(allowed), n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"{hint}remove it or use one of: {', '.join(allowed)}"
-
-
 def _unknown(file: Path, key: str, raw: dict, allowed: tuple[str, ...]) -> None:
     for k in raw:
         if k not in allowed:
-            raise ConfigError(file, f"{key}.{k}" if key else str(k), "unknown key", _unknown_fix(k, allowed))
+            raise ConfigError(file, f"{key}.{k}" if key else str(k), "unknown key", unknown_key_fix(k, allowed))
 
 
 def _mapping(file: Path, key: str, raw: Any, example: str) -> dict:
     if not isinstance(raw, dict):
-        raise ConfigError(file, key, f"must be a mapping, got {raw!r}", f"e.g. {example}")
+        raise ConfigError(file, key, f"must be a mapping, got {shown(raw)}", f"e.g. {example}")
     return raw
 
 
 def _address(file: Path, key: str, raw: Any) -> IPv4Address:
     try:
-        return IPv4Address(str(raw))
+        if not isinstance(raw, str):
+            raise ValueError
+        return IPv4Address(raw)
     except ValueError:
-        raise ConfigError(file, key, f"{raw!r} is not an IPv4 address", "write it like 10.10.0.2") from None
+        raise ConfigError(file, key, f"{shown(raw)} is not an IPv4 address", "write it like 10.10.0.2") from None
 
 
 def _subnet(file: Path, key: str, raw: Any) -> IPv4Network:
-    text = "0.0.0.0/0" if raw == "default" else str(raw)
+    text = "0.0.0.0/0" if raw == "default" else raw
     try:
+        if not isinstance(text, str):
+            raise ValueError
         return IPv4Network(text)
     except ValueError as e:
         if "host bits set" in str(e):
             fixed = IPv4Network(text, strict=False)
-            raise ConfigError(file, key, f"{raw!r} has host bits set", f"use the network address: {fixed}") from None
-        raise ConfigError(file, key, f"{raw!r} is not an IPv4 subnet", "write it like 10.10.0.0/24") from None
+            raise ConfigError(file, key, f"{shown(raw)} has host bits set", f"use the network address: {fixed}") from None
+        raise ConfigError(file, key, f"{shown(raw)} is not an IPv4 subnet", "write it like 10.10.0.0/24") from None
 
 
 def _default_gateway(subnet: IPv4Network) -> IPv4Address | None:
@@ -253,12 +280,24 @@ def _parse_networks(file: Path, raw: Any, links: dict[str, LinkProfile]) -> dict
                                   f"use an unused host address of {subnet}, e.g. {_default_gateway(subnet)}")
         else:
             gateway = _default_gateway(subnet)
-        for other in out.values():
-            if subnet.overlaps(other.subnet):
-                raise ConfigError(file, f"{key}.subnet", f"{subnet} overlaps network {other.name!r} ({other.subnet})",
-                                  "give each network its own, non-overlapping subnet")
         out[str(name)] = Network(name=str(name), subnet=subnet, profile=profile, gateway=gateway)
+    _check_overlaps(file, out)
     return out
+
+
+def _check_overlaps(file: Path, networks: dict[str, Network]) -> None:
+    """Subnets either nest or are disjoint: sorted by first address, one overlaps an earlier one exactly when
+    it starts before the widest earlier one ends. The later network in file order is named."""
+    order = {name: i for i, name in enumerate(networks)}
+    widest: Network | None = None
+    for n in sorted(networks.values(), key=lambda n: (n.subnet.network_address, -n.subnet.num_addresses)):
+        if widest is not None and n.subnet.network_address <= widest.subnet.broadcast_address:
+            later, earlier = (n, widest) if order[n.name] > order[widest.name] else (widest, n)
+            raise ConfigError(file, f"networks.{later.name}.subnet",
+                              f"{later.subnet} overlaps network {earlier.name!r} ({earlier.subnet})",
+                              "give each network its own, non-overlapping subnet")
+        if widest is None or n.subnet.broadcast_address > widest.subnet.broadcast_address:
+            widest = n
 
 
 def _parse_node(file: Path, name: str, body: Any, rank: int, networks: dict[str, Network],
@@ -330,39 +369,33 @@ def _host_word(file: Path, key: str, value: Any, example: str) -> str:
 def _parse_host(file: Path, key: str, name: str, raw: Any, addresses: dict[str, IPv4Address]) -> HostSpec:
     hkey = f"{key}.host"
     raw = _mapping(file, hkey, raw, f"host: {{ssh: {name}, user: pi, workdir: ~/smolcluster}}")
-    _unknown(file, hkey, raw, _HOST_KEYS)
-    ssh = _host_word(file, f"{hkey}.ssh", raw.get("ssh", name), f"ssh: {name} (an ~/.ssh/config alias) or ssh: pi@192.168.50.2")
-    user = _host_word(file, f"{hkey}.user", raw["user"], "user: pi") if raw.get("user") is not None else None
-    port = raw.get("port")
-    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535):
-        raise ConfigError(file, f"{hkey}.port", f"got {port!r}, expected a TCP port", "e.g. port: 22")
-    jump = _host_word(file, f"{hkey}.jump", raw["jump"], "jump: mini1 (a node name) or jump: admin@gateway") if raw.get("jump") is not None else None
-    if jump == name:
+    values = parse_fields(HostSpec, raw, file, f"{hkey}.")
+    examples = {"ssh": f"{name} (an ~/.ssh/config alias) or ssh: pi@192.168.50.2", "user": "pi",
+                "jump": "mini1 (a node name) or jump: admin@gateway"}
+    for k, example in examples.items():  # these land in ssh arguments
+        if values.get(k) is not None:
+            _host_word(file, f"{hkey}.{k}", values[k], example)
+    if values.get("jump") == name:
         raise ConfigError(file, f"{hkey}.jump", f"{name} cannot jump through itself", "name the node it is cabled to, e.g. jump: mini1")
-    os_name = raw.get("os", "linux")
-    if os_name not in HOST_OSES:
-        raise ConfigError(file, f"{hkey}.os", f"got {os_name!r}", f"use one of: {', '.join(HOST_OSES)}")
-    python = raw.get("python", "python3")
-    if not isinstance(python, str) or not python.strip():
-        raise ConfigError(file, f"{hkey}.python", f"got {python!r}", "e.g. python: python3, or a venv's bin/python")
-    workdir = raw.get("workdir", "~/smolcluster")
-    if not isinstance(workdir, str) or not workdir.strip() or "\n" in workdir:
-        raise ConfigError(file, f"{hkey}.workdir", f"got {workdir!r}", "e.g. workdir: ~/smolcluster")
+    for k in ("python", "workdir"):
+        if k in values and (not values[k].strip() or "\n" in values[k]):
+            raise ConfigError(file, f"{hkey}.{k}", f"got {values[k]!r}", f"e.g. {k}: " + ("python3" if k == "python" else "~/smolcluster"))
     interfaces = _mapping(file, f"{hkey}.interfaces", raw.get("interfaces") or {}, "interfaces: {thunderbolt: bridge0}")
     for net, ifname in interfaces.items():
         if net not in addresses:
             raise ConfigError(file, f"{hkey}.interfaces.{net}", f"{name} has no address on network {net!r}",
                               f"name interfaces only for its networks: {', '.join(addresses)}")
         _host_word(file, f"{hkey}.interfaces.{net}", ifname, "bridge0 (macOS Thunderbolt Bridge), eth0, en5")
-    return HostSpec(ssh=ssh, user=user, port=port, jump=jump, os=os_name, python=python, workdir=workdir,
-                    interfaces={str(k): str(v) for k, v in interfaces.items()})
+    values.setdefault("ssh", name)
+    return HostSpec(**values, interfaces={str(k): str(v) for k, v in interfaces.items()})
 
 
-def _parse_training(file: Path, raw: Any) -> TrainingDefaults:
+def _parse_training(file: Path, raw: Any, server: str, workers: list[str]) -> TrainingDefaults:
     from smolcluster.core.training.config import ClusterConfig, NNConfig
 
     raw = dict(_mapping(file, "training", raw or {}, "training: {algorithm: edp, epochs: 1}"))
     known = {f.name: f for f in dataclasses.fields(TrainingDefaults) if f.name != "extra"}
+    hints = typing.get_type_hints(TrainingDefaults)
     passthrough = {f.name for f in dataclasses.fields(ClusterConfig)} | {f.name for f in dataclasses.fields(NNConfig)}
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -373,41 +406,35 @@ def _parse_training(file: Path, raw: Any) -> TrainingDefaults:
         if k in _RENAMED_KEYS:
             raise ConfigError(file, key, f"is called {_RENAMED_KEYS[k]!r} here", f"rename it to training.{_RENAMED_KEYS[k]}")
         if k in known:
-            values[k] = _training_value(file, key, v, known[k])
+            values[k] = check_value(file, key, v, hints[k], rule_of(known[k]))
         elif k in passthrough and k != "algorithm":
             extra[k] = v
         else:
-            raise ConfigError(file, key, "unknown key", _unknown_fix(k, sorted(set(known) | passthrough - set(_DERIVED_KEYS) - set(_RENAMED_KEYS))))
+            raise ConfigError(file, key, "unknown key", unknown_key_fix(k, sorted(set(known) | passthrough - set(_DERIVED_KEYS) - set(_RENAMED_KEYS))))
     t = TrainingDefaults(**values, extra=extra)
-    if t.algorithm not in ("edp", "syncps"):
-        raise ConfigError(file, "training.algorithm", f"got {t.algorithm!r}", "use edp or syncps")
-    for k in ("epochs", "batch_size", "max_steps", "worker_update_interval", "push_interval", "min_workers"):
-        v = getattr(t, k)
-        if v is not None and v < 1:
-            raise ConfigError(file, f"training.{k}", f"got {v}, must be >= 1", "use a positive integer" + (" or null" if k != "epochs" and k != "batch_size" else ""))
-    for k in ("learning_rate", "timeout"):
-        v = getattr(t, k)
-        if v is not None and v <= 0:
-            raise ConfigError(file, f"training.{k}", f"got {v}, must be > 0", "use a positive number")
+    if t.algorithm not in algorithms.names():
+        raise ConfigError(file, "training.algorithm", f"got {t.algorithm!r}", f"use {algorithms.choices()}")
+    _check_passthrough(file, t, server, workers)
     return t
 
 
-def _training_value(file: Path, key: str, v: Any, f: dataclasses.Field) -> Any:
-    t = str(f.type)
-    if v is None and "None" in t:
-        return None
-    if t.startswith("bool"):
-        ok = isinstance(v, bool)
-    elif t.startswith("int"):
-        ok = isinstance(v, int) and not isinstance(v, bool)
-    elif t.startswith("float"):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        v = float(v) if ok else v
-    else:
-        ok = isinstance(v, str)
-    if not ok:
-        raise ConfigError(file, key, f"got {v!r}, expected {t}", f"set {key} to a value of type {t}")
-    return v
+def _check_passthrough(file: Path, t: TrainingDefaults, server: str, workers: list[str]) -> None:
+    """The training keys a run passes on to nn_config / cluster_config get those files' own checks now,
+    not only when a run starts."""
+    from smolcluster.core.training.config import parse_cluster_config, parse_nn_config, split_config_keys
+
+    nn, cluster = split_config_keys(t.extra)
+    nn |= {"batch_size": t.batch_size, "learning_rate": t.learning_rate, "num_epochs": t.epochs}
+    cluster |= {k: getattr(t, k) for k in ("worker_update_interval", "push_interval", "timeout", "min_workers", "max_steps")
+                if getattr(t, k) is not None}
+    cluster |= {"seed": t.seed, "server": server, "workers": workers, "num_workers": len(workers),
+                "host_ip": {h: "127.0.0.1" for h in [server, *workers]}}
+    try:
+        parse_nn_config(nn, file)
+        parse_cluster_config(cluster, file, t.algorithm)
+    except ConfigError as e:
+        key = {"num_epochs": "epochs"}.get(e.key, e.key)
+        raise ConfigError(file, f"training.{key}", e.problem, e.fix) from None
 
 
 # --------------------------------------------------------------------------- loading
@@ -415,7 +442,11 @@ def _training_value(file: Path, key: str, v: Any, f: dataclasses.Field) -> Any:
 
 def load_topology(path: str | Path) -> Topology:
     """Parse and validate a topology file. Every problem is a ConfigError naming file, key and fix."""
-    file = Path(path)
+    with without_gc():  # tens of thousands of small objects, none of them cyclic (see without_gc)
+        return _load_topology(Path(path))
+
+
+def _load_topology(file: Path) -> Topology:
     raw = read_yaml(file, what="topology file", missing_fix="check the path, e.g. topologies/hybrid.yaml",
                     layout="start with 'networks:' and 'nodes:' sections")
     _unknown(file, "", raw, _TOP_KEYS)
@@ -452,12 +483,12 @@ def load_topology(path: str | Path) -> Topology:
     if not isinstance(faults, list) or not all(isinstance(f, dict) for f in faults):
         raise ConfigError(file, "faults", "must be a list of mappings", "e.g. faults: [] (see the faults docs for entries)")
 
+    training = _parse_training(file, raw.get("training"), servers[0], [n.name for n in nodes.values() if n.role == "worker"])
     topo = Topology(file=file, name=str(raw.get("name") or file.stem), networks=networks, nodes=nodes,
-                    training=_parse_training(file, raw.get("training")), faults=list(faults))
+                    training=training, faults=list(faults))
     _check_routes(topo)
     _check_jumps(topo)
-    for w in topo.workers:
-        _check_reachability(topo, w.name)
+    topo.paths  # every worker reaches the server and back (raises otherwise)
     return topo
 
 
@@ -509,10 +540,10 @@ def _next_hop(topo: Topology, node: Node, dest: IPv4Address) -> tuple[IPv4Addres
         subnet = topo.networks[net].subnet
         if dest in subnet and (best is None or (subnet.prefixlen, 1) > best[:2]):
             best = (subnet.prefixlen, 1, dest, net)
-    for r in node.routes:
-        if dest in r.dest and (best is None or (r.dest.prefixlen, 0) > best[:2]):
-            via_net = next(n for n, _ in node.addresses.items() if r.via in topo.networks[n].subnet)
-            best = (r.dest.prefixlen, 0, r.via, via_net)
+    r = node.route_for(dest)
+    if r is not None and (best is None or (r.dest.prefixlen, 0) > best[:2]):
+        via_net = next(n for n, _ in node.addresses.items() if r.via in topo.networks[n].subnet)
+        best = (r.dest.prefixlen, 0, r.via, via_net)
     if best is None:
         raise _NoRoute(node.name, dest, f"{node.name} has no route to {dest}", f"nodes.{node.name}.routes")
     return best[2], best[3]
@@ -590,17 +621,21 @@ def path_to_server(topo: Topology, worker: str) -> list[Hop]:
     """Hop-by-hop path from a worker to the server, following routes (pi4 -> mini3 -> mini1)."""
     if worker not in topo.nodes:
         raise ConfigError(topo.file, "nodes", f"no node named {worker!r}", f"use one of: {', '.join(topo.nodes)}")
-    return _paths(topo, worker)[1]
+    return _paths_of(topo, worker)[1]
 
 
 def path_from_server(topo: Topology, worker: str) -> list[Hop]:
     """The path the server's replies take back to `worker` (may differ from the forward path)."""
-    return _paths(topo, worker)[2]
+    return _paths_of(topo, worker)[2]
 
 
 def server_address_for(topo: Topology, worker: str) -> IPv4Address:
     """The server address this worker dials (e.g. 10.10.0.1 for every hybrid worker)."""
-    return _paths(topo, worker)[0]
+    return _paths_of(topo, worker)[0]
+
+
+def _paths_of(topo: Topology, node: str) -> tuple[IPv4Address, list[Hop], list[Hop]]:
+    return topo.paths[node] if node in topo.paths else _paths(topo, node)
 
 
 def path_expectation(hops: list[Hop]) -> tuple[float, float]:
@@ -608,10 +643,6 @@ def path_expectation(hops: list[Hop]) -> tuple[float, float]:
     rtt = sum(h.profile.rtt_ms() for h in hops)
     bw = min((h.profile.up_mbit for h in hops), default=float("inf"))
     return rtt, bw
-
-
-def _check_reachability(topo: Topology, worker: str) -> None:
-    _paths(topo, worker)
 
 
 # --------------------------------------------------------------------------- output
@@ -638,12 +669,6 @@ def to_dict(topo: Topology) -> dict:
     }
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 def _rate(mbit: float) -> str:
     return f"{mbit / 1000:g} Gbit/s" if mbit >= 1000 else f"{mbit:g} Mbit/s"
 
@@ -658,28 +683,28 @@ def _link(p: LinkProfile) -> str:
 def format_topology(topo: Topology) -> str:
     """The plain-text report of `smolcluster topology show`."""
     out = [f"topology {topo.name} ({topo.file})", ""]
-    out.append(_table(["network", "subnet", "gateway", "link profile"],
+    out.append(table(["network", "subnet", "gateway", "link profile"],
                       [[n.name, str(n.subnet), str(n.gateway or "-"), _link(n.profile)] for n in topo.networks.values()]))
     out.append("")
     nodes = sorted(topo.nodes.values(), key=lambda n: n.rank)
-    out.append(_table(["node", "rank", "role", "device", "addresses", "forwarding"],
+    out.append(table(["node", "rank", "role", "device", "addresses", "forwarding"],
                       [[n.name, str(n.rank), n.role,
                         f"{n.device.name} (speed {n.device.speed:g}, {n.device.cores} cores, {n.device.memory_mb} MB)",
                         ", ".join(f"{a} ({net})" for net, a in n.addresses.items()), "yes" if n.forwarding else "no"]
                        for n in nodes]))
     overrides = [[n.name, net, _link(p)] for n in nodes for net, p in n.links.items()]
     if overrides:
-        out += ["", _table(["node", "network", "link override"], overrides)]
+        out += ["", table(["node", "network", "link override"], overrides)]
     routes = [[n.name, str(r.dest), str(r.via), topo.owner(r.via)[0].name] for n in nodes for r in n.routes]  # type: ignore[index]
-    out += ["", _table(["node", "route to", "via", "(node)"], routes) if routes else "routes: none (all nodes share a network)"]
+    out += ["", table(["node", "route to", "via", "(node)"], routes) if routes else "routes: none (all nodes share a network)"]
     out += ["", "paths to the server (expected RTT = sum of 2 x delay; bandwidth = slowest hop towards the server)"]
     rows = []
     for w in topo.workers:
-        addr, there, back = _paths(topo, w.name)
+        addr, there, back = topo.paths[w.name]
         rtt, bw = path_expectation(there)
         hops = " -> ".join([w.name] + [f"{h.dst} [{h.network}]" for h in there])
         rows.append([w.name, str(addr), hops, f"{rtt:.2f} ms", _rate(bw)])
         if [h.dst for h in back][:-1] != [h.src for h in there][1:][::-1]:  # asymmetric routing: say so
             rows.append(["", "", "replies: " + " -> ".join([topo.server.name] + [h.dst for h in back]), "", ""])
-    out.append(_table(["worker", "dials", "path", "RTT", "bandwidth"], rows))
+    out.append(table(["worker", "dials", "path", "RTT", "bandwidth"], rows))
     return "\n".join(out) + "\n"

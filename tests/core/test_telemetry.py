@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smolcluster.core.training.telemetry import MetricsWriter, WandbRun, setup_logging, wandb_run_name
+from smolcluster.core.training.telemetry import MetricsWriter, WandbRun, node_labels, parse_logfmt, setup_logging, wandb_run_name
 
 
 def test_metrics_jsonl_lines_parse(tmp_path: Path) -> None:
@@ -33,13 +33,15 @@ def test_metrics_jsonl_lines_parse(tmp_path: Path) -> None:
     assert rows[1]["path"] == str(tmp_path)
 
 
-LINE = re.compile(r'^ts=\S+Z level=(\w+) job=smolcluster component=server host=mini1 rank=0 msg="([^"\\]|\\.)*"')
+LABELS = node_labels(role="server", rank=0, hostname="mini1", algorithm="edp", run="r1")
+LINE = re.compile(r'^ts=\S+Z level=(\w+) job=smolcluster-server component=server host=server-rank0-mini1 rank=0 '
+                  r'algorithm=edp run=r1 msg="([^"\\]|\\.)*"')
 
 
 def test_log_lines_carry_labels_and_do_not_duplicate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     log = tmp_path / "server.log"
-    setup_logging(log, job="smolcluster", component="server", host="mini1", rank=0)
-    logger = setup_logging(log, job="smolcluster", component="server", host="mini1", rank=0, stderr=False)
+    setup_logging(log, labels=LABELS)
+    logger = setup_logging(log, labels=LABELS, stderr=False)
     logger.info("step closed", extra={"kv": {"step": 3, "workers": "mini2 mini3"}})
     logger.debug("hidden at INFO")
     try:
@@ -49,13 +51,23 @@ def test_log_lines_carry_labels_and_do_not_duplicate(tmp_path: Path, capsys: pyt
     lines = log.read_text().splitlines()
     assert len(lines) == 2, lines  # one handler only after two calls; the traceback stays on one line
     assert all(LINE.match(line) for line in lines), lines
-    assert 'level=info' in lines[0] and 'step=3 workers="mini2 mini3"' in lines[0]
-    assert 'level=error' in lines[1] and 'exc="Traceback' in lines[1] and '\\"frame\\"' in lines[1]
+    assert 'level=INFO' in lines[0] and 'step=3 workers="mini2 mini3"' in lines[0]
+    assert 'level=ERROR' in lines[1] and 'exc="Traceback' in lines[1] and '\\"frame\\"' in lines[1]
+    parsed = parse_logfmt(lines[1])
+    assert parsed["msg"] == "dropped connection" and 'bad "frame"\nsecond line' in parsed["exc"]
     assert capsys.readouterr().err == ""  # second call turned stderr off
     assert logging.getLogger().handlers == [] or all(not getattr(h, "_smolcluster", False) for h in logging.getLogger().handlers)
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()
+
+
+def test_labels_follow_the_original_projects_naming() -> None:
+    # mini2 is smolcluster's rank 1 and the original's worker 0
+    assert node_labels(role="worker", rank=1, hostname="mini2", algorithm="syncps", run="x") == {
+        "job": "smolcluster-worker", "component": "worker", "host": "worker-rank0-mini2", "rank": 0,
+        "algorithm": "syncps", "run": "x"}
+    assert node_labels(role="server", rank=0, hostname="mini1", algorithm="edp", run="x")["host"] == "server-rank0-mini1"
 
 
 def test_wandb_name_and_off_mode_is_free(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ algorithm or topology:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,11 +21,13 @@ import pytest
 from toxiproxy import Toxiproxy
 from toxiproxy.api import APIConsumer
 
+from smolcluster.common.wait import wait_until
 from smolcluster.testbed.sim.local import LocalCluster
 from smolcluster.testbed.sim.plan import RunOverrides
+from smolcluster.resources import resource_path
 from smolcluster.testbed.topology import load_topology
 
-SMALL = Path(__file__).resolve().parents[2] / "topologies" / "faults-small.yaml"
+SMALL = resource_path("topologies", "faults-small.yaml")
 
 
 @dataclass
@@ -55,11 +56,9 @@ class RunningCluster:
 
     def wait_version(self, version: int, timeout: float = 60.0) -> int:
         """Block until the server applied `version` model updates."""
-        deadline = time.time() + timeout
-        while (v := self.control.server_version()) < version:
-            assert time.time() < deadline, f"server stuck at version {v} (< {version}) after {timeout:.0f} s"
-            time.sleep(0.1)
-        return v
+        reached = wait_until(lambda: self.control.server_version() >= version, timeout)
+        assert reached, f"server stuck at version {self.control.server_version()} (< {version}) after {timeout:.0f} s"
+        return self.control.server_version()
 
 
 @pytest.fixture

@@ -3,20 +3,13 @@ from outside through toxiproxy-python and the process table, and that stop() und
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
+from smolcluster.common.wait import wait_until
 from smolcluster.testbed.faults import FaultInjector, parse_faults, read_fault_log
 
 pytestmark = pytest.mark.slow
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def fault_toxics(cluster, proxy: str) -> dict[str, dict]:
@@ -38,17 +31,17 @@ def test_network_and_process_faults_fire_heal_and_are_logged(cluster):
     injector = FaultInjector(schedule, c, seed=1).start()
     try:
         # the partition disables w2's proxy; the latency spike adds named toxics on both streams of w1's
-        wait_until(lambda: any(e["fault"] == "slow-w1" for e in injector.events), 5, "the first two faults fired")
+        wait_until(lambda: any(e["fault"] == "slow-w1" for e in injector.events), 5, interval=0.05, what="the first two faults fired")
         assert not cluster.toxiproxy.get_proxy("w2->srv").enabled
         toxics = fault_toxics(cluster, "w1->srv")
         assert set(toxics) == {"fault:slow-w1:upstream", "fault:slow-w1:downstream"}
         assert all(t.type == "latency" and t.attributes == {"latency": 150, "jitter": 10} for t in toxics.values())
-        wait_until(lambda: cluster.state("w1") == "stopped", 5, "w1 paused (SIGSTOP)")
+        wait_until(lambda: cluster.state("w1") == "stopped", 5, interval=0.05, what="w1 paused (SIGSTOP)")
         # the spike heals itself after its duration; the link profile's own toxics stay
-        wait_until(lambda: not fault_toxics(cluster, "w1->srv"), 5, "latency spike healed")
+        wait_until(lambda: not fault_toxics(cluster, "w1->srv"), 5, interval=0.05, what="latency spike healed")
         assert cluster.toxiproxy.get_proxy("w1->srv").toxics()  # the 1 ms profile latency
-        wait_until(lambda: cluster.state("w1") != "stopped", 5, "w1 resumed")
-        wait_until(lambda: cluster.toxiproxy.get_proxy("w2->srv").enabled, 5, "w2 healed")
+        wait_until(lambda: cluster.state("w1") != "stopped", 5, interval=0.05, what="w1 resumed")
+        wait_until(lambda: cluster.toxiproxy.get_proxy("w2->srv").enabled, 5, interval=0.05, what="w2 healed")
         assert not injector.done()  # the step-triggered kill is still pending
     finally:
         injector.stop()
@@ -77,7 +70,7 @@ def test_stop_heals_every_active_fault_and_the_run_goes_on(cluster):
         {"name": "freeze", "at": now, "node": "w2", "action": "pause"},
     ], c.topology)
     injector = FaultInjector(schedule, c).start()
-    wait_until(lambda: len([e for e in injector.events if e["action"] == "fired"]) == 4, 5, "all four fired")
+    wait_until(lambda: len([e for e in injector.events if e["action"] == "fired"]) == 4, 5, interval=0.05, what="all four fired")
     assert set(fault_toxics(cluster, "w2->srv")) == {"fault:thin:upstream", "fault:thin:downstream", "fault:cap:upstream"}
     assert cluster.state("w2") == "stopped"
     injector.stop()
@@ -100,7 +93,7 @@ def test_a_fault_that_cannot_be_applied_is_logged_as_failed_and_the_rest_still_f
     schedule = parse_faults([{"name": "gone", "at": now, "link": "w2->srv", "action": "slow_close", "delay_ms": 100},
                              {"name": "ok", "at": now + 0.2, "link": "w1->srv", "action": "connection_reset"}], c.topology)
     with FaultInjector(schedule, c) as injector:
-        wait_until(lambda: any(e["fault"] == "ok" and e["action"] == "healed" for e in injector.events), 5, "reset healed")
+        wait_until(lambda: any(e["fault"] == "ok" and e["action"] == "healed" for e in injector.events), 5, interval=0.05, what="reset healed")
     log = read_fault_log(c.run_dir)
     failed = [e for e in log if e["action"] == "failed"]
     assert [e["fault"] for e in failed] == ["gone"] and "w2->srv" in failed[0]["error"]

@@ -16,12 +16,15 @@ import sys
 
 import pytest
 
-from smolcluster.testbed.faults.matrix import ALGORITHMS, FLOOR, MAX_STEPS, SCENARIOS, run_scenario, scenario
+from smolcluster.core import algorithms
 from smolcluster.testbed.faults.injector import read_fault_log
+from smolcluster.testbed.faults.matrix import SCENARIOS, run_scenario, scenario
 
 pytestmark = pytest.mark.slow
 
-CASES = [pytest.param(sc.fault, algo, id=f"{sc.fault}-{algo}") for sc in SCENARIOS for algo in ALGORITHMS]
+CASES = [pytest.param(sc.fault, a.name, id=f"{sc.fault}-{a.name}") for sc in SCENARIOS for a in algorithms.BUILTIN]
+FLOOR = {a.name: a.fault_matrix.floor for a in algorithms.BUILTIN}
+MAX_STEPS = {a.name: a.fault_matrix.max_steps for a in algorithms.BUILTIN}
 
 
 @pytest.mark.parametrize("fault, algo", CASES)

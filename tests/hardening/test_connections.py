@@ -12,7 +12,7 @@ import time
 import pytest
 
 from attack import Background, Process, join, keyed_handshake, lines, raw_socket
-from localcluster import wait_until
+from smolcluster.common.wait import wait_until
 from smolcluster.common import errors
 from smolcluster.core.net import auth
 from smolcluster.core.net.transport import Connection, Listener, TransportConfig, connect
@@ -154,7 +154,7 @@ def test_connections_past_descriptor_1024_are_served(tmp_path):
     try:
         for _ in range(1100):
             idle.append(socket.create_connection(listener.address))
-        wait_until(lambda: listener.connections >= 1100, 30, "the listener to accept 1,100 connections")
+        wait_until(lambda: listener.connections >= 1100, 30, what="the listener to accept 1,100 connections")
         conn = connect(*listener.address, key=None, config=many, retry=None)
         assert conn._sock.fileno() >= 1024
         for i in range(20):
@@ -216,7 +216,7 @@ def test_a_crowd_of_idle_connections_costs_bounded_descriptors_threads_and_log(l
         return False
 
     # the crowd is there (1,100 connections opened, the server closing what it must) before the worker comes
-    wait_until(lambda: sample() or state["opened"] >= 1100, 60, "the crowd")
+    wait_until(lambda: sample() or state["opened"] >= 1100, 60, what="the crowd")
     c.start_worker(1, "--slowdown", "2")
     c.wait_for(lambda: sample() or not c.procs.procs["server"].alive(), 150, "the run")  # sample while it trains
     opened = attack.finish()["opened"]

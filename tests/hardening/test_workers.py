@@ -12,7 +12,7 @@ import time
 import pytest
 
 from attack import Relay, join, lines, send_raw
-from localcluster import wait_until
+from smolcluster.common.wait import wait_until
 from smolcluster.common.errors import ServerFailed
 from smolcluster.core.algorithms import syncps
 from smolcluster.core.net import auth
@@ -33,7 +33,7 @@ class InProcessServer:
         self.c, self.error, self.summary = c, None, None
         self.thread = threading.Thread(target=self._run, args=(algo,), daemon=True)
         self.thread.start()
-        wait_until(lambda: (c.server_dir / "server.json").exists() or not self.thread.is_alive(), 60, "the server")
+        wait_until(lambda: (c.server_dir / "server.json").exists() or not self.thread.is_alive(), 60, what="the server")
         c.port = json.loads((c.server_dir / "server.json").read_text())["port"]
 
     def _run(self, algo: str) -> None:

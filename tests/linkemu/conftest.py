@@ -7,9 +7,8 @@ import threading
 from typing import Callable, Iterator
 
 import pytest
-from linkemu_net import Upstream
-
 from smolcluster.testbed.linkemu import ToxiproxyClient, ToxiproxyServer
+from smolcluster.testbed.linkemu.measure import LoopbackServer as Upstream
 
 
 @pytest.fixture

@@ -56,11 +56,11 @@ def test_version_and_proxy_lifecycle_through_toxiproxy_python(tp: Toxiproxy, ups
     assert tp.running()
     assert b"version" in tp.version()
 
-    proxy = tp.create(upstream=up.addr, name="link", listen="127.0.0.1:0")
+    proxy = tp.create(upstream=up.address, name="link", listen="127.0.0.1:0")
     assert proxy.enabled is True and port_of(proxy.listen) != 0  # the real port is reported back
     assert set(tp.proxies()) == {"link"}
     got = tp.get_proxy("link")
-    assert (got.listen, got.upstream, got.enabled) == (proxy.listen, up.addr, True)
+    assert (got.listen, got.upstream, got.enabled) == (proxy.listen, up.address, True)
 
     s = socket.create_connection(("127.0.0.1", port_of(proxy.listen)))
     clients.append(s)
@@ -68,7 +68,7 @@ def test_version_and_proxy_lifecycle_through_toxiproxy_python(tp: Toxiproxy, ups
     assert recv_exact(s, 4) == b"ping"
 
     with pytest.raises(ProxyExists):
-        tp.create(upstream=up.addr, name="link")
+        tp.create(upstream=up.address, name="link")
 
     assert tp.destroy(proxy) is True
     assert tp.proxies() == {}
@@ -81,7 +81,7 @@ def test_version_and_proxy_lifecycle_through_toxiproxy_python(tp: Toxiproxy, ups
 @pytest.mark.parametrize("kind", sorted(TOXICS))
 def test_every_toxic_type_created_listed_updated_removed(kind: str, tp: Toxiproxy, server: ToxiproxyServer, upstreams) -> None:
     up = upstreams(echo)
-    proxy = tp.create(upstream=up.addr, name="link")
+    proxy = tp.create(upstream=up.address, name="link")
     given, reported = TOXICS[kind]
 
     proxy.add_toxic(type=kind, attributes=given)  # default stream downstream, name <type>_<stream>
@@ -111,8 +111,8 @@ def test_every_toxic_type_created_listed_updated_removed(kind: str, tp: Toxiprox
 
 def test_reset_enables_proxies_and_removes_toxics(tp: Toxiproxy, upstreams, clients) -> None:
     up = upstreams(echo)
-    a = tp.create(upstream=up.addr, name="a")
-    b = tp.create(upstream=up.addr, name="b")
+    a = tp.create(upstream=up.address, name="a")
+    b = tp.create(upstream=up.address, name="b")
     a.add_toxic(type="latency", attributes={"latency": 1000})
     b.add_toxic(type="timeout", stream="upstream", attributes={"timeout": 0})
     a.disable()
@@ -130,7 +130,7 @@ def test_reset_enables_proxies_and_removes_toxics(tp: Toxiproxy, upstreams, clie
 
 def test_disable_and_enable_through_toxiproxy_python(tp: Toxiproxy, upstreams, clients) -> None:
     up = upstreams(echo)
-    proxy = tp.create(upstream=up.addr, name="link")
+    proxy = tp.create(upstream=up.address, name="link")
     port = port_of(proxy.listen)
     s = socket.create_connection(("127.0.0.1", port))
     clients.append(s)
@@ -150,21 +150,21 @@ def test_disable_and_enable_through_toxiproxy_python(tp: Toxiproxy, upstreams, c
 
 def test_populate_creates_keeps_and_replaces(tp: Toxiproxy, server: ToxiproxyServer, upstreams) -> None:
     up1, up2 = upstreams(echo), upstreams(echo)
-    created = tp.populate([{"name": "a", "upstream": up1.addr, "listen": "127.0.0.1:0"}, {"name": "b", "upstream": up1.addr, "listen": "127.0.0.1:0"}])
+    created = tp.populate([{"name": "a", "upstream": up1.address, "listen": "127.0.0.1:0"}, {"name": "b", "upstream": up1.address, "listen": "127.0.0.1:0"}])
     assert sorted(p.name for p in created) == ["a", "b"]
     a = tp.get_proxy("a")
     # Same listen and upstream: kept as is. Other upstream: replaced.
-    status, body = raw(server, "POST", "/populate", [{"name": "a", "upstream": up1.addr, "listen": a.listen}, {"name": "b", "upstream": up2.addr}])
+    status, body = raw(server, "POST", "/populate", [{"name": "a", "upstream": up1.address, "listen": a.listen}, {"name": "b", "upstream": up2.address}])
     assert status == 201
-    assert {p["name"]: p["upstream"] for p in body["proxies"]} == {"a": up1.addr, "b": up2.addr}
+    assert {p["name"]: p["upstream"] for p in body["proxies"]} == {"a": up1.address, "b": up2.address}
     assert tp.get_proxy("a").listen == a.listen
 
 
 def test_status_codes_and_error_bodies(server: ToxiproxyServer, upstreams) -> None:
     up = upstreams(echo)
-    status, body = raw(server, "POST", "/proxies", {"name": "p", "upstream": up.addr, "listen": "127.0.0.1:0"})
+    status, body = raw(server, "POST", "/proxies", {"name": "p", "upstream": up.address, "listen": "127.0.0.1:0"})
     assert status == 201 and body["name"] == "p" and body["enabled"] is True and body["toxics"] == []
-    assert raw(server, "POST", "/proxies", {"name": "p", "upstream": up.addr})[0] == 409
+    assert raw(server, "POST", "/proxies", {"name": "p", "upstream": up.address})[0] == 409
     assert raw(server, "POST", "/proxies", {"name": "q"})[0] == 400  # no upstream
     assert raw(server, "POST", "/proxies", b"{not json")[0] == 400
     status, body = raw(server, "GET", "/proxies/nope")
@@ -200,7 +200,7 @@ def test_status_codes_and_error_bodies(server: ToxiproxyServer, upstreams) -> No
 
 
 def test_toxiproxy_python_error_mapping(tp: Toxiproxy, upstreams) -> None:
-    proxy = tp.create(upstream=upstreams(echo).addr, name="link")
+    proxy = tp.create(upstream=upstreams(echo).address, name="link")
     with pytest.raises(InvalidToxic):
         proxy.add_toxic(type="nosuchtoxic")
     proxy.add_toxic(type="latency", attributes={"latency": 1})
@@ -213,7 +213,7 @@ def test_toxiproxy_python_error_mapping(tp: Toxiproxy, upstreams) -> None:
 def test_own_client_round_trip(client: ToxiproxyClient, upstreams) -> None:
     up = upstreams(echo)
     assert client.version()
-    made = client.create_proxy("link", "127.0.0.1:0", up.addr)
+    made = client.create_proxy("link", "127.0.0.1:0", up.address)
     assert port_of(made["listen"]) != 0
     t = client.add_toxic("link", "bandwidth", {"rate": 10}, stream="upstream")
     assert t == {"name": "bandwidth_upstream", "type": "bandwidth", "stream": "upstream", "toxicity": 1.0, "attributes": {"rate": 10}}
@@ -227,9 +227,9 @@ def test_own_client_round_trip(client: ToxiproxyClient, upstreams) -> None:
         client.remove_toxic("link", "bandwidth_upstream")
     assert e.value.status == 404
     with pytest.raises(ProxyError) as e:
-        client.create_proxy("link", "127.0.0.1:0", up.addr)
+        client.create_proxy("link", "127.0.0.1:0", up.address)
     assert e.value.status == 409
-    assert client.populate([{"name": "two", "upstream": up.addr, "listen": "127.0.0.1:0"}])[0]["name"] == "two"
+    assert client.populate([{"name": "two", "upstream": up.address, "listen": "127.0.0.1:0"}])[0]["name"] == "two"
     client.reset()
     client.delete_proxy("link")
     assert set(client.proxies()) == {"two"}
@@ -246,7 +246,7 @@ def test_client_reports_unreachable_server() -> None:
 
 def test_update_listen_moves_the_proxy(client: ToxiproxyClient, upstreams, clients) -> None:
     up = upstreams(echo)
-    old = port_of(client.create_proxy("link", "127.0.0.1:0", up.addr)["listen"])
+    old = port_of(client.create_proxy("link", "127.0.0.1:0", up.address)["listen"])
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     new = probe.getsockname()[1]

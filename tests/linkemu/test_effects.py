@@ -12,6 +12,7 @@ import time
 import pytest
 from linkemu_net import echo, port_of, recv_exact, source
 
+from smolcluster.common.wait import wait_until
 from smolcluster.testbed.linkemu import ToxiproxyClient
 
 
@@ -46,7 +47,7 @@ def download(s: socket.socket, nbytes: int) -> float:
 
 
 def test_latency_adds_its_delay(client, upstreams, clients) -> None:
-    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).addr)
+    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).address)
     s = connect(client, "link", clients)
     base = rtt(s)
     client.add_toxic("link", "latency", {"latency": 100})
@@ -60,7 +61,7 @@ def test_latency_adds_its_delay(client, upstreams, clients) -> None:
 
 def test_latency_pipelines_instead_of_serialising(client, upstreams, clients) -> None:
     """Ten messages sent back to back all arrive about one latency later, not ten latencies later."""
-    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).addr)
+    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).address)
     client.add_toxic("link", "latency", {"latency": 100})
     s = connect(client, "link", clients)
     t = time.perf_counter()
@@ -72,7 +73,7 @@ def test_latency_pipelines_instead_of_serialising(client, upstreams, clients) ->
 
 
 def test_jitter_keeps_order_and_spreads_delay(client, upstreams, clients) -> None:
-    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).addr)
+    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).address)
     client.add_toxic("link", "latency", {"latency": 50, "jitter": 40})
     s = connect(client, "link", clients)
     payload = os.urandom(50_000)
@@ -82,20 +83,20 @@ def test_jitter_keeps_order_and_spreads_delay(client, upstreams, clients) -> Non
 
 
 def test_toxicity_zero_leaves_connections_alone(client, upstreams, clients) -> None:
-    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).addr)
+    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).address)
     client.add_toxic("link", "latency", {"latency": 300}, toxicity=0.0)
     assert rtt(connect(client, "link", clients)) < 0.1
 
 
 def test_bandwidth_caps_throughput(client, upstreams, clients) -> None:
-    client.create_proxy("link", "127.0.0.1:0", upstreams(source).addr)
+    client.create_proxy("link", "127.0.0.1:0", upstreams(source).address)
     client.add_toxic("link", "bandwidth", {"rate": 2000})  # 2 MB/s
     seconds = download(connect(client, "link", clients), 1_000_000)
     assert 1_000_000 / seconds == pytest.approx(2_000_000, rel=0.15)
 
 
 def test_bandwidth_is_shared_by_all_connections_of_a_link(client, upstreams, clients) -> None:
-    client.create_proxy("link", "127.0.0.1:0", upstreams(source).addr)
+    client.create_proxy("link", "127.0.0.1:0", upstreams(source).address)
     client.add_toxic("link", "bandwidth", {"rate": 2000})
     socks = [connect(client, "link", clients) for _ in range(2)]
     times: list[float] = [0.0, 0.0]
@@ -125,7 +126,7 @@ def test_bandwidth_upstream_limits_uploads(client, upstreams, clients) -> None:
         received.append(total)
         conn.sendall(b"k")
 
-    client.create_proxy("link", "127.0.0.1:0", upstreams(sink).addr)
+    client.create_proxy("link", "127.0.0.1:0", upstreams(sink).address)
     client.add_toxic("link", "bandwidth", {"rate": 2000}, stream="upstream")
     s = connect(client, "link", clients)
     t = time.perf_counter()
@@ -138,7 +139,7 @@ def test_bandwidth_upstream_limits_uploads(client, upstreams, clients) -> None:
 
 
 def test_timeout_drops_data_then_cuts_the_connection(client, upstreams, clients) -> None:
-    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).addr)
+    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).address)
     s = connect(client, "link", clients)
     s.sendall(b"a")
     assert recv_exact(s, 1) == b"a"
@@ -150,7 +151,7 @@ def test_timeout_drops_data_then_cuts_the_connection(client, upstreams, clients)
 
 
 def test_timeout_zero_blackholes_until_removed(client, upstreams, clients) -> None:
-    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).addr)
+    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).address)
     client.add_toxic("link", "timeout", {"timeout": 0}, stream="upstream")
     s = connect(client, "link", clients)
     s.settimeout(0.3)
@@ -164,7 +165,7 @@ def test_timeout_zero_blackholes_until_removed(client, upstreams, clients) -> No
 
 
 def test_reset_peer_resets_the_connection(client, upstreams, clients) -> None:
-    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).addr)
+    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).address)
     client.add_toxic("link", "reset_peer", {"timeout": 100}, stream="upstream")
     s = connect(client, "link", clients)
     t = time.perf_counter()
@@ -175,7 +176,7 @@ def test_reset_peer_resets_the_connection(client, upstreams, clients) -> None:
 
 
 def test_slicer_delivers_every_byte_intact(client, upstreams, clients) -> None:
-    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).addr)
+    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).address)
     client.add_toxic("link", "slicer", {"average_size": 100, "size_variation": 50, "delay": 10})
     s = connect(client, "link", clients)
     payload = os.urandom(100_000)
@@ -184,7 +185,7 @@ def test_slicer_delivers_every_byte_intact(client, upstreams, clients) -> None:
 
 
 def test_limit_data_closes_after_n_bytes(client, upstreams, clients) -> None:
-    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).addr)
+    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).address)
     client.add_toxic("link", "limit_data", {"bytes": 1000})
     s = connect(client, "link", clients)
     s.sendall(b"z" * 5000)
@@ -198,7 +199,7 @@ def test_slow_close_delays_the_close(client, upstreams, clients) -> None:
     def greet_and_close(conn: socket.socket) -> None:
         conn.sendall(b"hello")
 
-    client.create_proxy("link", "127.0.0.1:0", upstreams(greet_and_close).addr)
+    client.create_proxy("link", "127.0.0.1:0", upstreams(greet_and_close).address)
     s = connect(client, "link", clients)
     assert recv_exact(s, 5) == b"hello"
     t = time.perf_counter()
@@ -214,7 +215,7 @@ def test_slow_close_delays_the_close(client, upstreams, clients) -> None:
 
 
 def test_disabled_proxy_refuses_and_cuts(client, upstreams, clients) -> None:
-    listen = client.create_proxy("link", "127.0.0.1:0", upstreams(echo).addr)["listen"]
+    listen = client.create_proxy("link", "127.0.0.1:0", upstreams(echo).address)["listen"]
     s = connect(client, "link", clients)
     client.disable("link")
     assert s.recv(1) == b""
@@ -237,13 +238,11 @@ def test_upstream_down_closes_the_client(client, upstreams, clients) -> None:
 
 
 def test_stats_count_bytes_per_direction_and_connections(client, upstreams, clients) -> None:
-    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).addr)
+    client.create_proxy("link", "127.0.0.1:0", upstreams(echo).address)
     for _ in range(2):
         s = connect(client, "link", clients)
         s.sendall(b"x" * 1000)
         recv_exact(s, 1000)
         s.close()
-    deadline = time.monotonic() + 5
-    while client.get_proxy("link")["stats"]["connections_active"] and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not client.get_proxy("link")["stats"]["connections_active"], 5, interval=0.01)
     assert client.get_proxy("link")["stats"] == {"upstream_bytes": 2000, "downstream_bytes": 2000, "connections_total": 2, "connections_active": 0}

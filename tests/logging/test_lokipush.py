@@ -15,12 +15,13 @@ from smolcluster.core.training.lokipush import (
     CONTRACT_LABELS,
     LokiLogHandler,
     LokiPusher,
-    node_labels,
     push_metrics_line,
     push_url,
 )
+from smolcluster.core.training.telemetry import node_labels
 
-LABELS = node_labels(component="worker", hostname="mini2", rank=1, algorithm="edp", run="run-1")
+NODE = node_labels(role="worker", hostname="mini2", rank=1, algorithm="edp", run="run-1")
+LABELS = {k: str(v) for k, v in NODE.items()}  # as Loki holds them: strings
 
 
 class ListHandler(logging.Handler):
@@ -49,8 +50,9 @@ def fast(**kw):
 
 
 def test_node_labels_follow_the_contract() -> None:
-    assert LABELS == {"job": "smolcluster-worker", "component": "worker", "host": "worker-rank1-mini2",
-                      "rank": "1", "algorithm": "edp", "run": "run-1"}
+    # smolcluster rank 1 is the original's worker 0 (worker-rank0-mini2)
+    assert LABELS == {"job": "smolcluster-worker", "component": "worker", "host": "worker-rank0-mini2",
+                      "rank": "0", "algorithm": "edp", "run": "run-1"}
     assert set(LABELS) | {"level", "kind"} == set(CONTRACT_LABELS)
 
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from smolcluster.cli import build_app
 from smolcluster.common.errors import ReportError
-from smolcluster.testbed.report import (compare, fault_reactions, load_run, node_rows, summary_table, time_to_accuracy,
+from smolcluster.testbed.report import (compare, fault_reactions, load_run, node_rows, summary_table,
                                 timeline_segments, write_compare_plot, write_plots)
 
 T0 = 1_700_000_000.0  # server start (unix seconds)
@@ -108,7 +108,7 @@ def test_flat_layout_and_server_summary_fallback(tmp_path):
     (root / "srv" / "summary.json").write_text(json.dumps({"algorithm": "syncps", "wall_time_s": 29.5}))
     run = load_run(root)
     assert run.server == "srv" and run.workers == ["w1", "w2"]
-    assert run.summary["wall_time_s"] == 29.5
+    assert run.summary.wall_time_s == 29.5
     assert run.faults == []
 
 
@@ -121,10 +121,10 @@ def test_torn_last_line_is_skipped(run_dir):
 
 def test_time_to_accuracy(run_dir):
     run = load_run(run_dir)
-    assert time_to_accuracy(run, 0.80) == pytest.approx(5.0)
-    assert time_to_accuracy(run, 0.90) == pytest.approx(12.0)
-    assert time_to_accuracy(run, 0.95) == pytest.approx(25.0)
-    assert time_to_accuracy(run, 0.99) is None
+    assert run.time_to_accuracy(0.80) == pytest.approx(5.0)
+    assert run.time_to_accuracy(0.90) == pytest.approx(12.0)
+    assert run.time_to_accuracy(0.95) == pytest.approx(25.0)
+    assert run.time_to_accuracy(0.99) is None
 
 
 def test_start_time_without_server_start_is_earliest_event(tmp_path):
@@ -133,7 +133,7 @@ def test_start_time_without_server_start_is_earliest_event(tmp_path):
     path.write_text("".join(l + "\n" for l in path.read_text().splitlines() if '"start"' not in l))
     run = load_run(root)
     assert run.start_time == T0 + 0.5  # the first join
-    assert time_to_accuracy(run, 0.9) == pytest.approx(11.5)
+    assert run.time_to_accuracy(0.9) == pytest.approx(11.5)
 
 
 def test_fault_reactions_numbers(run_dir):

@@ -8,26 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import NodeProcesses, write_configs
 
-from smolcluster.testbed.report import fault_reactions, load_run, summary_table, time_to_accuracy, write_plots
-from smolcluster.testbed.sim.processes import ProcessGroup
+from smolcluster.testbed.report import fault_reactions, load_run, summary_table, write_plots
 
 pytestmark = pytest.mark.slow
 
 WORKERS = ["w1", "w2"]
-
-
-def _metrics(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-
-
-def _wait(pred, timeout: float, what: str, procs: ProcessGroup) -> None:
-    deadline = time.time() + timeout
-    while not pred():
-        assert procs.procs["srv"].alive(), f"server exited while waiting for {what}"
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _fault(run_dir: Path, start: float, **fields) -> None:
@@ -39,46 +26,33 @@ def _fault(run_dir: Path, start: float, **fields) -> None:
 
 def test_report_of_a_real_run_with_a_paused_worker(tmp_path, mnist_dir):
     run_dir = tmp_path / "run-syncps"
-    cfg = tmp_path / "config"
-    cfg.mkdir()
-    (cfg / "nn_config.yaml").write_text(yaml.safe_dump({"batch_size": 32, "learning_rate": 0.001, "num_epochs": 1,
-                                                        "eval_steps": 50, "data_dir": str(mnist_dir)}))
-    (cfg / "cluster_config_syncps.yaml").write_text(yaml.safe_dump({
-        "host_ip": {n: "127.0.0.1" for n in WORKERS + ["srv"]}, "port": 0, "num_workers": 2, "workers": WORKERS,
-        "server": "srv", "seed": 1, "worker_update_interval": 1, "timeout": 1.0, "min_workers": 1,
-        "max_steps": 600, "idle_timeout": 15.0, "heartbeat_interval": 0.5, "heartbeat_timeout": 5.0,
-        "checkpoint_interval": 0, "wandb": "off"}))
-    nodes = run_dir / "nodes"
-    srv_metrics = nodes / "srv" / "metrics.jsonl"
-    with ProcessGroup() as procs:
-        procs.start("srv", ["server", "--algo", "syncps", "--config-dir", str(cfg), "--run-dir", str(nodes / "srv"),
-                            "--bind", "127.0.0.1", "--port", "0"], nodes / "srv" / "stdout.log")
-        _wait(lambda: (nodes / "srv" / "server.json").exists(), 60, "the server to listen", procs)
-        time.sleep(0.05)
-        port = json.loads((nodes / "srv" / "server.json").read_text())["port"]
+    cfg = write_configs(tmp_path / "config", "syncps", mnist_dir, nn={"eval_steps": 50}, workers=WORKERS,
+                        cluster={"seed": 1, "max_steps": 600, "checkpoint_interval": 0})
+    c = NodeProcesses(run_dir / "nodes", "syncps", cfg, server="srv", workers=WORKERS)
+    with c.procs:
+        c.start_server()
         start = time.time()
-        for rank, name in enumerate(WORKERS, start=1):
-            procs.start(name, ["worker", str(rank), name, "--algo", "syncps", "--config-dir", str(cfg),
-                               "--run-dir", str(nodes / name), "--connect", f"127.0.0.1:{port}"], nodes / name / "stdout.log")
+        for rank in (1, 2):
+            c.start_worker(rank)
         # Pause after a couple of seconds of steady training: the report's pre-fault throughput (the
         # baseline for "recovered") is then not the burst of the first fraction of a second.
-        _wait(lambda: sum(e["event"] == "update" for e in _metrics(srv_metrics)) >= 200, 90, "200 updates", procs)
-        procs.signal("w2", signal.SIGSTOP)
+        c.wait_for(lambda: sum(e["event"] == "update" for e in c.metrics()) >= 200, 90, "200 updates")
+        c.procs.signal("w2", signal.SIGSTOP)
         _fault(run_dir, start, fault="pause", target="w2", action="fired")
-        time.sleep(2.5)  # shorter than heartbeat_timeout: w2 stays connected, SyncPS closes steps without it
-        procs.signal("w2", signal.SIGCONT)
+        time.sleep(2.5)  # the pause itself; shorter than heartbeat_timeout: w2 stays connected, SyncPS closes steps without it
+        c.procs.signal("w2", signal.SIGCONT)
         _fault(run_dir, start, fault="pause", target="w2", action="healed")
-        assert procs.wait("srv", 120) == 0
+        assert c.wait_server(120) == 0
 
     run = load_run(run_dir)
     assert run.server == "srv" and run.workers == ["w1", "w2"]
-    assert run.summary["algorithm"] == "syncps" and run.summary["steps"] == 600
+    assert run.summary.algorithm == "syncps" and run.summary.steps == 600
 
     # Time to accuracy matches the first qualifying eval in the server's own metrics.
-    evals = [e for e in _metrics(srv_metrics) if e["event"] == "eval"]
-    server_start = next(e["time"] for e in _metrics(srv_metrics) if e["event"] == "start")
+    evals = [e for e in c.metrics() if e["event"] == "eval"]
+    server_start = next(e["time"] for e in c.metrics() if e["event"] == "start")
     first_90 = next((e["time"] - server_start for e in evals if e["test_accuracy"] >= 0.9), None)
-    assert time_to_accuracy(run, 0.9) == (pytest.approx(first_90) if first_90 is not None else None)
+    assert run.time_to_accuracy(0.9) == (pytest.approx(first_90) if first_90 is not None else None)
 
     [r] = fault_reactions(run)
     assert (r["fault"], r["target"]) == ("pause", "w2")

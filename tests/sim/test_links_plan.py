@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from smolcluster.testbed.sim.local import EMULABLE_MBIT, own_bytes, plan_hops, toxics_for, worker_paths
-from smolcluster.testbed.sim.run import time_to_accuracy
+from smolcluster.testbed.report.summary import time_to_accuracy
+from smolcluster.testbed.sim.hops import EMULABLE_MBIT, own_bytes, plan_hops, toxics_for, worker_paths
 from smolcluster.testbed.topology import load_topology
 
 TOPOLOGIES = Path(__file__).resolve().parents[2] / "topologies"

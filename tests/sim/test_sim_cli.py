@@ -14,6 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from smolcluster.common.jsonl import read_jsonl
+from smolcluster.common.wait import wait_until
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,12 +38,17 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def gone(p: psutil.Process) -> bool:
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def assert_gone(procs: list[psutil.Process]) -> None:
-    deadline = time.time() + 10
+    wait_until(lambda: all(gone(p) for p in procs), 10)
     for p in procs:
-        while p.is_running() and p.status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
-            time.sleep(0.1)
-        assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, f"left behind: {p.pid} {p.cmdline()}"
+        assert gone(p), f"left behind: {p.pid} {p.cmdline()}"
 
 
 def assert_closed(address: str) -> None:
@@ -78,7 +86,7 @@ def test_hybrid_sim_trains_to_accuracy(tmp_path, mnist_dir, algo):
         assert (run_dir / "nodes" / node / "metrics.jsonl").exists()
 
     out = r.stdout
-    for header in ("node", "samples/s", "staleness", "bytes out", "late", "rejected", "time to 90% accuracy"):
+    for header in ("node", "samples/s", "staleness", "bytes out", "late", "rejected", "time to 90%:"):
         assert header in out
     for node in nodes:
         assert f"\n{node} " in out
@@ -90,12 +98,11 @@ def test_ctrl_c_leaves_no_process_or_port_behind(tmp_path, mnist_dir):
     sim = subprocess.Popen(sim_cmd("topologies/hybrid.yaml", "--algo", "syncps", "--run-dir", str(run_dir)), cwd=REPO,
                            env=env_with(mnist_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 120
-        while not any((run_dir / "nodes" / w / "metrics.jsonl").exists() and "\"step\"" in (run_dir / "nodes" / w / "metrics.jsonl").read_text()
-                      for w in ("mini2", "mini3")):
+        def trained() -> bool:
             assert sim.poll() is None, sim.stdout.read()
-            assert time.time() < deadline, "no worker trained within 120 s"
-            time.sleep(0.3)
+            return any(e["event"] == "step" for w in ("mini2", "mini3") for e in read_jsonl(run_dir / "nodes" / w / "metrics.jsonl"))
+
+        wait_until(trained, 120, interval=0.3, what="a worker's first step")
         children = descendants(sim.pid)
         assert len(children) >= 5  # server and four workers, mid-training
         proxies = json.loads((run_dir / "proxies.json").read_text())

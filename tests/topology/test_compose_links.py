@@ -9,7 +9,7 @@ from pathlib import Path
 from smolcluster.testbed.faults.actions import links_for
 from smolcluster.testbed.faults.schedule import parse_faults
 from smolcluster.testbed.sim.compose import offline_image_spec, render_compose
-from smolcluster.testbed.sim.compose_run import ComposeCluster
+from smolcluster.testbed.sim.compose_cluster import ComposeCluster
 from smolcluster.testbed.topology import load_topology
 
 HYBRID = Path(__file__).resolve().parents[2] / "topologies" / "hybrid.yaml"

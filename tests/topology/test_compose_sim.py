@@ -18,7 +18,7 @@ import pytest
 from smolcluster.common.errors import SimError
 from smolcluster.testbed.sim.compose import leftovers
 from smolcluster.testbed.sim.compose_run import run_compose
-from smolcluster.testbed.sim.run import SimOptions
+from smolcluster.testbed.sim.options import SimOptions
 
 HYBRID = Path(__file__).resolve().parents[2] / "topologies" / "hybrid.yaml"
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from smolcluster.common import errors
+from smolcluster.common.wait import wait_until
 from smolcluster.core.net import auth, messages
 from smolcluster.core.net.wire import PREAMBLE, Message, MessageKind, encode_frame, read_frame
 from wire_helpers import SCHEMA, good_message, roundtrip
@@ -159,8 +160,7 @@ def test_no_threads_left_behind(echo_server) -> None:
     with server.client() as c:
         roundtrip(c)
     server.close()
-    time.sleep(0.2)
-    assert threading.active_count() <= before
+    assert wait_until(lambda: threading.active_count() <= before, 5, interval=0.02), threading.enumerate()
 
 
 # --------------------------------------------------------------------------- message fields and a live training server

@@ -38,6 +38,7 @@ from smolcluster.core.training.quantization import dequantize_state, quantize_st
 from smolcluster.core.training.robust import NormFilter
 from smolcluster.core.training.tasks import Batches
 from smolcluster.core.training.telemetry import jsonable, peak_rss_mb
+from smolcluster.common.files import write_atomic
 
 # --------------------------------------------------------------------------- signals (server and worker)
 
@@ -298,7 +299,7 @@ class ServerBase:
         self.listener = listener
         listener.start()
         host, port = listener.address
-        (self.ctx.run_dir / "server.json").write_text(json.dumps({"host": host, "port": port, "pid": os.getpid()}))
+        write_atomic(self.ctx.run_dir / "server.json", json.dumps({"host": host, "port": port, "pid": os.getpid()}))
         if self.version == 0:
             self.save()  # so a crash at any point can --resume, even before the first periodic checkpoint
         self.log.info(f"{self.algorithm} server listening on {host}:{port}, waiting for {self.cluster.num_workers} workers")
@@ -599,7 +600,7 @@ class ServerBase:
     def weights_message(self, kind: MessageKind, fields: dict[str, Any]) -> Message:
         """Current weights, snapshotted once per version (quantized when configured)."""
         if self._snapshot is None or self._snapshot[0] != self.version:
-            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}  # the wire is CPU
             quant: dict[str, dict] = {}
             if self.cluster.use_quantization:
                 state, quant = quantize_state(state)
@@ -685,6 +686,7 @@ class ServerBase:
         params = dict(self.model.named_parameters())
         for name, p in params.items():
             g = grads[name]
+            g = g.to(p.device)  # pushes arrive on the CPU; a no-op when the model is there too
             p.grad = g.view(p.shape) if g.dtype == p.dtype and g.is_contiguous() else g.to(p.dtype).reshape(p.shape)
         if norms is None:
             norms = tensor_norms({n: p.grad for n, p in params.items()})
@@ -708,7 +710,7 @@ class ServerBase:
         self.model.zero_grad(set_to_none=True)
         loss = loss_fn(self.model, x, y)
         loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
+        grads = {n: p.grad.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}  # beside the pushes
         self.model.zero_grad(set_to_none=True)
         self.ctx.stretch(time.perf_counter() - t0)
         return grads, int(y.shape[0]), float(loss)
@@ -815,9 +817,10 @@ class ServerBase:
             "stop_reason": self.stop_reason or "finished",
             "stop_status": self.stop_status,
             "per_worker": [s.summary() for s in self.stats.values()],
+            "torch": self.ctx.torch,
             "config": to_dict(self.cfg.cluster) | {"nn": to_dict(self.cfg.nn)},
         }
-        (self.ctx.run_dir / "summary.json").write_text(json.dumps(jsonable(summary), indent=2))
+        write_atomic(self.ctx.run_dir / "summary.json", json.dumps(jsonable(summary), indent=2))
         self.ctx.metrics.write("end", version=self.version, test_accuracy=acc, test_loss=loss, peak_rss_mb=peak_rss_mb(),
                                stop_reason=summary["stop_reason"])
         self.log.info(f"done: {self.version} updates, test accuracy {acc:.4f}, wall {summary['wall_time_s']} s")
@@ -875,6 +878,8 @@ class WorkerBase:
         self.pushes_sent = self.pushes_answered = 0
         self.grad_norms: dict[str, float] = {}  # per-layer norms of the last local step, before clipping
         self.compute_s = self.comm_s = self.wait_s = 0.0
+        self._since_record = (time.perf_counter(), 0, 0)  # (time, steps, samples) at the last record(): W&B rates
+        self.last_loss = float("nan")
         self.started = time.monotonic()
         self.interrupted = False  # set by Ctrl-C (SIGINT); the next step says BYE and stops
 
@@ -926,7 +931,7 @@ class WorkerBase:
             raise BadField(msg.kind.name, "tensors", f"lacks {sorted(missing)[:3]}")
         with torch.no_grad():
             for name, t in self.model.state_dict().items():
-                t.mul_(1.0 - alpha).add_(state[name].to(t.dtype), alpha=alpha) if alpha < 1.0 else t.copy_(state[name])
+                t.mul_(1.0 - alpha).add_(state[name].to(t.device, t.dtype), alpha=alpha) if alpha < 1.0 else t.copy_(state[name])
         if version is not None:
             self.version = version
 
@@ -956,6 +961,8 @@ class WorkerBase:
         """Send one request and wait for its reply; reply time counts as communication + waiting."""
         assert self.conn is not None
         t0 = time.perf_counter()
+        if self.ctx.device.type != "cpu":  # the wire carries CPU tensors
+            msg = Message(msg.kind, msg.fields, tensors={k: v.cpu() for k, v in msg.tensors.items()}, quant=msg.quant)
         self.conn.send(msg, timeout=self.ctx.transport.io_timeout)
         if msg.kind == MessageKind.PUSH:
             self.pushes_sent += 1
@@ -976,7 +983,14 @@ class WorkerBase:
         self.ctx.metrics.write("step", step=step, loss=loss, version=self.version,
                                compute_s=round(self.compute_s, 6), comm_s=round(self.comm_s, 6),
                                wait_s=round(self.wait_s, 6), **fields)
-        self.ctx.wandb.log({"train/loss": loss, "version": self.version}, step=step)
+        now, (t, steps, samples) = time.perf_counter(), self._since_record
+        span, steps = max(now - t, 1e-9), max(self.steps_done - steps, 1)
+        self.ctx.wandb.log({"train/loss": loss, "version": self.version, "perf/samples_per_s": (self.samples_done - samples) / span,
+                            "perf/step_time_s": span / steps, "perf/compute_s": self.compute_s / steps,
+                            "perf/comm_s": self.comm_s / steps, "perf/wait_s": self.wait_s / steps}, step=step)
+        self._since_record, self.last_loss = (now, self.steps_done, self.samples_done), loss
+        if step // self.nn.eval_steps != (step - steps) // self.nn.eval_steps:  # a log line every eval_steps steps
+            self.log.info(f"step {step}: loss {loss:.4f}, {(self.samples_done - samples) / span:.0f} samples/s")
         self.compute_s = self.comm_s = self.wait_s = 0.0
 
     def run(self) -> None:
@@ -1052,4 +1066,5 @@ class WorkerBase:
         self.ctx.metrics.write("end", steps=self.steps_done, samples=self.samples_done, samples_per_s=sps,
                                pushes_sent=self.pushes_sent, pushes_answered=self.pushes_answered,
                                peak_rss_mb=peak_rss_mb(), stop_reason=end_reason or reason)
-        self.log.info(f"{'finished' if finished else 'stopped'}: {self.steps_done} steps, {sps:.1f} samples/s")
+        self.log.info(f"{'finished' if finished else 'stopped'}: {self.steps_done} steps, {sps:.1f} samples/s, "
+                      f"last loss {self.last_loss:.4f}")

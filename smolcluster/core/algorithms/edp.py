@@ -66,7 +66,7 @@ class Server(ServerBase):
         weights_mode = push.mode != "gradients"
         if weights_mode:  # the update is the step from our weights to the worker's
             state = self.model.state_dict()
-            update = {name: tensors[name].to(w.dtype) - w for name, w in state.items()}
+            update = {name: tensors[name].to(w.device, w.dtype) - w for name, w in state.items()}
         else:
             update = tensors
         norms = tensor_norms(update)

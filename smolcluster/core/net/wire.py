@@ -1,6 +1,6 @@
 """Wire format: one frame per message. Nothing is ever unpickled.
 
-CONTRACT (the rest of the code is written against this; the implementation fills it in):
+The frame:
 
     frame  = preamble | header (JSON, UTF-8) | payload (raw tensor bytes) [| mac (32 bytes)]
     preamble: magic, version, kind (MessageKind), flags, header length, payload length, sequence number
@@ -194,7 +194,7 @@ def _header(prefix: bytes, fields: dict[str, Any]) -> bytes:
         raise BadHeader(f"message fields are not JSON-serialisable: {e}") from None
 
 
-def _table_prefix(table: list[dict[str, Any]]) -> bytes:
+def table_prefix(table: list[dict[str, Any]]) -> bytes:
     """Header = {"tensors": TABLE, "fields": FIELDS}; the table comes first so it can be cached."""
     return b'{"tensors":' + json.dumps(table, separators=(",", ":")).encode() + b',"fields":'
 
@@ -275,7 +275,7 @@ def encode_frame(
         offset += data.nbytes
     if offset > limits.max_payload_bytes:
         raise FrameTooLarge(f"payload is {offset} bytes, the limit is {limits.max_payload_bytes}")
-    prefix = _table_prefix(table)
+    prefix = table_prefix(table)
     if key is not None:
         cache.remember_encoded(key, (prefix, pads, offset))
     return _finish_frame(msg, _header(prefix, msg.fields), buffers, offset, seq, mac_key, limits, defer_mac)
@@ -414,7 +414,7 @@ def _parse_header_cached(raw: bytes, payload_len: int, limits: WireLimits, schem
     fields, specs, quant = _parse_header(raw, payload_len, limits, schema, peer)
     table = [{"name": n, "dtype": DTYPE_NAMES[d], "shape": list(sh), "offset": o, "length": ln}
              | ({"quant": quant[n]} if n in quant else {}) for n, d, sh, o, ln in specs]
-    prefix = _table_prefix(table)
+    prefix = table_prefix(table)
     if raw.startswith(prefix):  # the sender wrote the canonical form: safe to recognise next time
         cache.remember_decoded((prefix, payload_len, schema, specs, quant))
     return fields, specs, quant

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,9 +33,22 @@ class NodeContext:
     key: bytes | None
     transport: TransportConfig
     slowdown: float = 1.0  # >1 stretches compute (a Pi is slower than a Mac)
+    device: torch.device = torch.device("cpu")  # where the model computes; tensors on the wire stay on the CPU
+    torch: dict = field(default_factory=dict)  # which torch build runs and the process's RSS once imported (torch_info)
+    shipper: Any = None  # a LokiPusher when the node ships its lines to Loki
+
+    def close(self) -> None:
+        """At the end of the node: W&B, the metrics file, then what is left to ship (bounded wait)."""
+        self.wandb.finish()
+        self.metrics.close()
+        if self.shipper is not None:
+            self.shipper.close(timeout=3.0)
+            st = self.shipper.stats()
+            level = logging.WARNING if st["dropped_lines"] else logging.INFO
+            self.log.log(level, f"Loki: {st['sent_lines']} lines shipped, {st['dropped_lines']} dropped")
 
     def build_model(self) -> torch.nn.Module:
-        return build_model(self.cfg.nn.model, seed=self.cfg.cluster.seed)
+        return build_model(self.cfg.nn.model, seed=self.cfg.cluster.seed).to(self.device)
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(self.cfg.nn.optimizer, model.parameters(), self.cfg.nn.learning_rate)

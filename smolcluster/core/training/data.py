@@ -281,11 +281,12 @@ def evaluate(model: torch.nn.Module, data: ImageSet, batch_size: int = 500) -> t
     Small batches: the float copies of a 2,000-image batch raised a node's peak memory by ~40 MB."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total_loss, correct, n = 0.0, 0, len(data)
     try:
         for i in range(0, n, batch_size):
-            x = normalize_images(data.images[i:i + batch_size])
-            y = data.labels[i:i + batch_size]
+            x = normalize_images(data.images[i:i + batch_size]).to(device)
+            y = data.labels[i:i + batch_size].to(device)
             logits = model(x)
             total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
@@ -373,7 +374,7 @@ class TextData:
         try:
             for b in range(0, n_win, batch_size):
                 starts = torch.arange(b, min(b + batch_size, n_win)) * T
-                win = self.val[starts[:, None] + torch.arange(T + 1)].long()
+                win = self.val[starts[:, None] + torch.arange(T + 1)].long().to(next(model.parameters()).device)
                 logits = model(win[:, :-1])
                 y = win[:, 1:]
                 total_loss += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))

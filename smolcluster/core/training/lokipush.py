@@ -3,7 +3,7 @@
 A Raspberry Pi in the cluster should not need an agent (Promtail is end-of-life; Alloy would be
 one more service to install and keep running on every node), so every node can push its own lines:
 
-    pusher = LokiPusher("http://10.10.0.1:3100", node_labels(component="worker", hostname="mini2",
+    pusher = LokiPusher("http://10.10.0.1:3100", telemetry.node_labels(role="worker", hostname="mini2",
                         rank=1, algorithm="edp", run="hybrid-edp-20261201"), logger=log)
     fmt = FormatOnce(LogfmtFormatter(...))               # shared by the file handler: formats once
     log.addHandler(LokiLogHandler(pusher, fmt))         # log lines   -> kind=log, level=<record level>
@@ -46,13 +46,6 @@ KINDS = ("log", "metrics", "faults")
 MAX_LINE_CHARS = 200_000
 
 _LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def node_labels(*, component: str, hostname: str, rank: int, algorithm: str, run: str) -> dict[str, str]:
-    """The stream labels of one node: job smolcluster-<component>, host <component>-rank<N>-<hostname>."""
-    return {"job": f"smolcluster-{component}", "component": component,
-            "host": f"{component}-rank{rank}-{hostname}", "rank": str(rank),
-            "algorithm": algorithm, "run": run}
 
 
 def push_url(url: str) -> str:
@@ -128,6 +121,11 @@ class LokiPusher:
         self._thread.start()
 
     # ------------------------------------------------------------------ producer side
+
+    @property
+    def url(self) -> str:
+        """The push URL without credentials (safe to print)."""
+        return self._url
 
     def push(self, line: str, *, ts_ns: int | None = None, labels: Mapping[str, Any] | None = None) -> None:
         """Queue one line. Never blocks on the network and never raises."""
@@ -384,6 +382,16 @@ def push_metrics_line(pusher: LokiPusher, line: str | Mapping[str, Any], *, ts_n
         if ts_ns is None and isinstance(when, (int, float)):
             ts_ns = _seconds_to_ns(when)
         pusher.push(text, ts_ns=ts_ns, labels={"level": "INFO", "kind": "metrics"})
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def push_fault_line(pusher: LokiPusher, line: str) -> None:
+    """Push one faults.jsonl line (kind=faults, level=INFO) at the time it records. Never raises."""
+    try:
+        when = _leading_time(line)
+        pusher.push(line, ts_ns=_seconds_to_ns(when) if isinstance(when, (int, float)) else None,
+                    labels={"level": "INFO", "kind": "faults"})
     except Exception:  # noqa: BLE001
         pass
 

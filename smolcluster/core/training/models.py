@@ -134,7 +134,14 @@ def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
     raise ValueError(f"unknown model type {cfg.type!r}; use SimpleNN or GPT")
 
 
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy: classes for SimpleNN, next token for GPT (logits [B,T,V], y [B,T])."""
+    """Mean cross-entropy: classes for SimpleNN, next token for GPT (logits [B,T,V], y [B,T]).
+    The batch moves to the model's device (a no-op on the CPU)."""
+    device = model_device(model)
+    x, y = x.to(device), y.to(device)
     logits = model(x)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))

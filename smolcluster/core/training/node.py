@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import platform
 import socket
+import sys
 from pathlib import Path
 
 import torch
 
+from smolcluster.core import algorithms
 from smolcluster.core.net.auth import load_cluster_key
-from smolcluster.core.training.config import ClusterConfig, RunConfig, load_run_config, rank_of, to_dict
-from smolcluster.common.errors import ConfigError
+from smolcluster.core.training.config import ClusterConfig, RunConfig, cluster_config_file, load_run_config, rank_of, to_dict
+from smolcluster.common.errors import ConfigError, SmolclusterError
 from smolcluster.core.training.context import NodeContext
-from smolcluster.core.training.telemetry import MetricsWriter, WandbRun, setup_logging
+from smolcluster.core.training.device import pick_device, torch_build, torch_info
+from smolcluster.core.training.lokipush import LokiLogHandler, LokiPusher, push_metrics_line
+from smolcluster.core.training.telemetry import (LogfmtFormatter, MetricsWriter, WandbRun, node_labels, peak_rss_mb,
+                                                 setup_logging)
 from smolcluster.core.net.transport import TransportConfig
 
-ALGORITHM_NAMES = {"edp": "EDP", "syncps": "SyncPS"}
+LOKI_URL_ENV = "SMOLCLUSTER_LOKI_URL"
 
 
 def _key_for(cfg: RunConfig) -> bytes | None:
@@ -29,45 +37,84 @@ def _transport(cluster: ClusterConfig) -> TransportConfig:
     return TransportConfig(heartbeat_interval=cluster.heartbeat_interval, heartbeat_timeout=cluster.heartbeat_timeout)
 
 
-def _context(cfg: RunConfig, *, role: str, rank: int, hostname: str, run_dir: Path, slowdown: float) -> NodeContext:
+def default_run_name(run_dir: Path, hostname: str) -> str:
+    """The run a node belongs to, from its run dir: RUN/nodes/HOST (sim), runs/RUN/HOST (launch), or RUN itself."""
+    parts = list(Path(run_dir).resolve().parts)
+    if len(parts) > 1 and parts[-1] == hostname:
+        parts.pop()
+    if len(parts) > 1 and parts[-1] == "nodes":
+        parts.pop()
+    return parts[-1] if parts else "run"
+
+
+def _context(cfg: RunConfig, *, role: str, rank: int, hostname: str, run_dir: Path, slowdown: float,
+             run_name: str | None) -> NodeContext:
+    import_rss = peak_rss_mb()  # torch and the CLI imported, no data loaded yet
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # many nodes share few cores; one thread each avoids oversubscription
-    algo = ALGORITHM_NAMES[cfg.cluster.algorithm]
-    log = setup_logging(run_dir / f"{role}.log", job=f"smolcluster-{cfg.cluster.algorithm}", component=role,
-                        host=hostname, rank=rank)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
-    wandb = WandbRun(mode=cfg.cluster.wandb, algorithm=algo, role=role, hostname=hostname, rank=rank,
+    device = pick_device(cfg.nn.device, file=cfg.config_dir / "nn_config.yaml")
+    labels = node_labels(role=role, rank=rank, hostname=hostname, algorithm=cfg.cluster.algorithm,
+                         run=run_name or default_run_name(run_dir, hostname))
+    log = setup_logging(run_dir / f"{role}.log", labels=labels)
+    log.info(f"computing on {device} with torch {torch_build()}, Python {platform.python_version()} in {sys.prefix}")
+    shipper = _loki_shipper(cfg, labels, log)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl",
+                            ship=(lambda line: push_metrics_line(shipper, line)) if shipper is not None else None)
+    wandb = WandbRun(mode=cfg.cluster.wandb, algorithm=cfg.cluster.algorithm, role=role, hostname=hostname, rank=rank,
                      lr=cfg.nn.learning_rate, batch_size=cfg.nn.batch_size,
                      config={"cluster": to_dict(cfg.cluster), "nn": to_dict(cfg.nn)}, run_dir=run_dir, logger=log)
     return NodeContext(cfg=cfg, role=role, rank=rank, hostname=hostname, run_dir=run_dir, log=log, metrics=metrics,
-                       wandb=wandb, key=_key_for(cfg), transport=_transport(cfg.cluster), slowdown=slowdown)
+                       wandb=wandb, key=_key_for(cfg), transport=_transport(cfg.cluster), slowdown=slowdown, device=device,
+                       torch=torch_info(import_rss), shipper=shipper)
 
 
-def _algorithm(name: str):
-    if name == "syncps":
-        from smolcluster.core.algorithms import syncps as module
-    else:
-        from smolcluster.core.algorithms import edp as module
-    return module
+def _loki_shipper(cfg: RunConfig, labels: dict, log: logging.Logger) -> LokiPusher | None:
+    """With loki_url (config) or $SMOLCLUSTER_LOKI_URL, the node pushes its own log and metrics lines to Loki:
+    no agent on a Pi. Batched on a background thread with a bounded queue: it never slows training."""
+    url = cfg.cluster.loki_url or os.environ.get(LOKI_URL_ENV)
+    if not url:
+        return None
+    shipper = LokiPusher(url, labels, logger=log)
+    handler = LokiLogHandler(shipper, LogfmtFormatter(labels))
+    handler._smolcluster = True  # type: ignore[attr-defined]  # setup_logging replaces it like its own handlers
+    log.addHandler(handler)
+    log.info(f"shipping logs and metrics to Loki at {shipper.url}")
+    return shipper
+
+
+def _check_checkpoint_dir(cfg: RunConfig) -> None:
+    """A checkpoint_dir that cannot be created fails now, with the key to change, not at the first checkpoint."""
+    raw = cfg.cluster.checkpoint_dir
+    if not raw:
+        return
+    try:
+        Path(raw).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(cluster_config_file(cfg.config_dir, cfg.cluster.algorithm), "checkpoint_dir",
+                          f"cannot create {raw}: {e.strerror or e}",
+                          "point it at a folder this user can write, or remove it to use RUN_DIR/checkpoints") from None
 
 
 def run_server(*, algo: str, config_dir: Path, run_dir: Path, resume: bool = False, bind: str | None = None,
-               port: int | None = None, slowdown: float = 1.0) -> dict:
+               port: int | None = None, slowdown: float = 1.0, run_name: str | None = None) -> dict:
     cfg = load_run_config(config_dir, algo)
+    _check_checkpoint_dir(cfg)
     hostname = cfg.cluster.server
-    ctx = _context(cfg, role="server", rank=0, hostname=hostname, run_dir=Path(run_dir), slowdown=slowdown)
-    bind = bind or "0.0.0.0"  # the listener warns when this is reachable without a cluster key
-    server_cls = _algorithm(algo).Server
+    ctx = _context(cfg, role="server", rank=0, hostname=hostname, run_dir=Path(run_dir), slowdown=slowdown, run_name=run_name)
+    bind = bind or "0.0.0.0"  # all interfaces, as the original did; the listener warns when there is no cluster key
+    server_cls = algorithms.get(algo).server_class()
     try:
         server = server_cls(ctx, bind=bind, port=cfg.cluster.port if port is None else port, resume=resume)
         return server.serve()
+    except SmolclusterError as e:
+        ctx.log.error(f"stopped: {e}")  # why the node died, in its log (and Loki), not only on its terminal
+        raise
     finally:
-        ctx.wandb.finish()
-        ctx.metrics.close()
+        ctx.close()
 
 
 def run_worker(*, rank: int, hostname: str, algo: str, config_dir: Path, run_dir: Path, connect: str | None = None,
-               slowdown: float = 1.0) -> None:
+               slowdown: float = 1.0, run_name: str | None = None) -> None:
     cfg = load_run_config(config_dir, algo)
     file = f"{config_dir}/cluster_config_{algo}.yaml"
     if hostname not in cfg.cluster.workers:
@@ -82,10 +129,12 @@ def run_worker(*, rank: int, hostname: str, algo: str, config_dir: Path, run_dir
         port = int(port_s)
     else:
         host, port = cfg.cluster.server_address_for(hostname), cfg.cluster.port
-    ctx = _context(cfg, role="worker", rank=rank, hostname=hostname, run_dir=Path(run_dir), slowdown=slowdown)
+    ctx = _context(cfg, role="worker", rank=rank, hostname=hostname, run_dir=Path(run_dir), slowdown=slowdown, run_name=run_name)
     ctx.log.info(f"worker {hostname} (rank {rank}) on {socket.gethostname()} -> server {host}:{port}")
     try:
-        _algorithm(algo).Worker(ctx, host=host, port=port).run()
+        algorithms.get(algo).worker_class()(ctx, host=host, port=port).run()
+    except SmolclusterError as e:
+        ctx.log.error(f"stopped: {e}")
+        raise
     finally:
-        ctx.wandb.finish()
-        ctx.metrics.close()
+        ctx.close()

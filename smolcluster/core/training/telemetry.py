@@ -2,14 +2,17 @@
 
 - MetricsWriter: RUN_DIR/metrics.jsonl, one JSON object per line, always with "time" (unix s) and "event".
 - setup_logging: a named logger writing lines like
-      ts=2025-01-01T12:00:00.123Z level=info job=smolcluster component=server host=mini1 rank=0 msg="step closed" step=3
-  Promtail's logfmt stage turns job/component/host/rank/level into the labels Grafana filters on.
-  Extra key=values: logger.info("msg", extra={"kv": {"step": 3}}).
-- WandbRun: never prompts, never blocks or crashes training; `import wandb` only when mode != "off".
+      ts=2025-01-01T12:00:00.123Z level=INFO job=smolcluster-worker component=worker host=worker-rank0-mini2 rank=0 algorithm=edp run=hybrid-edp msg="joined" step=3
+  The labels (node_labels) are the ones the original project's Loki queries select on; a shipper
+  (Promtail/Alloy's logfmt stage, or a push client) turns them into Loki labels.
+  Extra key=values: logger.info("msg", extra={"kv": {"step": 3}}). parse_logfmt reads a line back.
+- WandbRun: never prompts, never blocks or crashes training; `import wandb` only when mode != "off" (without
+  the optional wandb package, "auto" means off and "online" / "offline" warn once).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -20,7 +23,9 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from smolcluster.core.algorithms import display_name
 
 # --------------------------------------------------------------------------- metrics
 
@@ -55,13 +60,15 @@ def jsonable(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """Append-only metrics.jsonl. Thread-safe; line-buffered so a crash loses at most the current line."""
+    """Append-only metrics.jsonl. Thread-safe; line-buffered so a crash loses at most the current line.
+    `ship(line)`, when given, also gets every line (e.g. a Loki pusher; it must not block)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, ship: Callable[[str], None] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", buffering=1, encoding="utf-8")
         self._lock = threading.Lock()
+        self._ship = ship
 
     def write(self, event: str, **fields: Any) -> None:
         record = {"time": time.time(), "event": event, **{k: jsonable(v) for k, v in fields.items()}}
@@ -69,6 +76,8 @@ class MetricsWriter:
         with self._lock:
             if not self._f.closed:
                 self._f.write(line + "\n")
+        if self._ship is not None:
+            self._ship(line)
 
     def close(self) -> None:
         with self._lock:
@@ -84,7 +93,18 @@ class MetricsWriter:
 
 # --------------------------------------------------------------------------- structured logs
 
-_LEVELS = {"WARNING": "warn", "CRITICAL": "critical"}  # Grafana's level names
+# The labels every log line carries, in this order. The Loki stack filters on them.
+LABELS = ("job", "component", "host", "rank", "algorithm", "run")
+
+
+def node_labels(*, role: str, rank: int, hostname: str, algorithm: str, run: str) -> dict[str, Any]:
+    """Loki labels as the original project named them: job smolcluster-server|smolcluster-worker, and
+    host `{role}-rank{N}-{hostname}`. N (and `rank`) counts within the role from 0, as the original's
+    worker ids did: a worker's is its smolcluster rank - 1 (mini2, smolcluster rank 1, is
+    worker-rank0-mini2), the server's is 0."""
+    index = rank - 1 if role == "worker" else 0
+    return {"job": f"smolcluster-{role}", "component": role, "host": f"{role}-rank{index}-{hostname}",
+            "rank": index, "algorithm": algorithm, "run": run}
 
 
 def logfmt_value(v: Any) -> str:
@@ -103,8 +123,7 @@ class LogfmtFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ts = datetime.fromtimestamp(record.created, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-        level = _LEVELS.get(record.levelname, record.levelname.lower())
-        parts = [f"ts={ts}", f"level={level}", self.labels, f"msg={logfmt_value(record.getMessage())}"]
+        parts = [f"ts={ts}", f"level={record.levelname}", self.labels, f"msg={logfmt_value(record.getMessage())}"]
         kv = getattr(record, "kv", None)
         if isinstance(kv, dict):
             parts += [f"{k}={logfmt_value(v)}" for k, v in kv.items()]
@@ -113,20 +132,49 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(parts)
 
 
-def setup_logging(log_path: Path, *, job: str, component: str, host: str, rank: int, level: str = "INFO",
-                  stderr: bool = True) -> logging.Logger:
-    """Logger `smolcluster.<component>.rank<rank>` writing logfmt to log_path (and stderr).
+def parse_logfmt(line: str) -> dict[str, str]:
+    """The key=value pairs of one logfmt line (quoted values unescaped), e.g. to check a line's labels."""
+    out: dict[str, str] = {}
+    i, n = 0, len(line)
+    while i < n:
+        while i < n and line[i] == " ":
+            i += 1
+        eq = line.find("=", i)
+        if eq < 0:
+            break
+        key, i = line[i:eq], eq + 1
+        if i < n and line[i] == '"':
+            i += 1
+            chars = []
+            while i < n and line[i] != '"':
+                if line[i] == "\\" and i + 1 < n:
+                    i += 1
+                    chars.append({"n": "\n", "r": "\r", "t": "\t"}.get(line[i], line[i]))
+                else:
+                    chars.append(line[i])
+                i += 1
+            value, i = "".join(chars), i + 1
+        else:
+            end = line.find(" ", i)
+            end = n if end < 0 else end
+            value, i = line[i:end], end
+        out[key] = value
+    return out
+
+
+def setup_logging(log_path: Path, *, labels: dict[str, Any], level: str = "INFO", stderr: bool = True) -> logging.Logger:
+    """Logger `smolcluster.<component>.<host>` writing logfmt lines with `labels` to log_path (and stderr).
 
     Does not touch the root logger. Calling it again replaces this logger's handlers (no duplicates).
     """
-    logger = logging.getLogger(f"smolcluster.{component}.rank{rank}")
+    logger = logging.getLogger(f"smolcluster.{labels.get('component', 'node')}.{labels.get('host', '')}")
     for h in list(logger.handlers):
         if getattr(h, "_smolcluster", False):
             logger.removeHandler(h)
             h.close()
     logger.setLevel(level.upper())
     logger.propagate = False  # our handlers already carry the labels; avoid duplicates via root
-    fmt = LogfmtFormatter({"job": job, "component": component, "host": host, "rank": rank})
+    fmt = LogfmtFormatter(labels)
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     handlers: list[logging.Handler] = [logging.FileHandler(log_path, encoding="utf-8")]
@@ -147,8 +195,7 @@ WANDB_INIT_TIMEOUT_S = 20.0
 
 
 def wandb_run_name(algorithm: str, role: str, hostname: str, rank: int, lr: float, batch_size: int) -> str:
-    algo = {"edp": "EDP", "syncps": "SyncPS"}.get(algorithm.lower(), algorithm)
-    return f"{algo}-{role}-{hostname}_rank{rank}_lr{lr}_bs{batch_size}"
+    return f"{display_name(algorithm)}-{role}-{hostname}_rank{rank}_lr{lr}_bs{batch_size}"
 
 
 def wandb_has_credentials() -> bool:
@@ -182,6 +229,10 @@ class WandbRun:
             self._warn(f"unknown wandb mode {mode!r} (use {', '.join(WANDB_MODES)}); W&B disabled")
             return
         if mode == "off":
+            return
+        if importlib.util.find_spec("wandb") is None:  # an optional extra: a node runs without it
+            if mode != "auto":
+                self._warn(f"wandb mode {mode!r} but wandb is not installed (pip install 'smolcluster[wandb]'); W&B disabled")
             return
         has_key = wandb_has_credentials()
         if mode == "auto":

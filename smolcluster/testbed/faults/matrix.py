@@ -30,19 +30,20 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from smolcluster.common.jsonl import read_jsonl
+from smolcluster.common.text import table
+from smolcluster.core import algorithms
 from smolcluster.core.training.checkpoint import load_checkpoint
 from smolcluster.resources import resource_path
 from smolcluster.testbed.faults.injector import read_fault_log
+from smolcluster.common.files import write_atomic
 
-ALGORITHMS = ("edp", "syncps")
 SMALL_TOPOLOGY = resource_path("topologies", "faults-small.yaml")
 
-# Sized for topologies/faults-small.yaml (server + 2 workers, 20 ms links: ~12 s of training, mostly
-# waiting on the links, so little CPU): faults fire at TRIGGER_STEP (~3 s in, after the first
-# checkpoint), and a 3 s fault leaves ~5 s to recover before MAX_STEPS.
-MAX_STEPS = {"edp": 330, "syncps": 220}
-TRIGGER_STEP = {"edp": 90, "syncps": 60}
-FLOOR = {"edp": 0.85, "syncps": 0.85}  # without faults both reach ~0.92 at these step counts
+# Each algorithm's run length, trigger step and accuracy floor are its registry entry's fault_matrix,
+# sized for topologies/faults-small.yaml (server + 2 workers, 20 ms links: ~12 s of training, mostly
+# waiting on the links, so little CPU): faults fire ~3 s in, after the first checkpoint, and a 3 s
+# fault leaves ~5 s to recover before max_steps. Without faults both built-ins reach ~0.92 there.
 BOUND_S = 120.0  # a run takes ~25 s here; four times that, and a bit, means it hung
 
 
@@ -50,14 +51,16 @@ BOUND_S = 120.0  # a run takes ~25 s here; four times that, and a bit, means it 
 class Scenario:
     fault: str  # the matrix row
     entries: tuple[dict[str, Any], ...]  # fault entries without trigger; `step_offset` shifts one
-    floor: dict[str, float] = field(default_factory=lambda: dict(FLOOR))
     bound_s: float = BOUND_S
+
+    def floor(self, algo: str) -> float:
+        return algorithms.get(algo).fault_matrix.floor
 
     def faults(self, algo: str) -> list[dict[str, Any]]:
         out = []
         for e in self.entries:
             e = dict(e)
-            e["at_step"] = TRIGGER_STEP[algo] + e.pop("step_offset", 0)
+            e["at_step"] = algorithms.get(algo).fault_matrix.trigger_step + e.pop("step_offset", 0)
             out.append(e)
         return out
 
@@ -115,8 +118,9 @@ def run_scenario(sc: Scenario, algo: str, run_dir: Path, topology: Path = SMALL_
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     faults_file = run_dir.parent / f"{run_dir.name}.faults.yaml"
-    faults_file.write_text(yaml.safe_dump({"faults": sc.faults(algo)}, sort_keys=False))
-    argv = [sys.executable, "-m", "smolcluster", "sim", str(topology), "--algo", algo, "--max-steps", str(MAX_STEPS[algo]),
+    write_atomic(faults_file, yaml.safe_dump({"faults": sc.faults(algo)}, sort_keys=False))
+    max_steps = algorithms.get(algo).fault_matrix.max_steps
+    argv = [sys.executable, "-m", "smolcluster", "sim", str(topology), "--algo", algo, "--max-steps", str(max_steps),
             "--run-dir", str(run_dir), "--faults", str(faults_file)]
     log_path = run_dir.parent / f"{run_dir.name}.sim.log"
     t0 = time.time()
@@ -153,12 +157,14 @@ def _tail(path: Path, lines: int = 5) -> str:
     return " | ".join(text[-lines:])
 
 
-def run_matrix(faults: Iterable[str] = SCENARIO_NAMES, algos: Iterable[str] = ALGORITHMS, out_dir: Path = Path("runs/faults-matrix"),
-               topology: Path = SMALL_TOPOLOGY, progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+def run_matrix(faults: Iterable[str] = SCENARIO_NAMES, algos: Iterable[str] | None = None,
+               out_dir: Path = Path("runs/faults-matrix"), topology: Path = SMALL_TOPOLOGY,
+               progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Every fault scenario x algorithm (default: every registered one)."""
     results = []
     for name in faults:
         sc = scenario(name)
-        for algo in algos:
+        for algo in algos if algos is not None else algorithms.names():
             outcome = run_scenario(sc, algo, Path(out_dir) / f"{name}-{algo}", topology)
             results.append(outcome)
             if progress is not None:
@@ -169,18 +175,6 @@ def run_matrix(faults: Iterable[str] = SCENARIO_NAMES, algos: Iterable[str] = AL
 # --------------------------------------------------------------------------- checks
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a killed process may leave a torn last line
-    return out
-
-
 def check_run(sc: Scenario, algo: str, run_dir: Path, wall_s: float, problems: list[str] | None = None) -> Outcome:
     problems = list(problems or [])
     summary: dict[str, Any] = {}
@@ -189,8 +183,8 @@ def check_run(sc: Scenario, algo: str, run_dir: Path, wall_s: float, problems: l
     elif not problems:
         problems.append("no summary.json")
     acc = summary.get("final_test_accuracy")
-    if acc is not None and acc < sc.floor[algo]:
-        problems.append(f"final test accuracy {acc:.4f} below the floor {sc.floor[algo]}")
+    if acc is not None and acc < sc.floor(algo):
+        problems.append(f"final test accuracy {acc:.4f} below the floor {sc.floor(algo)}")
     log = read_fault_log(run_dir)
     problems += fault_log_problems(sc, algo, log, summary)
     if summary:
@@ -225,7 +219,7 @@ def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: 
     server_name = next((p.parent.name for p in nodes.glob("*/summary.json")), None)
     if server_name is None:
         return ["no server summary in nodes/*/summary.json"]
-    server = _jsonl(nodes / server_name / "metrics.jsonl")
+    server = read_jsonl(nodes / server_name / "metrics.jsonl")
     crashes = sum(1 for e in log if e["action"] == "fired" and e["kind"] in ("server_crash", "kill", "restart")
                   and e["target"] == server_name)
     out = []
@@ -236,7 +230,7 @@ def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: 
         out.append(f"pushes_rejected {summary.get('pushes_rejected')} != sum of rejected_reasons {summary.get('rejected_reasons')}")
     for w in summary.get("per_worker", []):
         rank, host = w["rank"], w["hostname"]
-        events = _jsonl(nodes / host / "metrics.jsonl")
+        events = read_jsonl(nodes / host / "metrics.jsonl")
         if events and events[-1]["event"] != "end" and _cut_off_at_end(events, server):
             pass  # disconnected when the server finished: no BYE could reach it, the sim stopped it
         elif not events or events[-1]["event"] != "end":  # crashed, or stuck
@@ -247,12 +241,10 @@ def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: 
         answered = sum(1 for e in steps if e.get("status") in ("applied", "late", "rejected"))
         disconnects = sum(1 for e in events if e["event"] == "disconnect")
         killed = sum(1 for e in log if e["action"] == "fired" and e["kind"] in ("kill", "restart") and e["target"] == host)
-        if algo == "edp":
-            applied = sum(1 for e in server if e["event"] == "update" and e.get("source") == rank)
-            late = 0
-        else:
-            applied = sum(1 for e in server if e["event"] == "update" and rank in (e.get("contributors") or []))
-            late = sum(1 for e in server if e["event"] == "late" and e.get("rank") == rank)
+        # an update names its one `source` (asynchronous) or its `contributors` (synchronous)
+        applied = sum(1 for e in server if e["event"] == "update"
+                      and (e.get("source") == rank or rank in (e.get("contributors") or [])))
+        late = sum(1 for e in server if e["event"] == "late" and e.get("rank") == rank)
         rejected = sum(1 for e in rejects if e.get("rank") == rank)
         recorded = applied + late + rejected
         slack = disconnects + killed + crashes
@@ -310,10 +302,7 @@ def format_matrix(results: list[Outcome]) -> str:
     rows = [[r.fault, r.algorithm, "pass" if r.passed else "FAIL",
              f"{r.final_test_accuracy:.4f}" if r.final_test_accuracy is not None else "-",
              f"{r.recovery_s:.1f}" if r.recovery_s is not None else "-", f"{r.wall_s:.0f}"] for r in results]
-    headers = ["fault", "algorithm", "outcome", "final acc", "recovery s", "wall s"]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [table(["fault", "algorithm", "outcome", "final acc", "recovery s", "wall s"], rows)]
     for r in results:
         for p in r.problems:
             lines.append(f"{r.fault} x {r.algorithm}: {p}")

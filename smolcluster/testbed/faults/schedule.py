@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from smolcluster.common.errors import ConfigError
-from smolcluster.testbed.topology import Topology, path_to_server
+from smolcluster.common.fields import check_field, checked, shown
+from smolcluster.common.yamlfile import load_yaml
+from smolcluster.testbed.topology import Topology
 
 # action -> (allowed target kinds, parameters with their defaults). A parameter default of None
 # means the parameter is required.
@@ -72,9 +72,9 @@ class Fault:
     action: str
     target_kind: str  # "node" | "link"
     target: str  # node name, or link name "src->dst" (src on the worker side)
-    at: float | None = None  # seconds since the run started
-    at_step: int | None = None  # server model version
-    duration: float | None = None
+    at: float | None = checked(None, min=0)  # seconds since the run started
+    at_step: int | None = checked(None, min=0)  # server model version
+    duration: float | None = checked(None, above=0)
     params: dict[str, Any] = field(default_factory=dict)  # action parameters (latency_ms, bytes, stream, ...)
     origin: str = "schedule"  # "schedule" | "random"
 
@@ -102,14 +102,14 @@ class Fault:
 class RandomFaults:
     """`random:` entry: faults drawn as a Poisson process of `rate_per_min` between start and end."""
 
-    seed: int | None  # None: the run's seed (the injector's), offset by the entry's index
-    rate_per_min: float
+    seed: int | None = checked(min=0)  # None: the run's seed (the injector's), offset by the entry's index
+    rate_per_min: float = checked(above=0)
     actions: tuple[str, ...]
     targets: tuple[tuple[str, str], ...]  # (kind, name)
     server: str  # server_crash always hits the server
-    duration: float
-    start: float
-    end: float
+    duration: float = checked(above=0)
+    start: float = checked(min=0)
+    end: float = checked(min=0)
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # action -> parameters
     index: int = 0  # position in the schedule, for names
 
@@ -156,12 +156,7 @@ class FaultSchedule:
 
 def topology_links(topo: Topology) -> list[tuple[str, str]]:
     """Every hop on a worker's path to the server as (src, dst), src on the worker side."""
-    seen: list[tuple[str, str]] = []
-    for w in topo.workers:
-        for hop in path_to_server(topo, w.name):
-            if (hop.src, hop.dst) not in seen:
-                seen.append((hop.src, hop.dst))
-    return seen
+    return topo.links
 
 
 def _close(name: str, allowed: list[str]) -> str:
@@ -169,20 +164,28 @@ def _close(name: str, allowed: list[str]) -> str:
     return f"did you mean {near[0]!r}? " if near else ""
 
 
-def _number(file: Path, key: str, value: Any, *, integer: bool = False, minimum: float = 0.0, strict: bool = False) -> Any:
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        raise ConfigError(file, key, f"got {value!r}, expected {'an integer' if integer else 'a number'}",
-                          f"set {key.rsplit('.', 1)[-1]} to a {'whole ' if integer else ''}number")
-    if value < minimum or (strict and value == minimum):
-        bound = f"greater than {minimum:g}" if strict else f"at least {minimum:g}"
-        raise ConfigError(file, key, f"must be {bound}, got {value!r}", f"use a value {bound}")
-    return value if integer else float(value)
+_HOUR_MS = 3_600_000
+
+
+@dataclass(frozen=True)
+class ActionParams:
+    """The parameters network faults take (Toxiproxy toxic attributes), with their ranges."""
+
+    latency_ms: float = checked(min=0, max=_HOUR_MS)
+    jitter_ms: float = checked(min=0, max=_HOUR_MS)
+    rate_kbps: float = checked(above=0, max=1e9)  # KB/s, Toxiproxy's bandwidth unit
+    timeout_ms: float = checked(min=0, max=_HOUR_MS)
+    delay_ms: float = checked(min=0, max=_HOUR_MS)
+    bytes: int = checked(above=0, max=2**62)
+
+
+def _number(file: Path, key: str, value: Any, cls: type, name: str) -> Any:
+    return check_field(file, key, value, cls, name, allow_none=False)
 
 
 def _node(file: Path, key: str, value: Any, topo: Topology) -> str:
     if not isinstance(value, str) or value not in topo.nodes:
-        raise ConfigError(file, key, f"unknown node {value!r}", f"{_close(str(value), list(topo.nodes))}use one of: {', '.join(topo.nodes)}")
+        raise ConfigError(file, key, f"unknown node {shown(value)}", f"{_close(str(value), list(topo.nodes))}use one of: {', '.join(topo.nodes)}")
     return value
 
 
@@ -195,7 +198,7 @@ def _link(file: Path, key: str, value: Any, topo: Topology) -> str:
     elif isinstance(value, str) and "->" in value:
         a, _, b = (s.strip() for s in value.partition("->"))
     else:
-        raise ConfigError(file, key, f"got {value!r}, expected 'A->B' or {{from: A, to: B}}", "e.g. link: w1->srv")
+        raise ConfigError(file, key, f"got {shown(value)}, expected 'A->B' or {{from: A, to: B}}", "e.g. link: w1->srv")
     a, b = _node(file, key, a, topo), _node(file, key, b, topo)
     links = topology_links(topo)
     for src, dst in links:
@@ -232,8 +235,7 @@ def _params(file: Path, key: str, entry: dict, action: str) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for name, default in spec.items():
         if name in entry:
-            params[name] = _number(file, f"{key}.{name}", entry[name], integer=(name == "bytes"),
-                                   strict=(name in ("rate_kbps", "bytes")))
+            params[name] = _number(file, f"{key}.{name}", entry[name], ActionParams, name)
             if name != "bytes":
                 params[name] = int(round(params[name]))  # Toxiproxy attributes are integers
         elif default is None:
@@ -252,13 +254,13 @@ def _params(file: Path, key: str, entry: dict, action: str) -> dict[str, Any]:
 
 def _action(file: Path, key: str, value: Any) -> str:
     if value not in ACTIONS:
-        raise ConfigError(file, key, f"unknown action {value!r}", f"{_close(str(value), list(ACTIONS))}use one of: {', '.join(ACTIONS)}")
+        raise ConfigError(file, key, f"unknown action {shown(value)}", f"{_close(str(value), list(ACTIONS))}use one of: {', '.join(ACTIONS)}")
     return value
 
 
 def parse_fault(file: Path, key: str, entry: Any, topo: Topology, index: int) -> Fault:
     if not isinstance(entry, dict):
-        raise ConfigError(file, key, f"got {entry!r}, expected a mapping", "e.g. {at: 10, node: w1, action: kill}")
+        raise ConfigError(file, key, f"got {shown(entry)}, expected a mapping", "e.g. {at: 10, node: w1, action: kill}")
     if "action" not in entry:
         raise ConfigError(file, f"{key}.action", "missing", f"add action: one of {', '.join(ACTIONS)}")
     action = _action(file, f"{key}.action", entry["action"])
@@ -271,11 +273,11 @@ def parse_fault(file: Path, key: str, entry: Any, topo: Topology, index: int) ->
     if has_at == has_step:
         problem = "has both at and at_step" if has_at else "missing trigger"
         raise ConfigError(file, key, problem, "give exactly one of at: SECONDS or at_step: SERVER_VERSION")
-    at = _number(file, f"{key}.at", entry["at"]) if has_at else None
-    at_step = _number(file, f"{key}.at_step", entry["at_step"], integer=True) if has_step else None
+    at = _number(file, f"{key}.at", entry["at"], Fault, "at") if has_at else None
+    at_step = _number(file, f"{key}.at_step", entry["at_step"], Fault, "at_step") if has_step else None
     duration = None
     if entry.get("duration") is not None:
-        duration = _number(file, f"{key}.duration", entry["duration"], strict=True)
+        duration = _number(file, f"{key}.duration", entry["duration"], Fault, "duration")
         if action in UNDO_ACTIONS or action == "restart":
             raise ConfigError(file, f"{key}.duration", f"{action} does not last, so it cannot have a duration", "remove duration")
     duration = duration if duration is not None else DEFAULT_DURATION.get(action)
@@ -290,20 +292,20 @@ def parse_fault(file: Path, key: str, entry: Any, topo: Topology, index: int) ->
 
 def parse_random(file: Path, key: str, body: Any, topo: Topology, index: int) -> RandomFaults:
     if not isinstance(body, dict):
-        raise ConfigError(file, key, f"got {body!r}, expected a mapping", "e.g. random: {seed: 1, rate_per_min: 4, actions: [pause], end: 60}")
+        raise ConfigError(file, key, f"got {shown(body)}, expected a mapping", "e.g. random: {seed: 1, rate_per_min: 4, actions: [pause], end: 60}")
     for k in body:
         if k not in _RANDOM_KEYS:
             raise ConfigError(file, f"{key}.{k}", "unknown key", f"{_close(str(k), list(_RANDOM_KEYS))}use: {', '.join(_RANDOM_KEYS)}")
     for required in ("rate_per_min", "actions", "end"):
         if required not in body:
             raise ConfigError(file, f"{key}.{required}", "missing", "random needs rate_per_min, actions and end (seed is optional)")
-    seed = _number(file, f"{key}.seed", body["seed"], integer=True) if body.get("seed") is not None else None
-    rate = _number(file, f"{key}.rate_per_min", body["rate_per_min"], strict=True)
-    start = _number(file, f"{key}.start", body.get("start", 0.0))
-    end = _number(file, f"{key}.end", body["end"])
+    seed = _number(file, f"{key}.seed", body["seed"], RandomFaults, "seed") if body.get("seed") is not None else None
+    rate = _number(file, f"{key}.rate_per_min", body["rate_per_min"], RandomFaults, "rate_per_min")
+    start = _number(file, f"{key}.start", body.get("start", 0.0), RandomFaults, "start")
+    end = _number(file, f"{key}.end", body["end"], RandomFaults, "end")
     if end <= start:
         raise ConfigError(file, f"{key}.end", f"end {end:g} is not after start {start:g}", "set end later than start")
-    duration = _number(file, f"{key}.duration", body.get("duration", 3.0), strict=True)
+    duration = _number(file, f"{key}.duration", body.get("duration", 3.0), RandomFaults, "duration")
     actions = body["actions"]
     if not isinstance(actions, list) or not actions:
         raise ConfigError(file, f"{key}.actions", "must be a non-empty list", "e.g. actions: [pause, partition]")
@@ -319,7 +321,7 @@ def parse_random(file: Path, key: str, body: Any, topo: Topology, index: int) ->
     for a in actions:
         p = raw_params.get(a, {})
         if not isinstance(p, dict):
-            raise ConfigError(file, f"{key}.params.{a}", f"got {p!r}, expected a mapping", "e.g. {latency_ms: 300}")
+            raise ConfigError(file, f"{key}.params.{a}", f"got {shown(p)}, expected a mapping", "e.g. {latency_ms: 300}")
         params[a] = _params(file, f"{key}.params.{a}", RANDOM_PARAMS.get(a, {}) | p, a)
     targets: list[tuple[str, str]] = []
     raw_targets = body.get("targets")
@@ -369,12 +371,7 @@ def parse_faults(raw: Any, topo: Topology, file: str | Path | None = None, key: 
 def load_faults_file(path: str | Path, topo: Topology) -> FaultSchedule:
     """A faults file: a mapping with a `faults:` list (a bare list is accepted too)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(path, "faults", "file not found", "check the path given to --faults") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(path, "faults", f"not valid YAML: {e}", "fix the YAML syntax") from None
+    raw = load_yaml(path, what="faults file", missing_fix="check the path given to --faults")
     if isinstance(raw, dict):
         unknown = set(raw) - {"faults"}
         if unknown:

@@ -20,14 +20,17 @@ import json
 import socket
 import statistics
 import sys
+import threading
 import time
+from typing import Any, Callable
 
 CHUNK = 256 * 1024
 MODE_BULK = b"B"
 MODE_ECHO = b"E"
 
 
-def _handle(conn: socket.socket) -> dict:
+def handle_connection(conn: socket.socket) -> dict:
+    """Serve one measuring connection: echo single bytes (RTT) or sink a bulk upload and report its timing."""
     mode = conn.recv(1)
     if mode == MODE_ECHO:
         # echo single bytes until the peer closes: one round trip per byte
@@ -56,6 +59,53 @@ def _handle(conn: socket.socket) -> dict:
     return {"mode": "bulk", "bytes": total, "seconds": round(seconds, 4), "mbit": round(mbit, 2)}
 
 
+class LoopbackServer:
+    """A TCP server on 127.0.0.1 running `handler(conn)` for every connection, each in its own thread, until
+    close() (which also shuts the open connections down). The link check's echo/sink, the tests' upstreams."""
+
+    def __init__(self, handler: Callable[[socket.socket], Any]):
+        self.handler = handler
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self._conns: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._accept_loop, name="loopback-server", daemon=True)
+        self._accept.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn,), name="loopback-server-conn", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self.handler(conn)
+            except OSError:
+                pass  # the peer went away mid-way
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self._accept.join(5)
+        for conn in self._conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(5)
+
+
 def serve(bind: str, port: int, count: int = 1, timeout: float = 60.0) -> list[dict]:
     """Accept `count` measurement connections one after the other; return their results."""
     results = []
@@ -66,7 +116,7 @@ def serve(bind: str, port: int, count: int = 1, timeout: float = 60.0) -> list[d
             conn, peer = srv.accept()
             with conn:
                 conn.settimeout(timeout)
-                r = _handle(conn)
+                r = handle_connection(conn)
                 r["peer"] = peer[0]
                 results.append(r)
                 print(json.dumps(r), flush=True)

@@ -13,9 +13,6 @@ each direction then sees delay_ms once and the round trip 2 * delay_ms.
 
 from __future__ import annotations
 
-import shlex
-from typing import Sequence
-
 from smolcluster.testbed.profiles import LinkProfile
 
 NETEM = "netem"  # delay, jitter, loss and rate all in the kernel
@@ -41,7 +38,7 @@ def shaping_commands(profile: LinkProfile, mechanism: str, dev: str, rate_mbit: 
     """tc commands that shape egress of `dev` to `profile` with `mechanism` (netem / tbf / none).
 
     `rate_mbit` overrides the profile's symmetric rate (pass up_mbit or down_mbit for the
-    direction this interface sends in). Returns argv lists; `shaping_script` joins them.
+    direction this interface sends in). Returns argv lists.
     """
     rate = profile.rate_mbit if rate_mbit is None else rate_mbit
     if mechanism == NETEM:
@@ -61,7 +58,3 @@ def shaping_commands(profile: LinkProfile, mechanism: str, dev: str, rate_mbit: 
     if mechanism == NONE:
         return []
     raise ValueError(f"unknown shaping mechanism {mechanism!r}; expected one of {MECHANISMS}")
-
-
-def shaping_script(commands: Sequence[Sequence[str]]) -> str:
-    return "\n".join(shlex.join(c) for c in commands)

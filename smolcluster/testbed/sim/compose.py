@@ -26,7 +26,6 @@ import os
 import re
 import shlex
 import subprocess
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,11 +36,14 @@ from typing import Iterator, Sequence
 import yaml
 
 from smolcluster.common.errors import ConfigError, DockerCommandFailed
+from smolcluster.common.wait import wait_until
 from smolcluster.testbed.linkemu import netem
 from smolcluster.testbed.profiles import LinkProfile
+from smolcluster.testbed.sim.cluster import node_slowdown
 from smolcluster.testbed.sim.docker_env import DockerEnv
 from smolcluster.testbed.sim.image import BindMount, container_python, offline_mounts, repo_root
 from smolcluster.testbed.topology import Node, Topology, path_to_server, server_address_for
+from smolcluster.common.files import write_atomic
 
 COMPOSE_FORMAT = "2.4"
 CONTAINER_RUN_DIR = "/run"  # the run dir inside every container (configs at /run/config, nodes at /run/nodes/NAME)
@@ -137,7 +139,7 @@ def project_name(topology_name: str, suffix: str | None = None) -> str:
     return f"smolcluster-{base}-{suffix or uuid.uuid4().hex[:8]}"
 
 
-def _service(name: str) -> str:
+def service_name(name: str) -> str:
     """A node name as a compose service name (same rule as project names, never empty)."""
     s = re.sub(r"[^a-zA-Z0-9_.-]+", "-", name).strip("-.") or "node"
     return s
@@ -307,17 +309,17 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
 
     def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
         env = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": "/tmp/matplotlib",
-               "WANDB_MODE": "offline", "HOME": "/root", **image.env}
+               "WANDB_MODE": "offline", "HOME": "/root", "SMOLCLUSTER_RUN_NAME": run_dir.name, **image.env}
         env.update(extra or {})
         return env
 
     services: dict[str, dict] = {}
     for node in topo.nodes.values():
-        svc = _service(node.name)
+        svc = service_name(node.name)
         script = compose_dir / "entrypoints" / f"{svc}.sh"
         node_links = [l for l in links if l.node == node.name]
         routes = [(str(r.dest), str(r.via)) for r in node.routes]
-        script.write_text(_entrypoint(node.name, mechanism, routes, node_links, f"{CONTAINER_RUN_DIR}/compose/ready/{svc}"))
+        write_atomic(script, _entrypoint(node.name, mechanism, routes, node_links, f"{CONTAINER_RUN_DIR}/compose/ready/{svc}"))
         services[svc] = {
             "image": image.tag,
             "hostname": svc,
@@ -343,7 +345,7 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
                                   rate_mbit=l.rate_mbit, commands=l.commands)
                       for l in links if l.node == server.name and l.network in toxi_nets]
         script = compose_dir / "entrypoints" / f"{TOXIPROXY_SERVICE}.sh"
-        script.write_text(_entrypoint(TOXIPROXY_SERVICE, mechanism, _toxiproxy_routes(topo, toxi_nets), toxi_links,
+        write_atomic(script, _entrypoint(TOXIPROXY_SERVICE, mechanism, _toxiproxy_routes(topo, toxi_nets), toxi_links,
                                       f"{CONTAINER_RUN_DIR}/compose/ready/{TOXIPROXY_SERVICE}"))
         holder = {
             "image": image.tag,
@@ -394,8 +396,8 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
               "# Each node's entrypoints/NODE.sh sets routes and tc shaping, then runs its command.\n"
               "# Workers dial their proxy on the toxiproxy service (see toxiproxy.json); on kernels\n"
               "# without netem, `smolcluster sim --backend compose` adds the links' latency there.\n")
-    compose_file.write_text(header + yaml.dump(data, Dumper=_ReadableDumper, sort_keys=False, width=120))
-    (compose_dir / "toxiproxy.json").write_text(json.dumps(
+    write_atomic(compose_file, header + yaml.dump(data, Dumper=_ReadableDumper, sort_keys=False, width=120))
+    write_atomic(compose_dir / "toxiproxy.json", json.dumps(
         [{"name": p.name, "listen": p.listen, "upstream": p.upstream, "enabled": True} for p in proxies], indent=2) + "\n")
     return ComposeProject(project=project, run_dir=run_dir, compose_dir=compose_dir, compose_file=compose_file,
                           topology=topo, image=image, mechanism=mechanism, links=links, proxies=proxies,
@@ -422,11 +424,11 @@ def default_commands(topo: Topology, image: ImageSpec, proxies: Sequence[ProxyRo
     resume_if_marked = f'if [ -e {shlex.quote(marker)} ]; then exec "$$@" --resume; else exec "$$@"; fi'
     out[server.name] = ["/bin/sh", "-c", resume_if_marked, "server",
                         image.python, "-m", "smolcluster", "server", "--algo", algo, "--config-dir", cfg,
-                        "--run-dir", f"{CONTAINER_RUN_DIR}/nodes/{server.name}", "--slowdown", f"{1 / server.device.speed:g}"]
+                        "--run-dir", f"{CONTAINER_RUN_DIR}/nodes/{server.name}", "--slowdown", f"{node_slowdown(server.device):g}"]
     for w in topo.workers:
         out[w.name] = [image.python, "-m", "smolcluster", "worker", str(w.rank), w.name, "--algo", algo,
                        "--config-dir", cfg, "--run-dir", f"{CONTAINER_RUN_DIR}/nodes/{w.name}",
-                       "--slowdown", f"{1 / w.device.speed:g}"]
+                       "--slowdown", f"{node_slowdown(w.device):g}"]
         if w.name in dial:
             out[w.name] += ["--connect", dial[w.name]]
         if w.forwarding:
@@ -468,21 +470,19 @@ def up(env: DockerEnv, cp: ComposeProject, timeout: float = 300.0) -> None:
 def wait_ready(env: DockerEnv, cp: ComposeProject, timeout: float = 120.0) -> dict[str, str]:
     """Wait for each service's ready file; fill cp.mechanisms ("node/network" -> mechanism)."""
     expected = [s for s in cp.services if not (s == TOXIPROXY_SERVICE and f"{TOXIPROXY_SERVICE}-net" in cp.services)]
-    deadline = time.monotonic() + timeout
-    while True:
-        failed = [p for p in cp.ready_dir.glob("*.failed")]
+
+    def missing() -> list[str]:
+        failed = list(cp.ready_dir.glob("*.failed"))
         if failed:
             msgs = "; ".join(f"{p.stem}: {p.read_text().strip()}" for p in failed)
             raise DockerCommandFailed(f"container setup failed: {msgs}. Logs: {logs(env, cp)[-3000:]}")
-        missing = [s for s in expected if not (cp.ready_dir / s).exists()]
-        if not missing:
-            break
-        if time.monotonic() > deadline:
-            raise DockerCommandFailed(f"containers {', '.join(missing)} did not finish setup within {timeout:.0f}s. "
-                                      f"Logs:\n{logs(env, cp)[-3000:]}")
-        time.sleep(0.2)
+        return [s for s in expected if not (cp.ready_dir / s).exists()]
+
+    if not wait_until(lambda: not missing(), timeout, interval=0.2):
+        raise DockerCommandFailed(f"containers {', '.join(missing())} did not finish setup within {timeout:.0f}s. "
+                                  f"Logs:\n{logs(env, cp)[-3000:]}")
     for s in expected:
-        node = next((n for n in cp.topology.nodes if _service(n) == s), s)
+        node = next((n for n in cp.topology.nodes if service_name(n) == s), s)
         for line in (cp.ready_dir / s).read_text().splitlines():
             parts = line.split()
             if len(parts) == 3 and parts[0] == "link":
@@ -563,7 +563,7 @@ def measure_server(env: DockerEnv, cp: ComposeProject, service: str, port: int, 
         proc.communicate(timeout=30)
 
 
-def _json_result(proc: subprocess.CompletedProcess[str], what: str) -> dict:
+def measure_result(proc: subprocess.CompletedProcess[str], what: str) -> dict:
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if not lines:
         raise DockerCommandFailed(f"{what}: no result (exit {proc.returncode}): {proc.stdout}{proc.stderr}")
@@ -576,24 +576,12 @@ def measure_throughput(env: DockerEnv, cp: ComposeProject, src: str, dst: str, a
     with measure_server(env, cp, dst, port):
         r = exec_in(env, cp, src, _measure_cmd(cp, "send", address, str(port), "--seconds", str(seconds)),
                     timeout=seconds + 60, check=False)
-    return _json_result(r, f"throughput {src} -> {dst} ({address})")
+    return measure_result(r, f"throughput {src} -> {dst} ({address})")
 
 
 def can_connect(env: DockerEnv, cp: ComposeProject, src: str, address: str, port: int, timeout: float = 3.0) -> tuple[bool, str]:
     """(True, "") when a TCP connection from `src` to address:port opens, else (False, the error)."""
     r = exec_in(env, cp, src, _measure_cmd(cp, "connect", address, str(port), "--timeout", str(timeout)),
                 timeout=timeout + 60, check=False)
-    res = _json_result(r, f"connect {src} -> {address}:{port}")
+    res = measure_result(r, f"connect {src} -> {address}:{port}")
     return bool(res.get("connected")), res.get("error", "")
-
-
-# --------------------------------------------------------------------------- `smolcluster sim --backend compose`
-
-
-def run_compose(opts, out=None) -> int:  # type: ignore[no-untyped-def]
-    """Entry point used by smolcluster.testbed.sim.run for `--backend compose` (implemented in compose_run)."""
-    import sys
-
-    from smolcluster.testbed.sim.compose_run import run_compose as _run
-
-    return _run(opts, out=out or sys.stdout)

@@ -18,10 +18,10 @@ from typing import TextIO
 
 from smolcluster.testbed.linkemu.proxy import split_hostport
 from smolcluster.testbed.sim import compose as cmp
-from smolcluster.testbed.sim.compose_run import SERVER_PORT, ComposeCluster, host_mnist_dir, image_for, path_mechanism
+from smolcluster.testbed.sim.compose_cluster import SERVER_PORT, ComposeCluster, host_mnist_dir, image_for, path_mechanism
 from smolcluster.testbed.sim.docker_env import DockerEnv
-from smolcluster.testbed.sim.linkcheck import (BULK_SECONDS, MIN_CHECKABLE_RTT_MS, RTT_SAMPLES, TOLERANCE,
-                                       PathResult, _within, format_check)
+from smolcluster.testbed.sim.linkcheck import (BULK_SECONDS, MIN_CHECKABLE_RTT_MS, RTT_SAMPLES, TOLERANCE, PathResult,
+                                               format_check, within_tolerance)
 from smolcluster.testbed.topology import Topology, path_expectation, path_to_server
 
 HOLD = ["sleep", "infinity"]  # nodes only hold their network during a check
@@ -51,10 +51,10 @@ def _check_path(env: DockerEnv, cluster: ComposeCluster, p: cmp.ProxyRoute) -> P
     measure = [cp.image.python, "-m", "smolcluster.testbed.linkemu.measure"]
     with cmp.measure_server(env, cp, cp.topology.server.name, SERVER_PORT, count=2) as server:
         r = cmp.exec_in(env, cp, p.worker, [*measure, "rtt", host, str(port), "--count", str(RTT_SAMPLES)], timeout=120, check=False)
-        rtt = cmp._json_result(r, f"rtt {p.worker} -> {p.listen}")["median_ms"]
+        rtt = cmp.measure_result(r, f"rtt {p.worker} -> {p.listen}")["median_ms"]
         r = cmp.exec_in(env, cp, p.worker, [*measure, "send", host, str(port), "--seconds", str(BULK_SECONDS)],
                         timeout=BULK_SECONDS + 60, check=False)
-        mbps = cmp._json_result(r, f"throughput {p.worker} -> {p.listen}")["mbit"]
+        mbps = cmp.measure_result(r, f"throughput {p.worker} -> {p.listen}")["mbit"]
         server.wait(timeout=30)
 
     mechanism = path_mechanism(cluster.kernel_mechanisms(p.worker))
@@ -68,7 +68,7 @@ def _check_path(env: DockerEnv, cluster: ComposeCluster, p: cmp.ProxyRoute) -> P
     loss = [h for h in hops if h.profile.loss_pct]
     if loss and mechanism != "netem":
         notes.append("loss " + ", ".join(f"{h.profile.loss_pct:g}% on {h.src}->{h.dst}" for h in loss) + ": not emulated (needs netem)")
-    ok = (not rtt_checked or _within(rtt, rtt_exp)) and (not mbps_checked or _within(mbps, mbps_exp))
+    ok = (not rtt_checked or within_tolerance(rtt, rtt_exp)) and (not mbps_checked or within_tolerance(mbps, mbps_exp))
     return PathResult(src=p.worker, dst=topo.server.name, hops=[f"{h.src}->{h.dst}" for h in hops],
                       rtt_ms_expected=round(rtt_exp, 3), rtt_ms_measured=round(rtt, 3), mbps_expected=round(mbps_exp, 2),
                       mbps_measured=round(mbps, 2), rtt_checked=rtt_checked, mbps_checked=mbps_checked, ok=ok, notes=notes)

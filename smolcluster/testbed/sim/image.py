@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
 import sys
 import tarfile
 from dataclasses import dataclass
@@ -127,22 +128,18 @@ def build_offline_image(env: DockerEnv, force: bool = False) -> str:
     tag = offline_image_tag(tar_bytes)
     if not force and image_exists(env, tag):
         return tag
-    proc = _run_with_stdin(env, ["import", "--message", "smolcluster offline root (host /usr bind-mounted)", "-", tag], tar_bytes)
-    if proc != 0:
-        raise DockerCommandFailed(f"`docker import` of the offline root failed (exit {proc})")
+    _docker_with_input(env, ["import", "--message", "smolcluster offline root (host /usr bind-mounted)", "-", tag], tar_bytes)
     return tag
 
 
-def _run_with_stdin(env: DockerEnv, args: list[str], data: bytes) -> int:
-    import subprocess
-
+def _docker_with_input(env: DockerEnv, args: list[str], data: bytes) -> None:
+    """`docker ARGS` fed `data` on stdin (bytes: DockerEnv.run speaks text); DockerCommandFailed unless it succeeds."""
     try:
         proc = subprocess.run([env.docker, *args], input=data, capture_output=True, timeout=120)
     except subprocess.TimeoutExpired:
         raise DockerCommandFailed(f"`docker {' '.join(args)}` did not finish within 120s") from None
     if proc.returncode != 0:
         raise DockerCommandFailed(f"`docker {' '.join(args)}` failed: {proc.stderr.decode(errors='replace')[-2000:]}")
-    return 0
 
 
 def build_user_image(env: DockerEnv, tag: str = USER_IMAGE, timeout: float = 3600.0) -> str:
@@ -161,11 +158,12 @@ def offline_mounts(data_dir: str | Path | None = None) -> list[BindMount]:
     /usr (libc, the dynamic loader, iproute2, maybe Python itself), the Python installation
     (sys.prefix / sys.base_prefix when they are outside /usr, e.g. pyenv or a venv), and the
     repo (an editable install points into it). Each at the same path as on the host, so every
-    absolute path recorded by the Python installation still resolves.
+    absolute path recorded by the Python installation still resolves; a venv's own path is mounted
+    as given too (container_python() runs its bin/python link), and where it leads.
     """
     wanted = ["/usr"]
     for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(sys.executable).resolve().parent.parent)):
-        wanted.append(str(Path(p).resolve()))
+        wanted += [os.path.abspath(p), str(Path(p).resolve())]
     wanted.append(str(repo_root()))
     if data_dir is not None:
         wanted.append(str(Path(data_dir).resolve()))
@@ -180,5 +178,10 @@ def offline_mounts(data_dir: str | Path | None = None) -> list[BindMount]:
 
 
 def container_python() -> str:
-    """The interpreter path inside offline-image containers: the host's, via the binds."""
-    return str(Path(sys.executable).resolve())
+    """The interpreter path inside offline-image containers: the host's, via the binds.
+
+    Not resolved: in a virtualenv (python -m venv, uv's .venv) sys.executable is the venv's bin/python,
+    a link to the base interpreter. Run through the link, Python finds the venv's pyvenv.cfg and its
+    packages; the resolved base interpreter has none of them (every node died with "No module named
+    'typer'"). The venv (sys.prefix) and the base installation are both bind-mounted."""
+    return os.path.abspath(sys.executable)

@@ -21,16 +21,16 @@ from __future__ import annotations
 import json
 import socket
 import sys
-import threading
 from dataclasses import asdict, dataclass, field
 from typing import Optional, TextIO
 
 from smolcluster.common.errors import ProxyError
+from smolcluster.common.text import table
 from smolcluster.testbed.linkemu import measure
 from smolcluster.testbed.linkemu.api import ToxiproxyServer
 from smolcluster.testbed.linkemu.client import ToxiproxyClient
 from smolcluster.testbed.linkemu.proxy import split_hostport
-from smolcluster.testbed.sim.local import EMULABLE_MBIT, create_link_proxies, plan_hops, worker_paths
+from smolcluster.testbed.sim.hops import EMULABLE_MBIT, create_link_proxies, plan_hops, worker_paths
 from smolcluster.testbed.topology import Topology, path_expectation, path_to_server
 
 TOLERANCE = 0.15
@@ -62,51 +62,9 @@ class PathResult:
         return {"from": d.pop("from"), "to": d.pop("to"), **d}
 
 
-class EchoSink:
-    """A loopback server speaking measure.py's protocol (echo for RTT, sink for bulk), one thread per connection."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        self._accept = threading.Thread(target=self._accept_loop, name="linkcheck-sink", daemon=True)
-        self._accept.start()
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self._conns.append(conn)
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    @staticmethod
-    def _serve(conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.settimeout(60)
-                measure._handle(conn)  # the same echo/bulk handler `measure serve` uses
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        for c in self._conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._accept.join(5)
-        for t in self._threads:
-            t.join(5)
+def _measure_handler(conn: socket.socket) -> None:
+    conn.settimeout(60)
+    measure.handle_connection(conn)  # the same echo/bulk handler `measure serve` uses
 
 
 def bulk_upload(host: str, port: int, nbytes: int, timeout: float = 60.0) -> dict:
@@ -127,7 +85,7 @@ def bulk_upload(host: str, port: int, nbytes: int, timeout: float = 60.0) -> dic
     return {"bytes": r["bytes"], "seconds": r["seconds"], "mbit": r["bytes"] * 8 / r["seconds"] / 1e6 if r["seconds"] > 0 else 0.0}
 
 
-def _within(measured: float, expected: float) -> bool:
+def within_tolerance(measured: float, expected: float) -> bool:
     return abs(measured - expected) <= TOLERANCE * expected
 
 
@@ -149,7 +107,7 @@ def check_path(topo: Topology, worker: str, first_hop: str, hops: list[str]) -> 
     loss = [h for h in path if h.profile.loss_pct]
     if loss:
         notes.append("loss " + ", ".join(f"{h.profile.loss_pct:g}% on {h.src}->{h.dst}" for h in loss) + ": not emulated by the proxy")
-    ok = (not rtt_checked or _within(rtt, rtt_exp)) and (not mbps_checked or _within(mbps, mbps_exp))
+    ok = (not rtt_checked or within_tolerance(rtt, rtt_exp)) and (not mbps_checked or within_tolerance(mbps, mbps_exp))
     return PathResult(src=worker, dst=topo.server.name, hops=hops, rtt_ms_expected=round(rtt_exp, 3), rtt_ms_measured=round(rtt, 3),
                       mbps_expected=round(mbps_exp, 2), mbps_measured=round(mbps, 2), rtt_checked=rtt_checked,
                       mbps_checked=mbps_checked, ok=ok, notes=notes)
@@ -159,7 +117,7 @@ def check_links(topo: Topology, toxiproxy_url: Optional[str] = None, seed: Optio
     """Build the proxy chain towards an echo/sink server, measure every worker's path, tear it all down."""
     plans = plan_hops(topo)
     paths = worker_paths(topo)
-    sink = EchoSink()
+    sink = measure.LoopbackServer(_measure_handler)  # echo for RTT, sink for bulk: measure.py's protocol
     embedded: Optional[ToxiproxyServer] = None
     created: list[str] = []
     try:
@@ -186,12 +144,10 @@ def check_links(topo: Topology, toxiproxy_url: Optional[str] = None, seed: Optio
 
 def format_check(topo: Topology, results: list[PathResult], unjudged: str = "") -> str:
     """The link check's table; `unjudged` explains the n/e marks (default: what loopback cannot emulate)."""
-    from smolcluster.testbed.sim.run import table
-
     rows = []
     for r in results:
-        rtt_mark = ("ok" if _within(r.rtt_ms_measured, r.rtt_ms_expected) else "FAIL") if r.rtt_checked else "n/e"
-        bw_mark = ("ok" if _within(r.mbps_measured, r.mbps_expected) else "FAIL") if r.mbps_checked else "n/e"
+        rtt_mark = ("ok" if within_tolerance(r.rtt_ms_measured, r.rtt_ms_expected) else "FAIL") if r.rtt_checked else "n/e"
+        bw_mark = ("ok" if within_tolerance(r.mbps_measured, r.mbps_expected) else "FAIL") if r.mbps_checked else "n/e"
         rows.append([f"{r.src}->{r.dst}", " | ".join(r.hops), f"{r.rtt_ms_expected:g}", f"{r.rtt_ms_measured:.2f}", rtt_mark,
                      f"{r.mbps_expected:g}", f"{r.mbps_measured:.1f}", bw_mark, _verdict(r)])
     unjudged = unjudged or (f"not emulable on loopback (RTT < {MIN_CHECKABLE_RTT_MS:g} ms or rate > {MAX_CHECKABLE_MBIT:g} "

@@ -3,10 +3,12 @@
 Every node runs as `python -m smolcluster ...` in its own session (so a signal reaches only it and its
 children). Leaving the `with` block — normally, on an error or on Ctrl-C — terminates and then kills
 everything that is still running. Signals (kill, pause, resume) are how process faults are injected.
+A server is started with start_server(), which returns once it listens (its server.json names it).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +16,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from smolcluster.common.errors import SimError
+from smolcluster.common.wait import wait_until
+
+SERVER_START_TIMEOUT_S = 90.0
 
 
 @dataclass
@@ -56,12 +63,30 @@ class ProcessGroup:
         self.history.append(proc)
         return proc
 
-    def restart(self, name: str) -> NodeProcess:
-        old = self.procs[name]
-        if old.alive():
-            self.signal(name, signal.SIGKILL)
-            old.popen.wait(timeout=10)
-        return self.start(name, old.argv[3:], old.log_path)
+    def start_server(self, name: str, args: list[str], node_dir: Path,
+                     timeout: float = SERVER_START_TIMEOUT_S) -> dict:
+        """Start `python -m smolcluster server *args` (whose --run-dir is `node_dir`) and wait until it listens.
+        Returns its server.json: {"host", "port", "pid"}. SimError, with its output, if it exits first."""
+        server_json = Path(node_dir) / "server.json"
+        server_json.unlink(missing_ok=True)
+        proc = self.start(name, args, Path(node_dir) / "stdout.log")
+
+        def listening() -> dict | None:
+            try:
+                info = json.loads(server_json.read_text())
+            except (FileNotFoundError, ValueError):  # not there yet, or caught half-written
+                info = None
+            if isinstance(info, dict) and info.get("pid") == proc.pid:
+                return info
+            if not proc.alive():
+                raise SimError(f"the server ({name}) exited with code {proc.returncode} before listening:\n"
+                               f"{tail_text(proc.log_path)}")
+            return None
+
+        info = wait_until(listening, timeout)
+        if not info:
+            raise SimError(f"the server ({name}) did not start listening within {timeout:.0f} s; see {proc.log_path}")
+        return info
 
     def signal(self, name: str, sig: int) -> None:
         proc = self.procs[name]
@@ -99,3 +124,20 @@ class ProcessGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+def tail_text(path: Path, chars: int = 2000) -> str:
+    """The end of a node's log, for an error message."""
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except FileNotFoundError:
+        return "(no output)"
+
+
+def last_error_line(log: Path) -> str:
+    """The node's own `error: ...` line (what the CLI prints for a SmolclusterError), if it wrote one."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), "")

@@ -1,31 +1,26 @@
-"""Real server and worker processes on loopback, with configs written for the test (the `local_cluster`
-fixture in tests/conftest.py), and the one wait-until helper the live tests poll with."""
+"""What several test folders need to run real nodes: configs written for the test, and a server with its
+workers as processes on loopback (start the server, wait until it listens, start the workers)."""
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
+from smolcluster.common.errors import WaitTimeout
+from smolcluster.common.jsonl import read_jsonl
+from smolcluster.common.wait import wait_until
 from smolcluster.testbed.sim.processes import ProcessGroup
 
 WORKERS = ["w1", "w2", "w3"]
 
 
-def wait_until(predicate, timeout: float, what: str, detail=lambda: "") -> None:
-    """Poll `predicate` (every 0.05 s, on the monotonic clock) until it is true; fail naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}\n{detail()}"
-        time.sleep(0.05)
-
-
 def write_configs(config_dir: Path, algo: str, data_dir: Path, nn: dict[str, Any] | None = None,
                   cluster: dict[str, Any] | None = None, workers: list[str] = WORKERS) -> Path:
+    """nn_config.yaml and cluster_config_<algo>.yaml for a server "srv" and `workers`, all on 127.0.0.1."""
     config_dir.mkdir(parents=True, exist_ok=True)
     nn_cfg = {"batch_size": 32, "learning_rate": 0.001, "num_epochs": 1, "eval_steps": 100,
               "data_dir": str(data_dir)} | (nn or {})
@@ -41,50 +36,49 @@ def write_configs(config_dir: Path, algo: str, data_dir: Path, nn: dict[str, Any
 
 
 @dataclass
-class LocalCluster:
-    """A server and its workers as processes; everything is killed at teardown."""
+class NodeProcesses:
+    """A server and its workers as `smolcluster server|worker` processes, each writing to root/<name>/.
+    Stop them with procs.stop_all() (or use procs as a context manager)."""
 
     root: Path
     algo: str
     config_dir: Path
+    server: str = "server"  # the server's process and folder name
+    workers: list[str] = field(default_factory=lambda: list(WORKERS))
     procs: ProcessGroup = field(default_factory=ProcessGroup)
-    port: int | None = None
+    port: int | None = None  # kept across restarts: a restarted server listens where the workers dial
 
     @property
     def server_dir(self) -> Path:
-        return self.root / "server"
+        return self.root / self.server
 
     def start_server(self, *extra: str) -> None:
-        (self.server_dir / "server.json").unlink(missing_ok=True)
-        self.procs.start("server", ["server", "--algo", self.algo, "--config-dir", str(self.config_dir),
-                                    "--run-dir", str(self.server_dir), "--bind", "127.0.0.1", "--port",
-                                    str(self.port or 0), *extra], self.server_dir / "stdout.log")
-        def listening() -> bool:
-            assert self.procs.procs["server"].alive(), self.log("server")
-            return (self.server_dir / "server.json").exists()
-
-        wait_until(listening, 60, "the server to listen")
-        time.sleep(0.05)
-        self.port = json.loads((self.server_dir / "server.json").read_text())["port"]
+        args = ["server", "--algo", self.algo, "--config-dir", str(self.config_dir), "--run-dir", str(self.server_dir),
+                "--bind", "127.0.0.1", "--port", str(self.port or 0), *extra]
+        self.port = int(self.procs.start_server(self.server, args, self.server_dir, timeout=60)["port"])
 
     def start_worker(self, rank: int, *extra: str) -> None:
-        name = WORKERS[rank - 1]
+        name = self.workers[rank - 1]
         self.procs.start(name, ["worker", str(rank), name, "--algo", self.algo, "--config-dir", str(self.config_dir),
                                 "--run-dir", str(self.root / name), "--connect", f"127.0.0.1:{self.port}", *extra],
                          self.root / name / "stdout.log")
 
     def wait_server(self, timeout: float) -> int:
-        return self.procs.wait("server", timeout)
+        return self.procs.wait(self.server, timeout)
 
     def summary(self) -> dict:
         return json.loads((self.server_dir / "summary.json").read_text())
 
-    def metrics(self, node: str = "server") -> list[dict]:
-        path = self.root / node / "metrics.jsonl"
-        return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    def metrics(self, node: str | None = None) -> list[dict]:
+        """The node's metrics.jsonl so far (the server's by default); a line being written is left out."""
+        return read_jsonl(self.root / (node or self.server) / "metrics.jsonl")
 
-    def wait_for(self, predicate, timeout: float, what: str) -> None:
-        wait_until(predicate, timeout, what, lambda: self.log("server"))
+    def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str) -> None:
+        """Until predicate() holds; a timeout fails the test with the server's output."""
+        try:
+            wait_until(predicate, timeout, what=what)
+        except WaitTimeout as e:
+            raise AssertionError(f"{e}\n{self.log(self.server)}") from None
 
     def log(self, node: str) -> str:
         p = self.root / node / "stdout.log"

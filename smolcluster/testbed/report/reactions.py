@@ -1,0 +1,136 @@
+"""How the cluster reacted to each fault that fired: what it hit, updates and late pushes during it,
+disconnects and rejoins, and when throughput came back."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from smolcluster.testbed.report.load import RunData
+
+# Throughput counts as recovered after a fault once it is back to this share of its pre-fault rate.
+RECOVERY_SHARE = 0.8
+# Late pushes and rejoins shortly after a heal still belong to the fault (a resumed worker pushes late).
+FAULT_GRACE_S = 5.0
+
+
+def events_per_second(times: list[float], t0: float, t1: float) -> float:
+    """Events per second in [t0, t1)."""
+    if t1 <= t0:
+        return 0.0
+    return sum(1 for t in times if t0 <= t < t1) / (t1 - t0)
+
+
+def fault_reactions(run: RunData, window_s: float | None = None) -> list[dict[str, Any]]:
+    """For each fault that fired: what it hit and how the cluster reacted.
+
+    A fault's window runs from "fired" to its matching "healed" line (same fault and target), or, for a
+    fault that is never healed, to the target's next join, else the end of the run. Late pushes,
+    disconnects and rejoins are counted up to FAULT_GRACE_S after the window (a resumed worker's first
+    push is late). Throughput = server updates per second over a sliding window of `window_s` seconds
+    (default: long enough for ~10 updates at the pre-fault rate, at least 1 s); the pre-fault rate is the
+    median over such windows in the 10 s before the fault (the plain mean when fewer than 3 fit); "recovered"
+    is the first moment t >= fired from which the next window runs at >= 80 % of the pre-fault rate.
+    """
+    updates = run.server_events("update")
+    utimes = [e["time"] for e in updates]
+    end = run.end_time
+    fired = [f for f in run.faults if f.get("action", "fired") == "fired"]
+    out: list[dict[str, Any]] = []
+    for f in fired:
+        t_fire = float(f["time"])
+        fault, target = str(f.get("fault", "?")), str(f.get("target", ""))
+        healed = next((h["time"] for h in run.faults if h.get("action") == "healed" and h["time"] >= t_fire
+                       and h.get("fault") == fault and str(h.get("target", "")) == target), None)
+        if healed is not None:
+            t_end = float(healed)
+        else:
+            rejoin = next((e["time"] for e in run.server_events("join") if e["time"] > t_fire and e.get("host") == target), None)
+            t_end = float(rejoin) if rejoin is not None else end
+        t_grace = t_end + FAULT_GRACE_S
+        # Workers disconnect when a finished server closes (just before its final eval and "end" line):
+        # that is the run ending, not the fault, so stop counting at its last update.
+        run_end = next((e["time"] for e in run.server_events("end") if e["time"] >= t_fire), None)
+        if run_end is not None:
+            t_grace = min(t_grace, max((u for u in utimes if u <= run_end), default=run_end))
+
+        during = [e for e in updates if t_fire <= e["time"] <= t_end]
+        missing = [e for e in during if e.get("missing")]
+        late = [e for e in run.server_events("late") if t_fire <= e["time"] <= t_grace]
+        stale_in = run.staleness_values(t_fire, t_grace)
+        stale_before = run.staleness_values(-math.inf, t_fire)
+        disconnects = [{"node": run.server, "rank": e.get("rank"), "host": e.get("host"), "reason": e.get("reason"),
+                        "after_s": round(e["time"] - t_fire, 3)}
+                       for e in run.server_events("leave") if t_fire <= e["time"] <= t_grace]
+        for node in run.workers:
+            disconnects += [{"node": node, "host": node, "reason": e.get("reason"), "after_s": round(e["time"] - t_fire, 3)}
+                            for e in run.node_events(node, "disconnect") if t_fire <= e["time"] <= t_grace]
+        rejoins = [{"rank": e.get("rank"), "host": e.get("host"), "after_s": round(e["time"] - t_fire, 3)}
+                   for e in run.server_events("join") if t_fire < e["time"] <= t_grace]
+
+        # Pre-fault throughput over up to 10 s of training before the fault: the median of its windows,
+        # so a start-up burst or one hiccup does not set the bar that "recovered" is measured against.
+        first = utimes[0] if utimes else t_fire
+        pre_span = min(10.0, t_fire - first)
+        pre_rate = events_per_second(utimes, t_fire - pre_span, t_fire) if pre_span > 0 else 0.0
+        win = window_s if window_s is not None else max(1.0, 10.0 / pre_rate if pre_rate > 0 else 1.0)
+        n_windows = int(pre_span // win)
+        if n_windows >= 3:
+            pre_rate = statistics.median(events_per_second(utimes, t_fire - (k + 1) * win, t_fire - k * win) for k in range(n_windows))
+        recovered_after: float | None = None
+        if pre_rate > 0:
+            for t in [t_fire] + [u for u in utimes if u > t_fire]:
+                if t + win > end:
+                    break
+                if events_per_second(utimes, t, t + win) >= RECOVERY_SHARE * pre_rate:
+                    recovered_after = t - t_fire
+                    break
+        out.append({
+            "fault": fault,
+            "target": target,
+            "time": t_fire,
+            "at_s": round(run.rel(t_fire), 3),
+            "healed_after_s": round(float(healed) - t_fire, 3) if healed is not None else None,
+            "window_s": round(t_end - t_fire, 3),
+            "updates_during": len(during),
+            "updates_missing_workers": len(missing),
+            "missing_ranks": sorted({r for e in missing for r in e["missing"]}),
+            "late_pushes": len(late),
+            "staleness_peak": max(stale_in) if stale_in else None,
+            "staleness_mean_before": round(statistics.fmean(stale_before), 3) if stale_before else None,
+            "disconnects": disconnects,
+            "rejoins": rejoins,
+            "throughput_before": round(pre_rate, 3) if pre_rate else None,
+            "throughput_during": round(events_per_second(utimes, t_fire, t_end), 3) if t_end > t_fire else None,
+            "throughput_window_s": round(win, 3),
+            "recovered_after_s": round(recovered_after, 3) if recovered_after is not None else None,
+            "detail": {k: v for k, v in f.items() if k not in {"time", "elapsed", "fault", "target", "action"}},
+        })
+    return out
+
+
+
+def describe_fault(r: dict[str, Any]) -> str:
+    """One fault reaction: a headline, then one indented line per kind of reaction."""
+    head = f"t={r['at_s']:.1f} s  {r['fault']} {r['target']}".rstrip()
+    head += f"  (healed after {r['healed_after_s']:.1f} s)" if r["healed_after_s"] is not None else "  (not healed)"
+    parts = [f"{r['updates_during']} updates during it, {r['updates_missing_workers']} with missing workers"
+             + (f" (ranks {', '.join(map(str, r['missing_ranks']))})" if r["missing_ranks"] else ""),
+             f"{r['late_pushes']} late pushes"]
+    if r["staleness_peak"] is not None:
+        parts.append(f"staleness peak {r['staleness_peak']:g}"
+                     + (f" (mean before {r['staleness_mean_before']:.2f})" if r["staleness_mean_before"] is not None else ""))
+    if r["disconnects"]:
+        parts.append(f"{len(r['disconnects'])} disconnects")
+    if r["rejoins"]:
+        parts.append("rejoined: " + ", ".join(f"{j['host'] or j['rank']} +{j['after_s']:.1f} s" for j in r["rejoins"]))
+    if r["throughput_before"]:
+        tp = f"throughput {r['throughput_before']:.1f} updates/s before"
+        if r["throughput_during"] is not None:
+            tp += f", {r['throughput_during']:.1f} during"
+        tp += (f", back to >=80 % after {r['recovered_after_s']:.1f} s" if r["recovered_after_s"] is not None
+               else ", not back to 80 % before the run ended")
+        parts.append(tp)
+    return head + "".join(f"\n      {p}" for p in parts)
+
