@@ -214,7 +214,8 @@ def fault_log_problems(sc: Scenario, algo: str, log: list[dict[str, Any]], summa
 
 def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: list[dict[str, Any]]) -> list[str]:
     """Every push a worker got an answer for is on the server's record, and the server has nothing
-    the worker did not send: worker-answered <= server-recorded <= worker-answered + in-flight slack."""
+    the worker did not send: worker-answered <= server-recorded <= worker-answered + unanswered + slack
+    (unanswered: pushes its last process sent without an answer, e.g. the server ended meanwhile)."""
     nodes = run_dir / "nodes"
     server_name = next((p.parent.name for p in nodes.glob("*/summary.json")), None)
     if server_name is None:
@@ -248,7 +249,9 @@ def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: 
         rejected = sum(1 for e in rejects if e.get("rank") == rank)
         recorded = applied + late + rejected
         slack = disconnects + killed + crashes
-        if not answered - crashes <= recorded <= answered + slack:
+        end = events[-1] if events and events[-1]["event"] == "end" else {}
+        unanswered = max(0, end.get("pushes_sent", 0) - end.get("pushes_answered", 0))
+        if not answered - crashes <= recorded <= answered + unanswered + slack:
             out.append(f"{host}: {answered} pushes answered but the server recorded {recorded} "
                        f"(applied {applied}, late {late}, rejected {rejected}; slack {slack})")
         worker_rejected = sum(1 for e in steps if e.get("status") == "rejected")
