@@ -59,6 +59,7 @@ class LaunchOptions:
     logging: bool = False  # ship every node's lines to Loki (deploy/shipping.py)
     loki_url: Optional[str] = None
     controller: Optional[str] = None  # which topology node this machine is (for --logging's addresses)
+    gpt_config: Optional[Path] = None  # train this gpt_config.yaml's GPT (launch_edp_gpt.sh)
 
 
 def run(opts: LaunchOptions, out: TextIO = sys.stdout) -> int:
@@ -95,7 +96,8 @@ def _plan(opts: LaunchOptions) -> DeployPlan:
                                     host_defaults=opts.host_defaults)
     topo = load_topology(opts.topology)
     algo = opts.algo or topo.training.algorithm
-    overrides = RunOverrides(algorithm=algo, epochs=opts.epochs, max_steps=opts.max_steps, seed=opts.seed)
+    overrides = RunOverrides(algorithm=algo, epochs=opts.epochs, max_steps=opts.max_steps, seed=opts.seed,
+                             gpt_config=opts.gpt_config)
     return plan_from_topology(topo, algorithm=algo, runs_dir=runs_dir, run_name=opts.run_name, overrides=overrides,
                               port=opts.port)
 

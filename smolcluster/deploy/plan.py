@@ -32,6 +32,7 @@ from smolcluster.testbed.sim.plan import RunOverrides, write_run_configs
 from smolcluster.testbed.topology import HostSpec, Topology, path_to_server, server_address_for, to_dict
 
 DATA_SUBDIR = "data/mnist"
+TEXT_SUBDIR = "data/wikitext-2"  # the GPT's data (launch --gpt-config)
 KEY_FILE = ".smolcluster/cluster.key"
 LATEST = ".latest-launch"
 # What a real run uses when neither the topology nor the command line says otherwise (the sim's
@@ -152,7 +153,7 @@ def plan_from_topology(topo: Topology, *, algorithm: str, runs_dir: Path, run_na
     dials = {n.name: n.dials or str(next(iter(server.addresses.values()))) for n in nodes}
     write_run_configs(topo, plan.config_dir, dataclasses.replace(overrides, extra={**extra, **overrides.extra}),
                       server_address=lambda name: dials[name], port=plan.port, defaults=HARDWARE_DEFAULTS,
-                      generated_by="smolcluster launch")
+                      generated_by="smolcluster launch", device="auto", text_dir=f"../../../{TEXT_SUBDIR}")
     plan.config_dir.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(plan.local_dir / "topology.yaml", yaml.safe_dump(to_dict(topo), sort_keys=False))
     return plan

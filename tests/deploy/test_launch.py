@@ -272,3 +272,26 @@ def test_logging_ships_every_hosts_lines_to_a_loki_every_node_reaches(cluster, t
     assert hosts == {"server-rank0-mini1", "worker-rank0-mini2", "worker-rank1-mini3", "worker-rank2-pi5", "worker-rank3-pi4"}
     assert {labels["run"] for labels, _, _ in received} == {"shipped"}
     assert {labels["kind"] for labels, _, _ in received} == {"log", "metrics"}
+
+
+def test_the_gpt_launch_script_trains_on_the_synced_wikitext(cluster, tmp_path):
+    """launch_edp_gpt.sh, as the original had: WikiText-2 goes to every host with the code; a tiny GPT here."""
+    r, topo, runs = cluster
+    text_dir = Path(os.environ.get("SMOLCLUSTER_TEXT_DIR", REPO.parent / "shared" / "data" / "wikitext-2"))
+    if not (text_dir / "valid.txt").is_file():
+        pytest.skip(f"no WikiText-2 in {text_dir}; set SMOLCLUSTER_TEXT_DIR")
+    gpt = yaml.safe_load((REPO / "configs" / "gpt_config.yaml").read_text())
+    gpt["model"] |= {"model_dim": 32, "num_layers": 1, "num_heads": 2, "ff_dim": 64, "max_seq_len": 32}
+    gpt["training"] |= {"batch_size": 8, "eval_batches": 2, "device": "cpu"}
+    gpt["data"] |= {"tokenizer": "byte"}
+    gpt["logging"] |= {"wandb": "off"}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(gpt, sort_keys=False))
+    env = dict(os.environ, SMOLCLUSTER_PYTHON=sys.executable, SMOLCLUSTER_DATA_DIR=str(r.mnist_dir),
+               SMOLCLUSTER_TEXT_DIR=str(text_dir), GPT_CONFIG=str(tmp_path / "tiny.yaml"))
+    p = subprocess.run(["bash", str(REPO / "launch_edp_gpt.sh"), str(topo), "--ssh-config", str(r.ssh_config),
+                        "--runs-dir", str(runs), "--run-name", "gpt", "--max-steps", "20", "--wait"],
+                       capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    assert p.stdout.count("WikiText-2, key") == 5  # synced to every host
+    summary = json.loads((runs / "gpt" / "summary.json").read_text())
+    assert summary["final_test_perplexity"] is not None and summary["steps"] == 20

@@ -820,6 +820,10 @@ class ServerBase:
             "torch": self.ctx.torch,
             "config": to_dict(self.cfg.cluster) | {"nn": to_dict(self.cfg.nn)},
         }
+        about = getattr(self.ctx.task, "about", None)
+        if about:  # a GPT on wikitext-2: which splits (train on valid offline) and which tokenizer
+            perplexity = math.exp(loss) if loss < 700 else math.inf  # a diverged run must still write its summary
+            summary |= about | {"final_test_perplexity": perplexity, "gpt": self.cfg.gpt.resolved() if self.cfg.gpt else None}
         write_atomic(self.ctx.run_dir / "summary.json", json.dumps(jsonable(summary), indent=2))
         self.ctx.metrics.write("end", version=self.version, test_accuracy=acc, test_loss=loss, peak_rss_mb=peak_rss_mb(),
                                stop_reason=summary["stop_reason"])

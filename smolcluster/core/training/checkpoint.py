@@ -1,4 +1,5 @@
 """Server checkpoints: the full server state in one file, written atomically, nothing unpickled.
+(`smolcluster train` writes its single-process state in the same format: checkpoint.smcl and best.smcl.)
 
 The file is one smolcluster wire frame (see wire.py): JSON fields for the scalar state and
 optimizer hyper-parameters, tensors for the model and the optimizer's buffers. The frame's MAC slot
@@ -7,8 +8,8 @@ optimizer state, counters, version, step, schedule), checked before anything in 
 Checkpoints written before the digest covered the whole file (model digest only) still load.
 
 Writing goes to a temp file in the same folder, fsync, then rename, so a crash never leaves a
-half-written checkpoint; the one it replaces is kept as checkpoint.prev.smcl (a hard link, no extra
-space). A write that fails (a full disk) removes its temp file and leaves both in place. Temp files
+half-written checkpoint; the one it replaces is kept as checkpoint.prev.smcl (best.prev.smcl, ...: a
+hard link, no extra space). A write that fails (a full disk) removes its temp file and leaves both in place. Temp files
 of killed writers are removed when a server starts (remove_stale_temp_files).
 """
 
@@ -27,7 +28,7 @@ from smolcluster.common.errors import BadMac, MissingKey, SmolclusterError
 from smolcluster.core.net.wire import Message, MessageKind, WireLimits, encode_frame, read_frame
 
 CHECKPOINT_NAME = "checkpoint.smcl"
-PREVIOUS_NAME = "checkpoint.prev.smcl"
+PREVIOUS_NAME = "checkpoint.prev.smcl"  # previous_name(CHECKPOINT_NAME)
 # Public on purpose: this is not authentication, it makes the frame's MAC a SHA-256 digest of the file.
 DIGEST_KEY = b"smolcluster/checkpoint/digest/v1"
 
@@ -84,12 +85,18 @@ def state_digest(model_state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(directory: Path, state: ServerState) -> Path:
-    """Write `state` atomically; the checkpoint it replaces becomes checkpoint.prev.smcl. Raises
+def previous_name(name: str) -> str:
+    """checkpoint.smcl -> checkpoint.prev.smcl: where the one before the latest is kept."""
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}.prev.{suffix}" if dot else f"{name}.prev"
+
+
+def save_checkpoint(directory: Path, state: ServerState, name: str = CHECKPOINT_NAME) -> Path:
+    """Write `state` atomically as `name`; the checkpoint it replaces becomes previous_name(name). Raises
     CheckpointError (never a bare OSError) when it cannot be written; the previous files are then intact."""
     directory = Path(directory)
-    final = directory / CHECKPOINT_NAME
-    tmp = directory / f".{CHECKPOINT_NAME}.{os.getpid()}.tmp"
+    final = directory / name
+    tmp = directory / f".{name}.{os.getpid()}.tmp"
     opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in state.model.items()}
     tensors.update({k: v.detach().contiguous().cpu() for k, v in opt_tensors.items()})
@@ -111,7 +118,7 @@ def save_checkpoint(directory: Path, state: ServerState) -> Path:
                 f.write(b)
             f.flush()
             os.fsync(f.fileno())
-        _keep_previous(directory)
+        _keep_previous(final)
         os.replace(tmp, final)
         _fsync_dir(directory)
     except OSError as e:
@@ -123,16 +130,16 @@ def save_checkpoint(directory: Path, state: ServerState) -> Path:
     return final
 
 
-def _keep_previous(directory: Path) -> None:
+def _keep_previous(final: Path) -> None:
     """Hard-link the current checkpoint as the previous one (atomically replacing the older previous)."""
-    final = directory / CHECKPOINT_NAME
     if not final.exists():
         return
-    link = directory / f".{PREVIOUS_NAME}.{os.getpid()}.tmp"
+    previous = final.with_name(previous_name(final.name))
+    link = final.with_name(f".{previous.name}.{os.getpid()}.tmp")
     try:
         link.unlink(missing_ok=True)
         os.link(final, link)
-        os.replace(link, directory / PREVIOUS_NAME)
+        os.replace(link, previous)
     except OSError:  # no hard links on this file system: keep only the newest
         link.unlink(missing_ok=True)
 
@@ -143,7 +150,7 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     removed = []
-    for p in list(directory.glob(f".{CHECKPOINT_NAME}.*.tmp")) + list(directory.glob(f".{PREVIOUS_NAME}.*.tmp")):
+    for p in directory.glob(".*.smcl.*.tmp"):
         try:
             p.unlink()
             removed.append(p)
@@ -178,21 +185,20 @@ class _FileSource:
         return self._f.read(n)
 
 
-def load_checkpoint(directory: Path) -> ServerState:
-    """The checkpoint in `directory`. A damaged one is a CheckpointError naming the file and saying whether
-    the previous checkpoint is intact (and how to resume from it)."""
-    directory = Path(directory)
-    path = directory / CHECKPOINT_NAME
+def load_checkpoint(directory: Path, name: str = CHECKPOINT_NAME) -> ServerState:
+    """The checkpoint `name` in `directory`. A damaged one is a CheckpointError naming the file and saying
+    whether the previous checkpoint is intact (and how to resume from it)."""
+    path = Path(directory) / name
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path} (start without --resume, or point checkpoint_dir at the old run)")
     try:
         return read_checkpoint(path)
     except CheckpointError as e:
-        raise CheckpointError(f"{e}; {_previous_hint(directory)}") from None
+        raise CheckpointError(f"{e}; {_previous_hint(path)}") from None
 
 
-def _previous_hint(directory: Path) -> str:
-    prev, path = directory / PREVIOUS_NAME, directory / CHECKPOINT_NAME
+def _previous_hint(path: Path) -> str:
+    prev = path.with_name(previous_name(path.name))
     if not prev.exists():
         return "there is no previous checkpoint to fall back on (start without --resume)"
     try:

@@ -217,8 +217,10 @@ class WandbRun:
     """A W&B run that can never hurt training: any failure -> one warning, then a no-op."""
 
     def __init__(self, *, mode: str, algorithm: str, role: str, hostname: str, rank: int, lr: float,
-                 batch_size: int, config: dict, run_dir: Path, logger: logging.Logger | None = None):
+                 batch_size: int, config: dict, run_dir: Path, logger: logging.Logger | None = None,
+                 project: str = WANDB_PROJECT):
         self.name = wandb_run_name(algorithm, role, hostname, rank, lr, batch_size)
+        self.project = project
         self.active = False
         self.mode = "off"
         self._run: Any = None
@@ -269,7 +271,7 @@ class WandbRun:
         # several runs per process (sim tests run roles in threads): newer W&B spells it "create_new"
         reinit_field = getattr(wandb.Settings, "model_fields", {}).get("reinit")
         reinit: Any = "create_new" if reinit_field is not None and "create_new" in str(reinit_field.annotation) else True
-        self._run = wandb.init(project=WANDB_PROJECT, name=self.name, config=config, dir=str(run_dir),
+        self._run = wandb.init(project=self.project, name=self.name, config=config, dir=str(run_dir),
                                mode=mode, settings=settings, reinit=reinit)
         if self._run is None:
             raise RuntimeError("wandb.init returned no run")
@@ -297,3 +299,55 @@ class WandbRun:
             run.finish()
         except Exception as e:
             self._warn(f"W&B finish failed ({type(e).__name__}: {e})")
+
+
+# --------------------------------------------------------------------------- progress on a terminal
+
+
+class Progress:
+    """A progress bar on one terminal line, redrawn at most every `redraw_s`; `note()` prints a line above
+    it. Where the output is not a terminal (CI, a log file) it prints a plain line every 5% instead."""
+
+    def __init__(self, total: int, *, out: Any = None, label: str = "", redraw_s: float = 0.25, width: int = 24):
+        self.total, self.label, self.redraw_s, self.width = max(1, total), label, redraw_s, width
+        self.out = out if out is not None else sys.stderr
+        self.tty = bool(getattr(self.out, "isatty", lambda: False)())
+        self._last_draw = 0.0
+        self._last_plain = -1
+        self._line = ""
+
+    def _bar(self, step: int) -> str:
+        done = int(self.width * min(step, self.total) / self.total)
+        return "[" + "#" * done + "." * (self.width - done) + "]"
+
+    def update(self, step: int, text: str = "") -> None:
+        pct = 100 * min(step, self.total) / self.total
+        line = f"{self.label}{self._bar(step)} {step}/{self.total} {pct:3.0f}% {text}".rstrip()
+        if self.tty:
+            now = time.monotonic()
+            if now - self._last_draw >= self.redraw_s or step >= self.total:
+                self._write("\r\033[K" + line)
+                self._last_draw, self._line = now, line
+        else:
+            bucket = int(pct // 5)
+            if bucket != self._last_plain:
+                self._last_plain = bucket
+                self._write(line + "\n")
+
+    def note(self, text: str) -> None:
+        if self.tty and self._line:
+            self._write("\r\033[K" + text + "\n" + self._line)
+        else:
+            self._write(text + "\n")
+
+    def close(self) -> None:
+        if self.tty and self._line:
+            self._write("\n")
+            self._line = ""
+
+    def _write(self, s: str) -> None:
+        try:
+            self.out.write(s)
+            self.out.flush()
+        except (OSError, ValueError):
+            pass  # a closed terminal must not stop training

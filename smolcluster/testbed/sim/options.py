@@ -30,6 +30,7 @@ class SimOptions:
     render_only: bool = False  # compose: write the project and print how to run it by hand
     logging: bool = False  # ship every node's lines to Loki (the logging/ stack, or loki_url)
     loki_url: Optional[str] = None  # an existing Loki instead of starting the stack
+    gpt_config: Optional[Path] = None  # train this gpt_config.yaml's GPT instead of the topology's model
 
 
 def default_run_dir(topo: Topology, algo: str, now: Optional[float] = None) -> Path:
@@ -43,4 +44,5 @@ def overrides_for(topo: Topology, opts: SimOptions, algo: str, loki_url: Optiona
         extra["eval_steps"] = algorithms.get(algo).sim_eval_steps
     if opts.wandb:
         extra["wandb"] = "auto"  # online with a key, else offline; never prompts
-    return RunOverrides(algorithm=algo, epochs=opts.epochs, max_steps=opts.max_steps, seed=opts.seed, extra=extra)
+    return RunOverrides(algorithm=algo, epochs=opts.epochs, max_steps=opts.max_steps, seed=opts.seed, extra=extra,
+                        gpt_config=opts.gpt_config)
