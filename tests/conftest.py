@@ -18,3 +18,23 @@ def mnist_dir() -> Path:
     if not any(path.glob("train-images-idx3-ubyte*")):
         pytest.skip(f"MNIST IDX files not found in {path}; set SMOLCLUSTER_DATA_DIR to a folder with them")
     return path
+
+
+@pytest.fixture
+def local_cluster(tmp_path, mnist_dir):
+    """make(algo, nn=..., cluster=..., workers=...) -> NodeProcesses (three workers unless told); all stopped at
+    teardown. Used by the training, hardening and fuzz tests."""
+    from helpers import WORKERS, NodeProcesses, write_configs
+
+    clusters: list = []
+
+    def make(algo: str, nn: dict | None = None, cluster: dict | None = None, workers: list[str] | None = None):
+        workers = list(workers or WORKERS)
+        cfg = write_configs(tmp_path / f"config-{algo}", algo, mnist_dir, nn, cluster, workers)
+        c = NodeProcesses(tmp_path / f"run-{algo}", algo, cfg, workers=workers)
+        clusters.append(c)
+        return c
+
+    yield make
+    for c in clusters:
+        c.procs.stop_all()

@@ -34,12 +34,13 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from smolcluster.common.errors import ConfigError, SmolclusterError, TransportError
+from smolcluster.common.errors import BadField, ConfigError, SmolclusterError, TransportError
 from smolcluster.common.files import write_atomic
 from smolcluster.core.algorithms.base import Peer, ServerBase, WorkerBase, WorkerInterrupted
 from smolcluster.core.training.checkpoint import CheckpointError
 from smolcluster.core.training.config import cluster_config_file
 from smolcluster.core.training.optim import train_step
+from smolcluster.core.net import messages
 from smolcluster.core.net.wire import Message, MessageKind
 
 LISTEN_KEY = "smolcluster/listen/{rank}"  # a rank's gloo address, "ip:port"
@@ -84,25 +85,31 @@ class Server(ServerBase):
                                                 "store_port": self.store.port, "world_size": self.world,
                                                 "ddp_rank": peer.rank - 1, "routes": self.cluster.ddp_routes}))
 
-    def on_push(self, peer: Peer, msg: Message) -> None:
-        f, st = msg.fields, self.stats[peer.rank]
-        step = f.get("worker_step")
-        if peer.rank != 1 or not isinstance(step, int) or step < self.version:
-            self.reject(peer.rank, "bad-fields", "only DDP rank 0 pushes, the weights after a later step")
-            return peer.send(Message(MessageKind.ACK, {"status": "rejected", "version": self.version}))
+    def on_push(self, peer: Peer, push: messages.Push, msg: Message) -> None:
+        st = self.stats[peer.rank]
         try:
+            if peer.rank != 1:
+                raise BadField("PUSH", "rank", "only DDP rank 0 (smolcluster rank 1) pushes its weights")
+            if push.worker_step < self.version:
+                raise BadField("PUSH", "worker_step", f"is {push.worker_step}, before the last evaluated step {self.version}")
+            # rank 0 pushes every eval_steps steps: at most that many steps' samples
+            self.check_push(push, max_samples=self.nn.batch_size * self.nn.eval_steps, max_worker_step=self.max_worker_step)
             weights = self.decode_push(msg)
-        except (ValueError, KeyError) as e:
-            self.reject(peer.rank, "bad-tensors", str(e))
-            return peer.send(Message(MessageKind.ACK, {"status": "rejected", "version": self.version}))
+        except BadField as e:
+            self.reject(peer.rank, e.reason, e.problem)
+            return self.reply_rejected(peer, e.problem)
         with torch.no_grad():
             for name, w in self.model.state_dict().items():
                 w.copy_(weights[name])
-        self.version = self.step = step
-        st.record_push(int(f.get("samples", 0)), staleness=0, now=time.time())
-        st.reported_steps = step
-        self.after_update(source=peer.rank, staleness=0, loss=f.get("loss"))  # evaluates every eval_steps
+        self.version = self.step = push.worker_step
+        self.count_applied(peer.rank)
+        st.record_push(push.samples, staleness=0, now=time.monotonic())
+        st.reported_steps = push.worker_step
+        self.after_update(source=peer.rank, staleness=0, loss=push.loss)  # evaluates every eval_steps
         peer.send(Message(MessageKind.ACK, {"status": "applied", "version": self.version}))
+
+    def reply_rejected(self, peer: Peer, reason: str) -> None:
+        peer.send(Message(MessageKind.ACK, {"status": "rejected", "version": self.version, "reason": reason[:200]}))
 
     def summary_fields(self) -> dict[str, Any]:
         return {"ddp": {"backend": "gloo", "world_size": self.world, "routes": self.cluster.ddp_routes}}

@@ -129,6 +129,9 @@ class ClusterConfig:
     idle_timeout: float = checked(30.0, **_SECONDS, fix="use e.g. 30.0")  # server stops if no worker is connected this long
     wandb: Literal["auto", "online", "offline", "off"] = checked("auto", fix="use auto, online, offline or off")
     loki_url: str | None = None  # ship logs and metrics to this Loki (or $SMOLCLUSTER_LOKI_URL); null: only files
+    robust_aggregation: bool = True  # reject updates whose norm is far above the recent ones (median + k MAD)
+    # the k of that rule (honest MNIST batches stay below 0.7 of the limit)
+    robust_k: float = checked(20.0, above=0, max=1e6, fix="use e.g. 20 (or robust_aggregation: false)")
 
     def server_address_for(self, hostname: str) -> str:
         return self.host_ip[hostname]

@@ -42,18 +42,18 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
     """Numbers, strings, lists, dicts; tensors/numpy scalars -> Python; NaN/inf -> null (strict JSON)."""
     if isinstance(v, float):
         return v if math.isfinite(v) else None
     if v is None or isinstance(v, (bool, int, str)):
         return v
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if hasattr(v, "tolist"):  # torch tensors and numpy arrays/scalars
-        return _jsonable(v.tolist())
+        return jsonable(v.tolist())
     if isinstance(v, Path):
         return str(v)
     return str(v)
@@ -71,7 +71,7 @@ class MetricsWriter:
         self._ship = ship
 
     def write(self, event: str, **fields: Any) -> None:
-        record = {"time": time.time(), "event": event, **{k: _jsonable(v) for k, v in fields.items()}}
+        record = {"time": time.time(), "event": event, **{k: jsonable(v) for k, v in fields.items()}}
         line = json.dumps(record, allow_nan=False, separators=(",", ":"))
         with self._lock:
             if not self._f.closed:
@@ -286,7 +286,7 @@ class WandbRun:
         if not self.active:
             return
         try:
-            self._run.log({k: _jsonable(v) for k, v in metrics.items()}, step=step)
+            self._run.log({k: jsonable(v) for k, v in metrics.items()}, step=step)
         except Exception as e:
             self.active = False
             self._warn(f"W&B log failed ({type(e).__name__}: {e}); W&B disabled for the rest of the run")

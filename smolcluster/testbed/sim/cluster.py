@@ -93,7 +93,7 @@ class WorkersGoneWatch:
         if any(code is None or code == 0 for code in codes.values()):
             self.since = None
             return None
-        now = time.time()
+        now = time.monotonic()
         self.since = self.since or now
         limit = ALL_WORKERS_GONE_S if on_purpose or trained else WORKERS_NEVER_STARTED_S
         if now - self.since <= limit:
@@ -246,7 +246,7 @@ class SimCluster:
         return time.time() - self._t0
 
     def _killed(self, node: str) -> None:
-        self._killed_at[node] = time.time()
+        self._killed_at[node] = time.monotonic()
 
     def _restarted(self, node: str) -> None:
         self._killed_at.pop(node, None)  # only now: wait() must never see it dead and unexpected in between
@@ -262,7 +262,7 @@ class SimCluster:
                 on_tick(self)
             code = self.server_exit_code()
             killed = self._killed_at.get(self.server)
-            if code is not None and (killed is None or time.time() - killed > KILLED_SERVER_GRACE_S):
+            if code is not None and (killed is None or time.monotonic() - killed > KILLED_SERVER_GRACE_S):
                 break
             self._check_workers_alive()
             time.sleep(poll)
