@@ -390,17 +390,17 @@ def _parse_host(file: Path, key: str, name: str, raw: Any, addresses: dict[str, 
     return HostSpec(**values, interfaces={str(k): str(v) for k, v in interfaces.items()})
 
 
-def _parse_training(file: Path, raw: Any, server: str, workers: list[str]) -> TrainingDefaults:
+def _parse_training(file: Path, raw: Any, server: str, workers: list[str], prefix: str = "training") -> TrainingDefaults:
     from smolcluster.core.training.config import ClusterConfig, NNConfig
 
-    raw = dict(_mapping(file, "training", raw or {}, "training: {algorithm: edp, epochs: 1}"))
+    raw = dict(_mapping(file, prefix, raw or {}, "training: {algorithm: edp, epochs: 1}"))
     known = {f.name: f for f in dataclasses.fields(TrainingDefaults) if f.name != "extra"}
     hints = typing.get_type_hints(TrainingDefaults)
     passthrough = {f.name for f in dataclasses.fields(ClusterConfig)} | {f.name for f in dataclasses.fields(NNConfig)}
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for k, v in raw.items():
-        key = f"training.{k}"
+        key = f"{prefix}.{k}"
         if k in _DERIVED_KEYS:
             raise ConfigError(file, key, "is derived from the topology's nodes", "remove it: servers, workers and addresses come from nodes:")
         if k in _RENAMED_KEYS:
@@ -413,9 +413,20 @@ def _parse_training(file: Path, raw: Any, server: str, workers: list[str]) -> Tr
             raise ConfigError(file, key, "unknown key", unknown_key_fix(k, sorted(set(known) | passthrough - set(_DERIVED_KEYS) - set(_RENAMED_KEYS))))
     t = TrainingDefaults(**values, extra=extra)
     if t.algorithm not in algorithms.names():
-        raise ConfigError(file, "training.algorithm", f"got {t.algorithm!r}", f"use {algorithms.choices()}")
+        raise ConfigError(file, f"{prefix}.algorithm", f"got {t.algorithm!r}", f"use {algorithms.choices()}")
     _check_passthrough(file, t, server, workers)
     return t
+
+
+def with_training(topo: Topology, overrides: dict[str, Any], file: Path, prefix: str) -> Topology:
+    """`topo` with its training section overridden by `overrides` (e.g. an experiment's arm: algorithm,
+    timeout, epochs), checked like a topology's own training keys; errors name `file` and `prefix.key`."""
+    t = topo.training
+    mine = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name != "extra"
+            and getattr(t, f.name) != f.default}
+    merged = {**mine, **t.extra, **overrides}
+    training = _parse_training(file, merged, topo.server.name, [w.name for w in topo.workers], prefix)
+    return dataclasses.replace(topo, training=training)
 
 
 def _check_passthrough(file: Path, t: TrainingDefaults, server: str, workers: list[str]) -> None:

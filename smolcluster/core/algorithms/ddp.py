@@ -121,6 +121,7 @@ class Worker(WorkerBase):
     def __init__(self, ctx, *, host: str, port: int):
         super().__init__(ctx, host=host, port=port)
         self.started_ddp = False
+        self.server_version = 0  # the server's version when it last answered rank 0's push
 
     def train(self, welcome: Message) -> None:
         if self.started_ddp:  # a reconnect after DDP began: the group cannot take a rank back
@@ -179,9 +180,11 @@ class Worker(WorkerBase):
     def push_weights(self, loss: float, samples: int) -> None:
         """Rank 0: the model after this step to the server, which evaluates it before replying."""
         state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        push = Message(MessageKind.PUSH, {"base_version": self.version, "worker_step": self.version, "samples": samples,
+        push = Message(MessageKind.PUSH, {"base_version": self.server_version, "worker_step": self.version, "samples": samples,
                                           "loss": loss, "mode": "weights"}, tensors=state)
-        self.exchange(push, timeout=self.reconnect_deadline())
+        _, typed = self.exchange(push, timeout=self.reconnect_deadline())
+        if isinstance(typed, messages.Ack):
+            self.server_version = typed.version
 
 
 class StretchedAllReduce:

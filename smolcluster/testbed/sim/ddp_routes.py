@@ -184,7 +184,7 @@ class GlooRouter:
         return {k: (v[0], v[1]) for k, v in out.items()}
 
     def summary(self) -> dict[str, Any]:
-        pairs = len(self.paths)
+        pairs = len(self.paths) // 2  # gloo makes one connection per unordered pair
         mode = "routed" if len(self.routed) == pairs and not self.error else ("partly routed" if self.routed else "direct")
         out: dict[str, Any] = {"mode": mode, "pairs": pairs, "routed_pairs": len(self.routed),
                                "via_server": sorted(f"{a}->{b}" for (a, b), p in self.paths.items() if p.via_server)}

@@ -66,7 +66,10 @@ class LocalCluster(SimCluster):
             self.toxiproxy = ToxiproxyClient(self.toxiproxy_url)
         self.config_dir = self.run_dir / "config"
         self.router: Optional[GlooRouter] = None  # an all-reduce's worker-to-worker links (DDP)
-        if algorithms.get(self.algorithm).collective:  # gloo dials the routes the router publishes
+        # an all-reduce's links go through the router's proxies unless the run says `ddp_routes: false`
+        self.routes = algorithms.get(self.algorithm).collective and \
+            {**self.topology.training.extra, **self.overrides.extra}.get("ddp_routes", True)
+        if self.routes:  # gloo dials the routes the router publishes
             self.overrides = dataclasses.replace(self.overrides, extra={**self.overrides.extra, "ddp_routes": True})
 
     def loki_url(self) -> Optional[str]:
@@ -85,7 +88,7 @@ class LocalCluster(SimCluster):
         self._created = [p.name for p in self.plans]  # before creating: a failure half-way still cleans up
         self.listen = create_link_proxies(self.toxiproxy, self.plans, f"127.0.0.1:{self.server_port}")
         self._write_proxies_file()
-        if algorithms.get(self.algorithm).collective:
+        if self.routes:
             self._start_router()
         for w in self.topology.workers:
             self._start_worker(w.name)
@@ -244,7 +247,11 @@ class LocalCluster(SimCluster):
         return {w: tuple(a + b for a, b in zip(own.get(w, (0, 0)), gloo.get(w, (0, 0)))) for w in set(own) | set(gloo)}
 
     def summary_fields(self) -> dict[str, Any]:
-        return {"ddp_links": self.router.summary()} if self.router is not None else {}
+        if self.router is not None:
+            return {"ddp_links": self.router.summary()}
+        if algorithms.get(self.algorithm).collective:
+            return {"ddp_links": {"mode": "direct", "note": "ddp_routes: false: gloo's links are unshaped"}}
+        return {}
 
     def toxiproxy_label(self) -> str:
         return self.toxiproxy_url or "embedded"
