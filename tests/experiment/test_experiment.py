@@ -163,13 +163,18 @@ def test_interrupted_then_resumed_keeps_finished_runs_and_writes_results(tmp_pat
     assert run_experiment(exp, root, out=open(tmp_path / "log3", "w"), run_one=third) == 0 and third.calls == []
 
 
-def test_a_directory_of_another_experiment_is_refused(tmp_path):
+def test_a_directory_grows_by_seeds_and_arms_but_refuses_another_experiment(tmp_path):
     root = tmp_path / "out"
     run_experiment(load_experiment(write(tmp_path)), root, out=open(tmp_path / "log", "w"), run_one=StandIn())
-    with pytest.raises(ConfigError) as e:
-        run_experiment(load_experiment(write(tmp_path, TINY.replace("seeds: [1, 2, 3]", "seeds: [1, 2]"))), root,
-                       out=open(tmp_path / "log", "w"), run_one=StandIn())
-    assert "holds a different experiment" in str(e.value) and "another --run-dir" in str(e.value)
+    more = StandIn()
+    grown = TINY.replace("seeds: [1, 2, 3]", "seeds: [1, 2, 3, 4]").replace("arms:\n", "arms:\n  - {name: ddp, algo: ddp}\n")
+    assert run_experiment(load_experiment(write(tmp_path, grown)), root, out=open(tmp_path / "log", "w"), run_one=more) == 0
+    assert sorted(more.calls) == [("ddp", 1), ("ddp", 2), ("ddp", 3), ("ddp", 4), ("edp", 4), ("syncps-auto", 4)]
+    for edit in (("seeds: [1, 2, 3, 4]", "seeds: [1, 2]"), ("timeout: auto", "timeout: 2.0"), ("max_steps: 40", "max_steps: 50")):
+        with pytest.raises(ConfigError) as e:
+            run_experiment(load_experiment(write(tmp_path, grown.replace(*edit))), root,
+                           out=open(tmp_path / "log", "w"), run_one=StandIn())
+        assert "holds a different experiment" in str(e.value) and "another --run-dir" in str(e.value)
 
 
 def test_experiment_show_reprints_the_report(tmp_path):

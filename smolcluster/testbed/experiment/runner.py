@@ -51,20 +51,25 @@ def run_finished(d: Path) -> bool:
 
 
 def prepare(exp: Experiment, root: Path) -> None:
-    """Create the directory, or check that it holds this experiment (then its finished runs are kept)."""
+    """Create the directory, or check that it holds this experiment (then its finished runs are kept).
+    The file may have gained seeds or arms since (those runs are added); anything else is another experiment."""
     root.mkdir(parents=True, exist_ok=True)
     stored = root / "experiment.yaml"
-    if stored.exists():
-        before = yaml.safe_load(stored.read_text())
-        if before != exp.raw:
-            raise ConfigError(exp.file, "<file>", f"{root} holds a different experiment (started from another file or "
-                                                  "an edited one; see its experiment.yaml)",
-                              "use another --run-dir, or restore the file the directory was started with")
-    else:
-        write_atomic(stored, yaml.safe_dump(exp.raw, sort_keys=False))
+    if stored.exists() and not extends(yaml.safe_load(stored.read_text()) or {}, exp.raw):
+        raise ConfigError(exp.file, "<file>", f"{root} holds a different experiment (see its experiment.yaml); "
+                                              "a directory can only gain seeds or arms",
+                          "use another --run-dir, or restore the file the directory was started with")
+    write_atomic(stored, yaml.safe_dump(exp.raw, sort_keys=False))
     (root / "arms").mkdir(exist_ok=True)
     for arm in exp.arms:
         write_atomic(arm_file(root, arm), yaml.safe_dump(arm_topology_yaml(exp, arm), sort_keys=False))
+
+
+def extends(before: dict, now: dict) -> bool:
+    """Whether experiment file `now` is `before` with more seeds or arms (or the same)."""
+    rest = (lambda raw: {k: v for k, v in raw.items() if k not in ("seeds", "arms")})
+    return (rest(before) == rest(now) and set(before.get("seeds") or []) <= set(now.get("seeds") or [])
+            and all(a in (now.get("arms") or []) for a in before.get("arms") or []))
 
 
 def arm_file(root: Path, arm: Arm) -> Path:
