@@ -163,6 +163,20 @@ def test_interrupted_then_resumed_keeps_finished_runs_and_writes_results(tmp_pat
     assert run_experiment(exp, root, out=open(tmp_path / "log3", "w"), run_one=third) == 0 and third.calls == []
 
 
+def test_each_arm_is_compared_with_the_reference_on_its_samples(tmp_path):
+    exp = load_experiment(write(tmp_path))
+    root = tmp_path / "out"
+    (root / "reference").mkdir(parents=True)
+    for seed in exp.seeds:  # what run_references leaves: EDP's samples (one shard) and a synchronous step's (union)
+        (root / "reference" / f"single-seed{seed}.json").write_text(json.dumps({"final_test_accuracy": 0.78 + seed / 100}))
+        (root / "reference" / f"union-seed{seed}.json").write_text(json.dumps({"final_test_accuracy": 0.81 + seed / 100}))
+    run_experiment(exp, root, out=open(tmp_path / "log", "w"), run_one=StandIn())
+    edp, auto = json.loads((root / RESULTS).read_text())["arms"]
+    assert edp["vs_reference_pt"] == {"reference": "single", "median": pytest.approx(2.0), "lo": pytest.approx(2.0), "hi": pytest.approx(2.0)}
+    assert auto["vs_reference_pt"]["reference"] == "union" and auto["vs_reference_pt"]["median"] == pytest.approx(-1.0)
+    assert "+2.00 [+2.00, +2.00] s" in (root / "report.txt").read_text()
+
+
 def test_a_directory_grows_by_seeds_and_arms_but_refuses_another_experiment(tmp_path):
     root = tmp_path / "out"
     run_experiment(load_experiment(write(tmp_path)), root, out=open(tmp_path / "log", "w"), run_one=StandIn())
