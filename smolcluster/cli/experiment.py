@@ -49,6 +49,9 @@ def register(app: typer.Typer) -> None:
             print(json.dumps(results, indent=2))
         else:
             print("\n" + report_text(results), end="")
-            print(f"results: {root / 'results.json'}, report: {root / 'report.txt'}, plots: {root / 'accuracy.png'}, "
-                  f"{root / 'time_to_target.png'}")
+            from smolcluster.testbed.report.plots import PLOTS_MISSING
+
+            plots = [p for p in (root / "accuracy.png", root / "time_to_target.png") if p.exists()]
+            print(f"results: {root / 'results.json'}, report: {root / 'report.txt'}, "
+                  + (f"plots: {', '.join(map(str, plots))}" if plots else PLOTS_MISSING))
         raise typer.Exit(code)

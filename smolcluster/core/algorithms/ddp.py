@@ -35,6 +35,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from smolcluster.common.errors import BadField, ConfigError, SmolclusterError, TransportError
+from smolcluster.common.fields import shown
 from smolcluster.common.files import write_atomic
 from smolcluster.core.algorithms.base import Peer, ServerBase, WorkerBase, WorkerInterrupted
 from smolcluster.core.training.checkpoint import CheckpointError
@@ -132,9 +133,14 @@ class Worker(WorkerBase):
         if not setup.fields.get(SETUP):
             raise SmolclusterError(f"expected the DDP rendezvous from the server, got {setup.kind.name}")
         f = setup.fields
+        world, rank, port, routes = f.get("world_size"), f.get("ddp_rank"), f.get("store_port"), f.get("routes", False)
+        if not (type(world) is int and 1 <= world <= 1 << 16 and type(rank) is int and 0 <= rank < world
+                and type(port) is int and 0 < port < 65536 and type(routes) is bool):
+            raise SmolclusterError(f"the server's DDP rendezvous is malformed: world_size {shown(world)}, ddp_rank "
+                                   f"{shown(rank)}, store_port {shown(port)}, routes {shown(routes)}")
         self.started_ddp = True
         try:
-            self._train_ddp(int(f["ddp_rank"]), int(f["world_size"]), int(f["store_port"]), bool(f.get("routes")))
+            self._train_ddp(rank, world, port, routes)
         except TransportError as e:
             raise SmolclusterError(f"lost the server during DDP training ({e}); a DDP group cannot rejoin a run") from e
 

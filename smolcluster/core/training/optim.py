@@ -128,4 +128,4 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     loss.backward()
     clip_grads_(model, max_norm or 0.0)
     optimizer.step()
-    return float(loss)
+    return float(loss.detach())
