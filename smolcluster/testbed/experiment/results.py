@@ -16,7 +16,7 @@ from typing import Any, Optional
 from smolcluster.common.files import write_atomic
 from smolcluster.common.text import format_bytes, table
 from smolcluster.core import algorithms
-from smolcluster.testbed.experiment.runner import REFERENCE_KINDS, reference_file, run_dir_of, run_finished
+from smolcluster.testbed.experiment.layout import REFERENCE_KINDS, reference_file, run_dir_of, run_finished
 from smolcluster.testbed.experiment.spec import Experiment
 from smolcluster.testbed.experiment.stats import interval, time_to_interval
 

@@ -28,27 +28,9 @@ import yaml
 
 from smolcluster.common.errors import ConfigError
 from smolcluster.common.files import write_atomic
+from smolcluster.testbed.experiment.layout import REFERENCE_KINDS, RUN_MARKER, reference_file, run_dir_of, run_finished
+from smolcluster.testbed.experiment.results import write_results
 from smolcluster.testbed.experiment.spec import Arm, Experiment, arm_topology_yaml
-
-RUN_MARKER = "experiment-run.json"
-REFERENCE_KINDS = ("single", "union")  # shards 1 (EDP's samples, one batch a step) / every worker's batch unioned
-
-
-def run_dir_of(root: Path, arm: str, seed: int) -> Path:
-    return root / "runs" / f"{arm}-seed{seed}"
-
-
-def reference_file(root: Path, kind: str, seed: int) -> Path:
-    return root / "reference" / f"{kind}-seed{seed}.json"
-
-
-def run_finished(d: Path) -> bool:
-    marker = d / RUN_MARKER
-    try:
-        return json.loads(marker.read_text()).get("exit_code") == 0
-    except (OSError, ValueError, AttributeError):
-        return False
-
 
 def prepare(exp: Experiment, root: Path) -> None:
     """Create the directory, or check that it holds this experiment (then its finished runs are kept).
@@ -112,8 +94,6 @@ def run_experiment(exp: Experiment, root: Path, out: TextIO = sys.stdout,
                    run_one: Optional[Callable[[Path, int, Path], int]] = None) -> int:
     """Run what is not finished yet; write results.json and the report. Returns 0, or 130 when interrupted.
     `run_one(arm_file, seed, run_dir)` runs one sim (default: `smolcluster sim` in this process)."""
-    from smolcluster.testbed.experiment.results import write_results
-
     prepare(exp, root)
     run_one = run_one or _sim_runner(exp, out)
     runs = exp.runs()
