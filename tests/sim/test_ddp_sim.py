@@ -53,7 +53,9 @@ def test_ddp_sim_trains_and_reports_its_links(tmp_path, mnist_dir, routes):
     gloo = [link for link in s["links"] if link["name"].startswith("gloo ")]
     if routes:
         assert s["ddp_links"]["mode"] == "routed" and s["ddp_links"]["routed_pairs"] == 6
-        assert len(gloo) == 6 and all(link["bytes_up"] + link["bytes_down"] > 1_000_000 for link in gloo)  # the all-reduces
+        moved = sorted(link["bytes_up"] + link["bytes_down"] for link in gloo)
+        # every pair connected; gloo's ring all-reduce over 4 ranks carries the gradients on 4 of them
+        assert len(gloo) == 6 and moved[0] > 0 and all(m > 10_000_000 for m in moved[-4:])
         assert sorted(s["ddp_links"]["via_server"]) == ["pi4->pi5", "pi5->pi4"]
     else:
         assert s["ddp_links"]["mode"] == "direct" and "unshaped" in s["ddp_links"]["note"] and gloo == []
