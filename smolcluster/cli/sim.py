@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many server updates."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed for data shards, init and link jitter (default: the topology's)."),
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where everything goes (default runs/<topology>-<algo>-<timestamp>)."),
-        backend: str = typer.Option("local", "--backend", help="local (processes + impairing proxies, no root) or compose (docker)."),
+        backend: str = typer.Option("local", "--backend", help="local (processes + impairing proxies, no root), compose (docker) or virtual (one process in virtual time: bit-identical reruns, hundreds of nodes)."),
         toxiproxy: Optional[str] = typer.Option(None, "--toxiproxy", help="URL of a real Toxiproxy API to use instead of the embedded one."),
         check: bool = typer.Option(False, "--check", help="Measure every worker->server path (RTT, throughput) against its profile; no training."),
         as_json: bool = typer.Option(False, "--json", help="With --check: print JSON instead of a table."),
