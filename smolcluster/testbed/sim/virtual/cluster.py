@@ -29,7 +29,7 @@ from smolcluster.core.training.telemetry import MetricsWriter, WandbRun, node_la
 from smolcluster.testbed.control import LinkHandle
 from smolcluster.testbed.faults import FaultInjector, FaultSchedule, schedule_for
 from smolcluster.testbed.report import LinkSummary
-from smolcluster.testbed.sim.cluster import Progress, SimCluster
+from smolcluster.testbed.sim.cluster import WORKER_GRACE_S, Progress, SimCluster
 from smolcluster.testbed.sim.hops import plan_hops, worker_paths
 from smolcluster.testbed.sim.options import SimOptions, default_run_dir, overrides_for
 from smolcluster.testbed.sim.plan import RunOverrides, write_run_configs
@@ -71,6 +71,7 @@ class VirtualCluster(SimCluster):
         self.server_node: Any = None
         self.cfg: Optional[RunConfig] = None
         self.task: Optional[SharedTask] = None
+        self._server_ended_at: Optional[float] = None
 
     # ------------------------------------------------------------------ the compute model
 
@@ -233,15 +234,13 @@ class VirtualCluster(SimCluster):
             with self:
                 self.start()
                 injector = FaultInjector(schedule, self, seed=seed, clock=self.clock.time)
-                server = self.procs[self.server]
                 if injector.faults:
                     self._every(FAULT_POLL_S, injector.tick, until=lambda: self.server_exit_code() is not None)
                 self._every(progress_interval, lambda: (self.tail.poll(), progress.update(self)),
                             until=lambda: self.server_exit_code() is not None)
-                self.sched.run(stop=lambda: server.done and self.server_exit_code() is not None
-                               and all(not self.alive(w.name) or self.procs[w.name].paused for w in self.topology.workers))
+                self.sched.run(stop=self._over)
                 progress.done()
-                code = self.server_exit_code()
+                code, server = self.server_exit_code(), self.procs[self.server]
                 if server.error is not None:
                     print(f"the server failed: {type(server.error).__name__}: {server.error}", file=out)
                 self.stopped_after_end = [w.name for w in self.topology.workers if self.alive(w.name)]
@@ -254,6 +253,16 @@ class VirtualCluster(SimCluster):
         self.finish(code if code is not None else 1, injector.events, out)
         self._write_costs(time.perf_counter() - wall0, out)
         return 0
+
+    def _over(self) -> bool:
+        """The server ended and every worker finished, or had WORKER_GRACE_S (virtual) to (as on the local backend)."""
+        if self.server_exit_code() is None:
+            self._server_ended_at = None
+            return False
+        if self._server_ended_at is None:
+            self._server_ended_at = self.sched.now
+        workers_done = all(not self.alive(w.name) for w in self.topology.workers)
+        return workers_done or self.sched.now - self._server_ended_at > WORKER_GRACE_S
 
     def _every(self, interval: float, action: Any, until: Any) -> None:
         def tick() -> None:
