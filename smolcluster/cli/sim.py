@@ -30,13 +30,17 @@ def register(app: typer.Typer) -> None:
         loki_url: Optional[str] = typer.Option(None, "--loki-url", help="With --logging: an existing Loki to push to instead of starting the stack."),
         gpt_config: Optional[Path] = typer.Option(None, "--gpt-config", help="Train the GPT of this gpt_config.yaml (e.g. configs/gpt_config.yaml) "
                                                   "on WikiText-2 instead of the topology's model; the cluster settings stay the topology's."),
+        calibrate: bool = typer.Option(False, "--calibrate", help="With --backend virtual: measure this machine's training step once "
+                                       "and write it into the reference device profile (mac-mini's ms_per_sample); no training."),
     ) -> None:
-        """Run a topology as an emulated cluster: every node a process, every link hop an impairing proxy."""
+        """Run a topology as an emulated cluster: every node a process, every link hop an impairing proxy
+        (--backend virtual: every node in this process, in virtual time)."""
         from smolcluster.testbed.sim.options import SimOptions
         from smolcluster.testbed.sim.run import install_sigterm_as_interrupt, run_sim
 
         install_sigterm_as_interrupt()
         opts = SimOptions(file=file, algo=algo, epochs=epochs, max_steps=max_steps, seed=seed, run_dir=run_dir, backend=backend,
                           toxiproxy=toxiproxy, check=check, as_json=as_json, wandb=wandb, faults=faults,
-                          render_only=render_only, logging=logging or bool(loki_url), loki_url=loki_url, gpt_config=gpt_config)
+                          render_only=render_only, logging=logging or bool(loki_url), loki_url=loki_url, gpt_config=gpt_config,
+                          calibrate=calibrate)
         raise typer.Exit(run_sim(opts))

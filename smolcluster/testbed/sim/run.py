@@ -37,6 +37,8 @@ def run_sim(opts: SimOptions, out: TextIO = sys.stdout) -> int:
     if opts.backend == "compose" and opts.gpt_config is not None:
         raise SimError("--gpt-config runs on the local backend (the compose image mounts MNIST, not WikiText-2): "
                        "drop --backend compose")
+    if opts.calibrate and opts.backend != "virtual":
+        raise SimError("--calibrate measures the virtual backend's compute reference: add --backend virtual")
     if opts.backend == "compose":
         return run_compose(opts, out)
     topo = load_topology(opts.file)

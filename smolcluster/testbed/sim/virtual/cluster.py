@@ -33,15 +33,13 @@ from smolcluster.testbed.sim.cluster import WORKER_GRACE_S, Progress, SimCluster
 from smolcluster.testbed.sim.hops import plan_hops, worker_paths
 from smolcluster.testbed.sim.options import SimOptions, default_run_dir, overrides_for
 from smolcluster.testbed.sim.plan import RunOverrides, write_run_configs
+from smolcluster.testbed.sim.virtual.calibrate import measure_ms_per_sample, reference_ms_per_sample, write_reference
 from smolcluster.testbed.sim.virtual.network import VirtualNetwork, VirtualToxiproxy
 from smolcluster.testbed.sim.virtual.nodes import (SharedTask, NodeTask, VirtualContext, VirtualServerIO, VirtualWorkerIO,
                                                    virtual_class)
 from smolcluster.testbed.sim.virtual.scheduler import Process, Scheduler, VirtualClock
 from smolcluster.testbed.topology import Topology, to_dict
 
-# This machine's SimpleNN training step (batch 32, Adam, one thread), per sample: what a node of speed 1.0
-# (mac-mini) costs when its device profile has no ms_per_sample of its own. `--calibrate` measures it.
-REFERENCE_MS_PER_SAMPLE = 0.039
 FAULT_POLL_S = 0.1  # virtual seconds between fault trigger checks (the injector's poll, in virtual time)
 VIRTUAL_FILE = "virtual.json"
 
@@ -52,13 +50,15 @@ class VirtualCluster(SimCluster):
 
     overrides: RunOverrides = field(default_factory=RunOverrides)
     seed: int = 0
-    reference_ms_per_sample: float = REFERENCE_MS_PER_SAMPLE
+    reference_ms_per_sample: Optional[float] = None  # None: the profiles file's (calibrate.reference_ms_per_sample)
 
     backend = "virtual"
     teardown_note = "every simulated node was stopped"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.reference_ms_per_sample is None:
+            self.reference_ms_per_sample = reference_ms_per_sample()
         self.sched = Scheduler()
         self.clock = VirtualClock(self.sched)
         self.plans = plan_hops(self.topology)
@@ -78,8 +78,8 @@ class VirtualCluster(SimCluster):
     def ms_per_sample(self, node: str) -> float:
         """A node's modelled training step per sample: its device's own figure, else the reference x slowdown."""
         device = self.topology.nodes[node].device
-        own = getattr(device, "ms_per_sample", None)
-        return own if own is not None else self.reference_ms_per_sample * self.slowdown(node)
+        assert self.reference_ms_per_sample is not None
+        return device.ms_per_sample if device.ms_per_sample is not None else self.reference_ms_per_sample * self.slowdown(node)
 
     # ------------------------------------------------------------------ nodes
 
@@ -284,8 +284,25 @@ class VirtualCluster(SimCluster):
               f"simulated s), {self.sched.events_run} events, peak memory {peak_mb:.0f} MB", file=out)
 
 
+def run_calibrate(topo: Topology, opts: SimOptions, out: TextIO = sys.stdout) -> int:
+    """`smolcluster sim FILE --backend virtual --calibrate`: measure this machine's step, write it, no training."""
+    import tempfile
+
+    algo = opts.algo or topo.training.algorithm
+    with tempfile.TemporaryDirectory() as d:
+        cfg = write_run_configs(topo, Path(d), overrides_for(topo, opts, algo), server_address=lambda w: "virtual", port=1)
+    before = reference_ms_per_sample()
+    ms = measure_ms_per_sample(cfg)
+    path = write_reference(ms)
+    print(f"calibrated: {cfg.nn.model.type} step at batch {cfg.nn.batch_size} takes {ms:.4f} ms per sample here "
+          f"(was {before:.4f}); written to {path} as the reference device's ms_per_sample", file=out)
+    return 0
+
+
 def run_virtual(topo: Topology, opts: SimOptions, out: TextIO = sys.stdout) -> int:
     """`smolcluster sim FILE --backend virtual`. Returns the exit code."""
+    if opts.calibrate:
+        return run_calibrate(topo, opts, out)
     schedule = schedule_for(topo, opts.faults)
     algo = opts.algo or topo.training.algorithm
     run_dir = Path(opts.run_dir) if opts.run_dir else default_run_dir(topo, algo)
