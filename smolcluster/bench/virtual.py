@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from smolcluster.common.jsonl import read_jsonl
 from smolcluster.common.text import table
 from smolcluster.resources import resource_path
 
@@ -25,27 +26,91 @@ FIDELITY_TOPOLOGIES = ("hybrid.yaml", "home-wifi.yaml")
 SCALE_TOPOLOGIES = ("rack-64.yaml", "rack-256.yaml")
 
 
-def sim(topology: str, backend: str, algo: Optional[str], run_dir: Path, timeout: float = 1800) -> dict[str, Any]:
-    """One `smolcluster sim` run; its summary.json (plus virtual.json's costs and the run's own wall time)."""
+def sim(topology: str, backend: str, algo: Optional[str], run_dir: Path, timeout: float = 1800,
+        reuse: bool = False) -> dict[str, Any]:
+    """One `smolcluster sim` run (with `reuse`, a finished one already in run_dir): its summary.json, plus
+    virtual.json's costs, the run's own wall time and the run dir."""
     cmd = [sys.executable, "-m", "smolcluster", "sim", str(resource_path("topologies", topology)), "--backend", backend,
            "--run-dir", str(run_dir)] + (["--algo", algo] if algo else [])
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    wall = None
+    if not (reuse and (run_dir / "summary.json").exists()):
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        wall = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     s = json.loads((run_dir / "summary.json").read_text())
     costs = run_dir / "virtual.json"
-    return s | {"process_wall_s": wall, "costs": json.loads(costs.read_text()) if costs.exists() else None}
+    return s | {"process_wall_s": wall if wall is not None else s.get("sim_wall_time_s"), "run_dir": str(run_dir),
+                "costs": json.loads(costs.read_text()) if costs.exists() else None}
+
+
+def from_training_start(run_dir: Path, mark: float = 0.9) -> tuple[Optional[float], Optional[float]]:
+    """(seconds from the server's first update to the first evaluation >= mark, updates per second from the first
+    update to the end): the run without its start-up (local workers spend seconds importing torch before joining)."""
+    lines = read_jsonl(next(p for p in (Path(run_dir) / "nodes").iterdir() if (p / "summary.json").exists()) / "metrics.jsonl")
+    t0 = next((m["time"] for m in lines if m.get("event") == "training_start"), None)
+    end = next((m for m in reversed(lines) if m.get("event") == "end"), None)
+    if t0 is None or end is None:
+        return None, None
+    t90 = next((m["time"] - t0 for m in lines if m.get("event") == "eval" and m.get("test_accuracy", 0) >= mark), None)
+    return t90, end["version"] / (end["time"] - t0) if end["time"] > t0 else None
 
 
 def measures(s: dict[str, Any]) -> dict[str, Optional[float]]:
-    """What fidelity compares: time to 90 %, server updates per (run) second, mean staleness per worker."""
+    """What fidelity compares: time to 90 %, server updates per (run) second (both also from the first update on),
+    mean staleness per worker."""
+    t90_trained, ups_trained = from_training_start(Path(s["run_dir"]))
     out: dict[str, Optional[float]] = {"time_to_90_s": s.get("time_to_90_s"),
-                                       "updates_per_s": s["steps"] / s["wall_time_s"] if s.get("wall_time_s") else None}
+                                       "updates_per_s": s["steps"] / s["wall_time_s"] if s.get("wall_time_s") else None,
+                                       "time_to_90_after_first_update_s": t90_trained,
+                                       "updates_per_s_after_first_update": ups_trained}
     for w in s.get("per_worker", []):
         out[f"staleness {w['hostname']}"] = w.get("mean_staleness")
     return out
+
+
+def terms(run_dir: Path) -> dict[str, dict[str, Optional[float]]]:
+    """Per worker, from its metrics: compute ms per local step, communication ms per exchange with the server,
+    and when it first joined (s after the server's start): the model terms fidelity depends on."""
+    server = next(p for p in (run_dir / "nodes").iterdir() if (p / "summary.json").exists())
+    start = next((m["time"] for m in read_jsonl(server / "metrics.jsonl") if m.get("event") == "start"), None)
+    out = {}
+    for node in sorted(p for p in (run_dir / "nodes").iterdir() if p != server):
+        lines = read_jsonl(node / "metrics.jsonl")
+        steps = [m for m in lines if m.get("event") == "step"]
+        joins = [m["time"] for m in lines if m.get("event") == "join"]
+        local_steps = (steps[-1]["step"] + 1) if steps else 0
+        out[node.name] = {
+            "compute_ms_per_step": 1000 * sum(m["compute_s"] for m in steps) / local_steps if local_steps else None,
+            "comm_ms_per_exchange": 1000 * sum(m["comm_s"] + m["wait_s"] for m in steps) / len(steps) if steps else None,
+            "join_s": joins[0] - start if joins and start is not None else None}
+    return out
+
+
+def terms_rows(out: Path, algos: list[str], local_runs: int, topologies: tuple[str, ...] = FIDELITY_TOPOLOGIES) -> list[dict[str, Any]]:
+    """The model terms of the fidelity runs kept under `out`: virtual vs the median of the local runs."""
+    rows = []
+    for topo in topologies:
+        for algo in algos:
+            name = f"{Path(topo).stem}-{algo}"
+            if not (out / f"{name}-virtual").exists():
+                continue
+            v = terms(out / f"{name}-virtual")
+            ls = [terms(out / f"{name}-local{i + 1}") for i in range(local_runs) if (out / f"{name}-local{i + 1}").exists()]
+            for node, vt in v.items():
+                for key, value in vt.items():
+                    values = [t[node][key] for t in ls if t.get(node, {}).get(key) is not None]
+                    rows.append({"topology": Path(topo).stem, "algorithm": algo, "node": node, "term": key, "virtual": value,
+                                 "local_median": statistics.median(values) if values else None})
+    return rows
+
+
+def format_terms(rows: list[dict[str, Any]]) -> str:
+    return table(["topology", "algorithm", "node", "term", "virtual", "local (median)", "local/virtual"],
+                 [[r["topology"], r["algorithm"], r["node"], r["term"], _num(r["virtual"]), _num(r["local_median"]),
+                   _num(r["local_median"] / r["virtual"], "{:.2f}") if r["virtual"] and r["local_median"] is not None else "-"]
+                  for r in rows], right=(4, 5, 6))
 
 
 def within(virtual: Optional[float], local: Optional[float]) -> tuple[str, bool]:
@@ -58,17 +123,17 @@ def within(virtual: Optional[float], local: Optional[float]) -> tuple[str, bool]
 
 
 def fidelity(out: Path, algos: list[str], local_runs: int, topologies: tuple[str, ...] = FIDELITY_TOPOLOGIES,
-             progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
+             progress: Callable[[str], None] = print, reuse: bool = False) -> list[dict[str, Any]]:
     rows = []
     for topo in topologies:
         for algo in algos:
             name = f"{Path(topo).stem}-{algo}"
             progress(f"{name}: virtual")
-            v = sim(topo, "virtual", algo, out / f"{name}-virtual")
+            v = sim(topo, "virtual", algo, out / f"{name}-virtual", reuse=reuse)
             locals_ = []
             for i in range(local_runs):
                 progress(f"{name}: local {i + 1}/{local_runs}")
-                locals_.append(sim(topo, "local", algo, out / f"{name}-local{i + 1}"))
+                locals_.append(sim(topo, "local", algo, out / f"{name}-local{i + 1}", reuse=reuse))
             vm, lms = measures(v), [measures(s) for s in locals_]
             for key in vm:
                 values = [m.get(key) for m in lms if m.get(key) is not None]
@@ -82,11 +147,12 @@ def fidelity(out: Path, algos: list[str], local_runs: int, topologies: tuple[str
     return rows
 
 
-def scale(out: Path, topologies: tuple[str, ...] = SCALE_TOPOLOGIES, progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def scale(out: Path, topologies: tuple[str, ...] = SCALE_TOPOLOGIES, progress: Callable[[str], None] = print,
+          reuse: bool = False) -> list[dict[str, Any]]:
     rows = []
     for topo in topologies:
         progress(f"{topo}: virtual")
-        s = sim(topo, "virtual", None, out / f"{Path(topo).stem}-virtual")
+        s = sim(topo, "virtual", None, out / f"{Path(topo).stem}-virtual", reuse=reuse)
         c = s["costs"]
         rows.append({"topology": Path(topo).stem, "workers": s["workers"], "algorithm": s["algorithm"],
                      "virtual_s": c["virtual_s"], "wall_s": c["wall_s"], "process_wall_s": round(s["process_wall_s"], 1),

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import queue
 import random
 
 import pytest
 
 from smolcluster.common.errors import ConnectionClosed, ProxyError, RecvTimeout
 from smolcluster.core.net.wire import Message, MessageKind
-from smolcluster.testbed.profiles import LinkProfile
 from smolcluster.testbed.sim.hops import plan_hops, worker_paths
 from smolcluster.testbed.sim.virtual.network import Direction, VirtualListener, VirtualNetwork, VirtualToxiproxy, transmit
 from smolcluster.testbed.sim.virtual.scheduler import Scheduler, VirtualQueue
@@ -45,7 +45,7 @@ def test_queue_get_wakes_at_the_put_or_times_out_at_its_deadline():
         got.append((q.get(timeout=5.0), sched.now))
         try:
             q.get(timeout=2.0)
-        except Exception as e:  # queue.Empty at exactly the deadline
+        except queue.Empty as e:  # at exactly the deadline
             got.append((type(e).__name__, sched.now))
 
     sched.spawn("consumer", consumer)

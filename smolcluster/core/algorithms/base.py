@@ -411,14 +411,17 @@ class ServerBase:
                 slots.release()
                 self.events.put(Left(conn, hello.rank, str(e), e))
                 return
-            typed, bad = None, None
-            try:
-                typed = messages.parse(msg.kind, msg.fields)
-            except BadField as e:
-                bad = e
-            self.events.put(Incoming(conn, hello.rank, msg, typed, bad, slots.release))
+            self.events.put(self.incoming(conn, hello.rank, msg, slots.release))
             if msg.kind == MessageKind.BYE:
                 return
+
+    @staticmethod
+    def incoming(conn: Connection, rank: int, msg: Message, done: Callable[[], None] = lambda: None) -> Incoming:
+        """A frame as the main thread gets it: its typed fields, or why they did not parse."""
+        try:
+            return Incoming(conn, rank, msg, messages.parse(msg.kind, msg.fields), None, done)
+        except BadField as e:
+            return Incoming(conn, rank, msg, None, e, done)
 
     def _check_hello(self, msg: Message) -> tuple[str, messages.Hello | None]:
         if msg.kind != MessageKind.HELLO:

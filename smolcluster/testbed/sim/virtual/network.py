@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from smolcluster.common.errors import ConnectionClosed, ProxyError, RecvTimeout, TransportError
+from smolcluster.common.errors import ConnectionClosed, ProxyError, RecvTimeout
 from smolcluster.core.algorithms.base import message_bytes
 from smolcluster.core.net.wire import Message
 from smolcluster.testbed.profiles import LinkProfile

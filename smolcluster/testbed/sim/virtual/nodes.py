@@ -17,9 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from smolcluster.common.errors import BadField, ConnectFailed, TransportError
-from smolcluster.core.algorithms.base import Incoming, Join, Left, message_bytes
-from smolcluster.core.net import messages
+from smolcluster.common.errors import ConnectFailed, TransportError
+from smolcluster.core.algorithms.base import Join, Left, message_bytes
 from smolcluster.core.net.transport import RetryPolicy
 from smolcluster.core.net.wire import Message, MessageKind
 from smolcluster.core.training.context import NodeContext
@@ -146,12 +145,7 @@ class VirtualServerIO:
             conn.hello = hello
             self.events.put(Join(conn, hello.rank, hello.hostname))
             return
-        typed, bad = None, None
-        try:
-            typed = messages.parse(msg.kind, msg.fields)
-        except BadField as e:
-            bad = e
-        self.events.put(Incoming(conn, conn.hello.rank, msg, typed, bad))
+        self.events.put(self.incoming(conn, conn.hello.rank, msg))
         if msg.kind == MessageKind.BYE:
             conn.hello = False
 
