@@ -40,9 +40,10 @@ def sim(topology: str, backend: str, algo: Optional[str], run_dir: Path, timeout
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     s = json.loads((run_dir / "summary.json").read_text())
-    costs = run_dir / "virtual.json"
-    return s | {"process_wall_s": wall if wall is not None else s.get("sim_wall_time_s"), "run_dir": str(run_dir),
-                "costs": json.loads(costs.read_text()) if costs.exists() else None}
+    costs = json.loads((run_dir / "virtual.json").read_text()) if (run_dir / "virtual.json").exists() else None
+    if wall is None:  # reused: the run's own record of its wall time (a virtual summary's times are virtual)
+        wall = costs["wall_s"] if costs else s.get("sim_wall_time_s")
+    return s | {"process_wall_s": wall, "run_dir": str(run_dir), "costs": costs}
 
 
 def from_training_start(run_dir: Path, mark: float = 0.9) -> tuple[Optional[float], Optional[float]]:

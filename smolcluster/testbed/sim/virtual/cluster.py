@@ -278,7 +278,8 @@ class VirtualCluster(SimCluster):
         virtual_s = self.sched.now
         costs = {"wall_s": round(wall_s, 2), "virtual_s": round(virtual_s, 3),
                  "wall_s_per_virtual_s": round(wall_s / virtual_s, 4) if virtual_s else None,
-                 "events": self.sched.events_run, "nodes": len(self.topology.nodes), "peak_rss_mb": round(peak_mb, 1)}
+                 "events": self.sched.events_run, "nodes": len(self.topology.nodes), "peak_rss_mb": round(peak_mb, 1),
+                 "reference_ms_per_sample": self.reference_ms_per_sample}  # the compute model this run charged
         write_atomic(self.run_dir / VIRTUAL_FILE, json.dumps(costs, indent=2))
         print(f"virtual: {virtual_s:.2f} s simulated in {wall_s:.1f} s wall ({costs['wall_s_per_virtual_s']} wall s per "
               f"simulated s), {self.sched.events_run} events, peak memory {peak_mb:.0f} MB", file=out)
