@@ -147,3 +147,18 @@ def test_messages_cross_the_routed_path_in_order_and_faults_act_on_hops():
         toxi.add_toxic("pi4->mini3", "slow_close", {"delay": 1})  # not modelled: the injector logs it as failed
     # pi4's traffic crosses both hops of its path, mini2's link carries none of it
     assert net.hops["mini3->mini1"].up.bytes == net.hops["pi4->mini3"].up.bytes > 0 == net.hops["mini2->mini1"].up.bytes
+
+
+def test_a_paused_process_resumes_where_it_stopped():
+    sched, ran = Scheduler(), []
+
+    def steps() -> None:
+        for _ in range(4):
+            sched.sleep(1.0)
+            ran.append(sched.now)
+
+    proc = sched.spawn("pi4", steps)
+    sched.at(1.5, lambda: sched.pause(proc))  # SIGSTOP: its wake-up at 2.0 waits for the resume
+    sched.at(5.0, lambda: sched.resume(proc))
+    sched.run()
+    assert ran == [1.0, 5.0, 6.0, 7.0] and proc.done
