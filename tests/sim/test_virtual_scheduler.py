@@ -162,3 +162,11 @@ def test_a_paused_process_resumes_where_it_stopped():
     sched.at(5.0, lambda: sched.resume(proc))
     sched.run()
     assert ran == [1.0, 5.0, 6.0, 7.0] and proc.done
+
+
+def test_a_bandwidth_collapse_toxic_sets_the_rate_of_its_direction():
+    d = direction(mbit=940.0, delay_ms=0.0)
+    d.toxics["fault:slow:upstream"] = {"type": "bandwidth", "attributes": {"rate": 100}}  # KB/s, as Toxiproxy's
+    assert transmit([d], 100_000, now=0.0) == pytest.approx(1.0)
+    del d.toxics["fault:slow:upstream"]  # healed
+    assert transmit([d], 100_000, now=1.0) == pytest.approx(1.0 + 100_000 / (940e6 / 8))
