@@ -11,7 +11,6 @@ steps, blended as polyak_alpha * server + (1 - polyak_alpha) * local.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
@@ -36,9 +35,9 @@ class Server(ServerBase):
             self.stop_idle()
             self.log.warning(f"stopping before the first step: {self.stop_reason}")
             return
-        self.deadline = time.monotonic() + self.cluster.timeout
+        self.deadline = self.clock.monotonic() + self.cluster.timeout
         while self.step < total:
-            wait = self.deadline - time.monotonic() if self.contribs else 0.5
+            wait = self.deadline - self.clock.monotonic() if self.contribs else 0.5
             self.next_event(timeout=min(0.5, wait))
             if self.step_can_close():
                 self.close_step()
@@ -54,12 +53,12 @@ class Server(ServerBase):
     def wait_for_workers(self) -> bool:
         """Start when every configured worker joined, or after idle_timeout with at least min_workers.
         False when workers joined and all of them left again for idle_timeout: nobody is coming."""
-        t0 = time.monotonic()
+        t0 = self.clock.monotonic()
         while True:
             present = len(self.peers) + int(self.cluster.server_trains)
             if len(self.peers) == self.cluster.num_workers:
                 return True
-            if present >= self.cluster.min_workers and time.monotonic() - t0 > self.cluster.idle_timeout:
+            if present >= self.cluster.min_workers and self.clock.monotonic() - t0 > self.cluster.idle_timeout:
                 self.log.warning(f"starting with {len(self.peers)} of {self.cluster.num_workers} workers")
                 return True
             if self.idle_too_long():
@@ -70,7 +69,7 @@ class Server(ServerBase):
         self.contribs: dict[int, tuple[dict[str, torch.Tensor], int, float]] = {}
         self.settled: set[int] = set()  # ranks whose push for this step was rejected: not waited for
         self.arrived: dict[int, float] = {}
-        self.opened_at = time.monotonic()
+        self.opened_at = self.clock.monotonic()
         self.deadline = self.opened_at + self.cluster.timeout
         if self.cluster.server_trains and not self.done_training_data():
             self.contribs[0] = self.own_gradients()
@@ -82,7 +81,7 @@ class Server(ServerBase):
         if len(self.contribs) < self.cluster.min_workers:
             return False
         everyone = self.live_ranks() <= set(self.contribs) | self.settled
-        return everyone or time.monotonic() >= self.deadline
+        return everyone or self.clock.monotonic() >= self.deadline
 
     def close_step(self) -> None:
         s = self.step
@@ -93,7 +92,7 @@ class Server(ServerBase):
         loss = sum(l * n for _, n, l in self.contribs.values()) / total_samples
         self.version += 1
         self.step += 1
-        now = time.monotonic()
+        now = self.clock.monotonic()
         send_weights = self.step % self.cluster.worker_update_interval == 0
         for rank in self.contribs:
             self.count_applied(rank)
@@ -136,7 +135,7 @@ class Server(ServerBase):
         if self.robust is not None:
             self.robust.accept(peer.rank, size)
         self.contribs[peer.rank] = (grads, push.samples, push.loss if push.loss is not None else math.nan)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         self.arrived[peer.rank] = now
         st.record_push(push.samples, staleness=self.version - push.base_version, now=now)
 
