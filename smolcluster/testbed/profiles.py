@@ -69,6 +69,9 @@ class DeviceProfile:
     speed: float = checked(above=0, max=1000, fix="a relative speed > 0 (mac-mini = 1.0)")  # a node computes 1/speed times slower
     cores: int = checked(min=1, max=4096)
     memory_mb: int = checked(min=64, unit="MB")
+    # the virtual backend's compute model: a training step's milliseconds per sample on this device (unset: the
+    # reference device's figure x the node's slowdown). `smolcluster sim FILE --backend virtual --calibrate` measures it.
+    ms_per_sample: float | None = checked(None, above=0, unit="ms")
 
 
 def series(a: LinkProfile, b: LinkProfile) -> LinkProfile:

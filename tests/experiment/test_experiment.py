@@ -85,7 +85,7 @@ def test_the_bundled_stragglers_experiment_loads():
     (("timeout: auto", "timeout: auto, seed: 3"), "arms[1].seed", "seeds list"),
     (("topology: hybrid.yaml", "topology: nowhere.yaml"), "topology", "relative to the experiment file"),
     (("reference: false", "reference: false\nfaults: nowhere.yaml"), "faults", "fault schedule file"),
-    (("reference: false", "reference: false\nbackend: docker"), "backend", "local, compose"),
+    (("reference: false", "reference: false\nbackend: docker"), "backend", "local, compose, virtual"),
 ])
 def test_bad_files_name_the_file_the_key_and_the_fix(tmp_path, edit, key, words):
     f = write(tmp_path, TINY.replace(*edit))

@@ -60,3 +60,12 @@ def test_ddp_sim_trains_and_reports_its_links(tmp_path, mnist_dir, routes):
     else:
         assert s["ddp_links"]["mode"] == "direct" and "unshaped" in s["ddp_links"]["note"] and gloo == []
     assert s["evals"][-1]["version"] == 50 and (run_dir / "accuracy.png").exists() == ("plots: skipped" not in r.stdout)
+
+
+def test_the_virtual_backend_refuses_ddp():
+    from smolcluster.common.errors import SimError
+    from smolcluster.testbed.sim.options import SimOptions
+    from smolcluster.testbed.sim.run import run_sim
+
+    with pytest.raises(SimError, match="use --backend local"):
+        run_sim(SimOptions(file=HYBRID, algo="ddp", backend="virtual"))

@@ -104,7 +104,7 @@ class Server(ServerBase):
                 w.copy_(weights[name])
         self.version = self.step = push.worker_step
         self.count_applied(peer.rank)
-        st.record_push(push.samples, staleness=0, now=time.monotonic())
+        st.record_push(push.samples, staleness=0, now=self.clock.monotonic())
         st.reported_steps = push.worker_step
         self.after_update(source=peer.rank, staleness=0, loss=push.loss)  # evaluates every eval_steps
         peer.send(Message(MessageKind.ACK, {"status": "applied", "version": self.version}))

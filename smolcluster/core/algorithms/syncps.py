@@ -12,7 +12,6 @@ adapts to the recent arrival delays (deadline.py); every update records the dead
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
@@ -53,10 +52,10 @@ class Server(ServerBase):
             self.stop_idle()
             self.log.warning(f"stopping before the first step: {self.stop_reason}")
             return
-        self.opened_at = self.opened[self.step] = time.monotonic()  # the first step opens once everyone is here
+        self.opened_at = self.opened[self.step] = self.clock.monotonic()  # the first step opens once everyone is here
         self.deadline = self.opened_at + self.deadline_s
         while self.step < total:
-            wait = self.deadline - time.monotonic() if self.contribs else 0.5
+            wait = self.deadline - self.clock.monotonic() if self.contribs else 0.5
             self.next_event(timeout=min(0.5, wait))
             if self.step_can_close():
                 self.close_step()
@@ -72,12 +71,12 @@ class Server(ServerBase):
     def wait_for_workers(self) -> bool:
         """Start when every configured worker joined, or after idle_timeout with at least min_workers.
         False when workers joined and all of them left again for idle_timeout: nobody is coming."""
-        t0 = time.monotonic()
+        t0 = self.clock.monotonic()
         while True:
             present = len(self.peers) + int(self.cluster.server_trains)
             if len(self.peers) == self.cluster.num_workers:
                 return True
-            if present >= self.cluster.min_workers and time.monotonic() - t0 > self.cluster.idle_timeout:
+            if present >= self.cluster.min_workers and self.clock.monotonic() - t0 > self.cluster.idle_timeout:
                 self.log.warning(f"starting with {len(self.peers)} of {self.cluster.num_workers} workers")
                 return True
             if self.idle_too_long():
@@ -88,7 +87,7 @@ class Server(ServerBase):
         self.contribs: dict[int, tuple[dict[str, torch.Tensor], int, float]] = {}
         self.settled: set[int] = set()  # ranks whose push for this step was rejected: not waited for
         self.arrived: dict[int, float] = {}
-        self.opened_at = self.opened[self.step] = time.monotonic()
+        self.opened_at = self.opened[self.step] = self.clock.monotonic()
         self.opened.pop(self.step - 1000, None)
         self.deadline_s = self.step_deadline()
         self.deadline = self.opened_at + self.deadline_s
@@ -102,7 +101,7 @@ class Server(ServerBase):
         if len(self.contribs) < self.cluster.min_workers:
             return False
         everyone = self.live_ranks() <= set(self.contribs) | self.settled
-        return everyone or time.monotonic() >= self.deadline
+        return everyone or self.clock.monotonic() >= self.deadline
 
     def close_step(self) -> None:
         s = self.step
@@ -113,7 +112,7 @@ class Server(ServerBase):
         loss = sum(l * n for _, n, l in self.contribs.values()) / total_samples
         self.version += 1
         self.step += 1
-        now = time.monotonic()
+        now = self.clock.monotonic()
         send_weights = self.step % self.cluster.worker_update_interval == 0
         for rank in self.contribs:
             self.count_applied(rank)
@@ -158,7 +157,7 @@ class Server(ServerBase):
         if self.robust is not None:
             self.robust.accept(peer.rank, size)
         self.contribs[peer.rank] = (grads, push.samples, push.loss if push.loss is not None else math.nan)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         self.arrived[peer.rank] = now
         self.observe_arrival(push.step)
         st.record_push(push.samples, staleness=self.version - push.base_version, now=now)
@@ -166,7 +165,7 @@ class Server(ServerBase):
     def observe_arrival(self, step: int) -> None:
         """A push for `step` (open or closed) arrived now: its delay feeds the adaptive deadline."""
         if self.adaptive and step in self.opened:
-            self.adaptive.observe(time.monotonic() - self.opened[step])
+            self.adaptive.observe(self.clock.monotonic() - self.opened[step])
 
     def _rejected(self, peer: Peer, reason: str, detail: str, weights: bool = True) -> None:
         self.reject(peer.rank, reason, detail)

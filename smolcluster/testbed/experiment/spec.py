@@ -45,7 +45,7 @@ class ExperimentFile:
 
     topology: str = checked(fix="e.g. topology: ../topologies/hybrid.yaml (relative to this file)")
     name: str = ""
-    backend: Literal["local", "compose"] = "local"
+    backend: Literal["local", "compose", "virtual"] = "local"
     epochs: int | None = checked(None, min=1, fix="use a positive integer, or leave it out (the topology's)")
     max_steps: int | None = checked(None, min=1, fix="use a positive integer, or leave it out")
     faults: str | None = checked(None, fix="a fault schedule file (faults: [...]) relative to this file")

@@ -152,6 +152,7 @@ class RunSummary(_Record):
     wall_time_s: Optional[float] = _omit_if_none()  # the server's, from its start to its end
     final_test_accuracy: Optional[float] = _omit_if_none()
     final_test_loss: Optional[float] = _omit_if_none()
+    model_sha256: Optional[str] = _omit_if_none()  # SHA-256 of the final parameters (names sorted): equal = bit-identical
     pushes_applied: Optional[int] = _omit_if_none()
     pushes_late: Optional[int] = _omit_if_none()
     pushes_rejected: Optional[int] = _omit_if_none()
