@@ -46,13 +46,13 @@ def test_a_tiny_experiment_runs_every_arm_and_seed_and_resumes(tmp_path, mnist_d
         for seed, r in arm["runs"].items():
             summary = json.loads((out / "runs" / f"{arm['name']}-seed{seed}" / "summary.json").read_text())
             assert summary["config"]["seed"] == int(seed) and summary["steps"] == 40
-    # the adaptive deadline, live: after its warm-up it closes steps without the Pi 4 (rank 4, x12.5)
+    # the adaptive deadline, live: the warm-up waits up to timeout_max (10 s), then it follows the arrivals
     auto = results["arms"][1]
-    assert auto["deadline_s"]["median"] < 1.0  # far below timeout_max (10 s), where a warm-up step waits
+    assert auto["deadline_s"]["median"] < 1.0
     server = out / "runs" / "syncps-auto-seed1" / "nodes" / "mini1" / "metrics.jsonl"
     updates = [json.loads(line) for line in server.read_text().splitlines() if '"update"' in line]
     assert all("deadline_s" in u and "arrival_s" in u for u in updates)
-    assert sum(4 in u["missing"] for u in updates[10:]) >= 10
+    assert updates[0]["deadline_s"] == 10.0 and max(u["deadline_s"] for u in updates[10:]) < 1.0
     assert "syncps-auto: deadline median" in (out / "report.txt").read_text()
     assert (out / "accuracy.png").exists() and (out / "time_to_target.png").exists()
 
