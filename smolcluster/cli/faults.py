@@ -46,13 +46,14 @@ def register(app: typer.Typer) -> None:
         from smolcluster.testbed.faults.matrix import SCENARIO_NAMES, SMALL_TOPOLOGY, format_matrix, matrix_json, run_matrix
 
         names = [n.strip() for n in faults.split(",")] if faults else list(SCENARIO_NAMES)
-        algo_list = [a.strip() for a in algos.split(",") if a.strip()] if algos else list(algorithms.names())
+        algo_list = [a.strip() for a in algos.split(",") if a.strip()] if algos else list(algorithms.in_fault_matrix())
         for n in names:
             if n not in SCENARIO_NAMES:
                 raise ConfigError(None, "--faults", f"unknown fault scenario {n!r}", f"use some of: {', '.join(SCENARIO_NAMES)}")
         for a in algo_list:
-            if a not in algorithms.names():
-                raise ConfigError(None, "--algos", f"unknown algorithm {a!r}", f"use some of: {', '.join(algorithms.names())}")
+            if a not in algorithms.in_fault_matrix():
+                problem = f"unknown algorithm {a!r}" if a not in algorithms.names() else f"{a} is not in the fault matrix"
+                raise ConfigError(None, "--algos", problem, f"use some of: {', '.join(algorithms.in_fault_matrix())}")
         out = out_dir or Path("runs") / f"faults-matrix-{_time.strftime('%Y%m%d-%H%M%S')}"
 
         def progress(o) -> None:

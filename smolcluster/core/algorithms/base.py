@@ -832,6 +832,7 @@ class ServerBase:
             "torch": self.ctx.torch,
             "config": to_dict(self.cfg.cluster) | {"nn": to_dict(self.cfg.nn)},
         }
+        summary |= self.summary_fields()
         about = getattr(self.ctx.task, "about", None)
         if about:  # a GPT on wikitext-2: which splits (train on valid offline) and which tokenizer
             perplexity = math.exp(loss) if loss < 700 else math.inf  # a diverged run must still write its summary
@@ -841,6 +842,10 @@ class ServerBase:
                                stop_reason=summary["stop_reason"])
         self.log.info(f"done: {self.version} updates, test accuracy {acc:.4f}, wall {summary['wall_time_s']} s")
         return summary
+
+    def summary_fields(self) -> dict[str, Any]:
+        """What an algorithm adds to its summary (SyncPS: the deadline it used)."""
+        return {}
 
     def idle_too_long(self) -> bool:
         """No worker connected for idle_timeout seconds (after at least one joined)."""

@@ -164,7 +164,7 @@ def run_matrix(faults: Iterable[str] = SCENARIO_NAMES, algos: Iterable[str] | No
     results = []
     for name in faults:
         sc = scenario(name)
-        for algo in algos if algos is not None else algorithms.names():
+        for algo in algos if algos is not None else algorithms.in_fault_matrix():
             outcome = run_scenario(sc, algo, Path(out_dir) / f"{name}-{algo}", topology)
             results.append(outcome)
             if progress is not None:

@@ -169,6 +169,7 @@ class RunSummary(_Record):
     checkpoint_failures: Optional[int] = _omit_if_none()  # checkpoints that could not be written (a full disk)
     final_checkpoint: Optional[str] = _omit_if_none()  # its path (None: it could not be written)
     per_worker: list[WorkerStats] = field(default_factory=list)
+    deadline: Optional[dict[str, Any]] = _omit_if_none()  # SyncPS: mode fixed (seconds) or auto (k, window, bounds, median_s, ...)
     torch: Optional[dict[str, Any]] = _omit_if_none()  # version, build, import_rss_mb: what the nodes ran
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -190,6 +191,7 @@ class RunSummary(_Record):
     compose_project: Optional[str] = _omit_if_none()
     compose_file: Optional[str] = _omit_if_none()
     shaping: Optional[dict[str, str]] = _omit_if_none()  # compose: "node/network" -> qdisc
+    ddp_links: Optional[dict[str, Any]] = _omit_if_none()  # DDP, local: mode routed | partly routed | direct (unshaped), pairs
     extra: dict[str, Any] = field(default_factory=dict)
 
 

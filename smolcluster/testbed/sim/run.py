@@ -45,6 +45,9 @@ def run_sim(opts: SimOptions, out: TextIO = sys.stdout) -> int:
     if opts.check:
         return run_check(topo, toxiproxy_url=opts.toxiproxy, as_json=opts.as_json, out=out, seed=opts.seed)
     if opts.backend == "virtual":
+        if algorithms.get(opts.algo or topo.training.algorithm).collective:
+            raise SimError("DDP runs real torch.distributed process groups, which virtual time cannot schedule: "
+                           "use --backend local")
         return run_virtual(topo, opts, out=out)
     return run_local(topo, opts, out=out)
 
