@@ -175,6 +175,40 @@ def test_unhealed_fault_lasts_until_target_rejoins(run_dir):
     assert r["updates_missing_workers"] == 10
 
 
+def test_explicit_heal_reports_its_own_reaction(run_dir):
+    """A partition of w2 at 10 s ended by a `heal` entry at 15 s: the heal says what it ended and how the
+    cluster came back after it, measured against the rate before the partition (not the degraded one)."""
+    _write_jsonl(run_dir / "faults.jsonl", [
+        {"time": T0 + 10, "fault": "cut-w2", "target": "w2->srv", "action": "fired", "kind": "partition", "duration": None},
+        {"time": T0 + 15, "fault": "heal-w2", "target": "w2->srv", "action": "fired", "kind": "heal", "duration": None},
+        {"time": T0 + 15, "fault": "cut-w2", "target": "w2->srv", "action": "healed", "kind": "partition", "by": "heal-w2"}])
+    cut, heal = fault_reactions(load_run(run_dir), window_s=1.0)
+    assert cut["healed_after_s"] == pytest.approx(5.0) and "ends" not in cut
+    assert heal["ends"] == [{"fault": "cut-w2", "after_s": 5.0}]
+    assert heal["throughput_before"] == pytest.approx(10.0)  # before the partition, not the 2/s before the heal
+    assert heal["recovered_after_s"] == pytest.approx(0.5)  # 10/s again from 15.5 s
+    assert [(j["host"], j["after_s"]) for j in heal["rejoins"]] == [("w2", 1.0)]
+    assert heal["late_pushes"] == 2 and heal["staleness_peak"] == 6
+    table = summary_table(load_run(run_dir))
+    assert "heal-w2 w2->srv  (ends cut-w2 after 5.0 s)" in table
+    assert "(not healed)" not in table
+    assert "throughput 10.0 updates/s before cut-w2, back to >=80 % after 0.5 s" in table
+
+
+def test_resume_entry_and_instant_restart_are_not_unhealed(run_dir):
+    _write_jsonl(run_dir / "faults.jsonl", [
+        {"time": T0 + 10, "fault": "stop-w2", "target": "w2", "action": "fired", "kind": "pause", "duration": None},
+        {"time": T0 + 15, "fault": "go-w2", "target": "w2", "action": "fired", "kind": "resume", "duration": None},
+        {"time": T0 + 15, "fault": "stop-w2", "target": "w2", "action": "healed", "kind": "pause", "by": "go-w2"},
+        {"time": T0 + 20, "fault": "again-w1", "target": "w1", "action": "fired", "kind": "restart", "duration": None},
+        {"time": T0 + 22, "fault": "gone-w1", "target": "w1", "action": "fired", "kind": "kill", "duration": None}])
+    table = summary_table(load_run(run_dir))
+    assert "go-w2 w2  (ends stop-w2 after 5.0 s)" in table
+    assert "again-w1 w1  (instant)" in table
+    assert "gone-w1 w1  (permanent)" in table
+    assert "(not healed)" not in table
+
+
 def test_fault_that_never_recovers(run_dir):
     """A fault at 29.5 s: the run ends before a full window at the old rate fits."""
     _write_jsonl(run_dir / "faults.jsonl", [{"time": T0 + 29.5, "fault": "kill", "target": "srv", "action": "fired"}])

@@ -9,8 +9,11 @@ What gets rendered (into RUN_DIR/compose/, readable and usable by hand with `doc
 - an entrypoint script per node (entrypoints/NAME.sh) that drops docker's default route,
   adds the topology's static routes (return routes included), shapes every interface with
   tc, then execs the node's command. Dropping the default route matters: otherwise traffic
-  the topology does not route would leak through the docker host;
-- NET_ADMIN for `ip route` / `tc`; cpu and memory limits from the device profiles;
+  the topology does not route would leak through the docker host. Without netem, loss is
+  dropped by iptables as packets arrive, and an interface whose senders could outpace its own
+  receive rate (a Wi-Fi laptop's down rate on a cabled LAN) gets its ingress shaped on an IFB
+  device (smolcluster.testbed.linkemu.netem); each probe's outcome goes into the ready file;
+- NET_ADMIN for `ip route` / `tc` / `iptables`; cpu and memory limits from the device profiles;
 - a Toxiproxy service standing in for the server on the networks workers dial: each worker
   dials its own proxy there, whose upstream is the server. Latency and jitter toxics go on
   these proxies when the kernel has no netem; network faults always go through them.
