@@ -156,6 +156,15 @@ class ComposeProject:
     # "none: <why>"), for the interfaces that needed it; filled in from the containers like `mechanisms`
     loss: dict[str, str] = field(default_factory=dict)
     ingress: dict[str, str] = field(default_factory=dict)
+    toxiproxy_links: list[LinkShaping] = field(default_factory=list)  # the Toxiproxy service's interfaces
+
+    def path_links(self) -> dict[str, LinkShaping]:
+        """"node/network" -> shaping of the interfaces the proxied training traffic crosses: every node's,
+        with the Toxiproxy service's in place of the server's on the networks it stands in for the server."""
+        server = self.topology.server.name
+        out = {f"{l.node}/{l.network}": l for l in self.links
+               if not (l.node == server and l.network in self.toxiproxy_address)}
+        return out | {f"{l.node}/{l.network}": l for l in self.toxiproxy_links}
 
     @property
     def ready_dir(self) -> Path:
@@ -338,7 +347,7 @@ def _entrypoint(name: str, mechanism: str, routes: Sequence[tuple[str, str]], li
         lines.append(f'STATUS="$STATUS;link {link.network} $MECH"')
         if link.ingress_mbit:
             # what this interface receives: its senders may be faster than its own down rate
-            lines.append(f'if [ "$MECH" = none ]; then ING="none: no tc qdisc"')
+            lines.append('if [ "$MECH" = none ]; then ING="none: no tc qdisc"')
             lines.append(f'elif OUT=$(ip link add {link.ifb} type ifb 2>&1); then')
             lines.append(f"  {_shell(link.ingress(), f'ingress shaping failed on {link.network}')}; ING={netem.INGRESS_IFB}")
             lines.append(f'else ING="none: ip link add {link.ifb} type ifb failed: $(echo "$OUT" | head -n 1 | tr -d \';\')"; fi')
@@ -447,9 +456,8 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
             "labels": {"smolcluster.core.training.node": node.name, "smolcluster.role": node.role},
         }
 
+    toxi_links = toxiproxy_links(topo, links, toxi_addr)
     if toxi_nets:
-        server = topo.server
-        toxi_links = toxiproxy_links(topo, links, toxi_addr)
         script = compose_dir / "entrypoints" / f"{TOXIPROXY_SERVICE}.sh"
         write_atomic(script, _entrypoint(TOXIPROXY_SERVICE, mechanism, _toxiproxy_routes(topo, toxi_nets), toxi_links,
                                       f"{CONTAINER_RUN_DIR}/compose/ready/{TOXIPROXY_SERVICE}"))
@@ -507,7 +515,7 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
         [{"name": p.name, "listen": p.listen, "upstream": p.upstream, "enabled": True} for p in proxies], indent=2) + "\n")
     return ComposeProject(project=project, run_dir=run_dir, compose_dir=compose_dir, compose_file=compose_file,
                           topology=topo, image=image, mechanism=mechanism, links=links, proxies=proxies,
-                          toxiproxy_address=toxi_addr, services=list(services))
+                          toxiproxy_address=toxi_addr, services=list(services), toxiproxy_links=toxi_links)
 
 
 RESUME_MARKER = "resume"  # RUN_DIR/nodes/<server>/resume: the next start of the server container passes --resume

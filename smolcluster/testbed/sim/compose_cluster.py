@@ -98,8 +98,8 @@ class ComposeCluster(SimCluster):
         self.toxics: dict[str, list[dict]] = {}
         self._ids: dict[str, str] = {}
         self._up = False
-        self._lossy = {f"{l.node}/{l.network}" for l in self.cp.links if l.lossy}
-        self._ingress = {f"{l.node}/{l.network}" for l in self.cp.links if l.ingress_mbit}
+        self._lossy = {k for k, l in self.cp.path_links().items() if l.lossy}
+        self._ingress = {k for k, l in self.cp.path_links().items() if l.ingress_mbit}
 
     @property
     def teardown_note(self) -> str:  # type: ignore[override]
