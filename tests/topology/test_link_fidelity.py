@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,24 @@ def test_fault_matrix_on_other_node_names_trains_through_a_lossy_link_in_contain
     assert link["loss_emulated"] and link["mechanism"] in ("tbf+iptables-loss+proxy", "netem"), link
     assert next(l for l in summary["links"] if l["src"] == "slowdown")["mechanism"] in ("tbf+ifb+proxy", "netem+ifb"), summary["links"]
     _assert_clean(docker_env, summary["compose_project"])
+
+
+@pytest.mark.parametrize("iptables, reason", [
+    (None, "no iptables command in the container (install Debian's iptables)"),
+    ("echo 'iptables v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied' >&2; exit 4",
+     "iptables failed: iptables v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied"),
+])
+def test_without_usable_iptables_the_entrypoint_falls_back_and_says_why(tmp_path, iptables, reason):
+    """The probe the entrypoints run, executed by sh: no iptables, or one that fails, leaves loss off with the reason."""
+    from smolcluster.testbed.sim.compose import _LOSS_PROBE
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("head", "tr"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    if iptables is not None:
+        (bin_dir / "iptables").write_text(f"#!/bin/sh\n{iptables}\n")
+        (bin_dir / "iptables").chmod(0o755)
+    r = subprocess.run(["/bin/sh", "-c", f'MECH=tbf\n{_LOSS_PROBE}\necho "$LOSS: $LOSS_WHY"'], capture_output=True, text=True,
+                       env={"PATH": str(bin_dir)}, timeout=30)
+    assert r.stdout.strip() == f"none: {reason}", r.stdout + r.stderr
