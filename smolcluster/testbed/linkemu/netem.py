@@ -12,6 +12,10 @@ worker's proxy instead (see smolcluster/testbed/sim/compose.py), and loss comes 
   a smaller window. (Dropping in OUTPUT instead would hand the sending TCP an EPERM: it retries
   at once, without a loss event, which understates what loss costs.) Each end of a hop drops
   loss_pct of what it receives, so each direction of the hop loses loss_pct, as with netem.
+  Drops are per packet, and a container's TCP hands its interface super-packets of up to 64 KB
+  (GSO; a veth passes them on whole), so on a lossy network every interface sends one segment
+  per packet (`unsegmented_commands`): otherwise one "packet" lost is ~40 segments lost at once,
+  a single loss event for TCP, and 2 % loss would cost it far less than 2 % loss on a wire.
 - **downlinks** (`ingress_commands`): a qdisc shapes what an interface sends; what it receives
   is shaped by redirecting its ingress to an IFB device and shaping that device's egress with
   tbf, so a Wi-Fi laptop's down rate holds for traffic towards it even when the sender sits on
@@ -92,6 +96,11 @@ def ingress_commands(ifb: str, rate_mbit: float, exempt: Sequence[str] = (), dev
     cmds.append(["tc", "filter", "add", "dev", dev, "parent", "ffff:", "prio", "2", "protocol", "all",
                  "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", ifb])
     return cmds
+
+
+def unsegmented_commands(dev: str = "$DEV") -> list[list[str]]:
+    """Make TCP over `dev` send one segment per packet (no GSO super-packets), so per-packet drops are per segment."""
+    return [["ip", "link", "set", "dev", dev, "gso_max_segs", "1"]]
 
 
 def _probability(loss_pct: float) -> str:

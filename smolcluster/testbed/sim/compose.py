@@ -104,6 +104,7 @@ class LinkShaping:
     loss_pct: float = 0.0  # of what it receives (without netem; netem drops on egress instead)
     loss_by_source: tuple[tuple[str, float], ...] = ()  # neighbours whose hop here has another loss
     exempt: tuple[str, ...] = ()  # sources neither dropped nor ingress-shaped (the toxiproxy <-> server leg)
+    unsegmented: bool = False  # one TCP segment per packet: an end of a lossy hop (netem.unsegmented_commands)
 
     @property
     def ifb(self) -> str:
@@ -243,7 +244,10 @@ def plan_links(topo: Topology, toxi_addr: dict[str, str] | None = None) -> list[
             out.append(LinkShaping(node=node.name, network=net, address=str(addr), profile=p, rate_mbit=rate, commands=cmds,
                                    index=index, ingress_mbit=receive if receive < fastest else None, loss_pct=p.loss_pct,
                                    loss_by_source=tuple(by_source), exempt=exempt))
-    return out
+    # both ends of every lossy hop of the workers' paths send one segment per packet (routers segment what they forward)
+    lossy_ends = {(node, hop.network) for w in topo.workers for hop in path_to_server(topo, w.name) if hop.profile.loss_pct > 0
+                  for node in (hop.src, hop.dst)}
+    return [dataclasses.replace(l, unsegmented=True) if (l.node, l.network) in lossy_ends else l for l in out]
 
 
 def toxiproxy_links(topo: Topology, links: Sequence[LinkShaping], toxi_addr: dict[str, str]) -> list[LinkShaping]:
@@ -340,6 +344,8 @@ def _entrypoint(name: str, mechanism: str, routes: Sequence[tuple[str, str]], li
                      + (", loss from " + ", ".join(f"{a} {pct:g}%" for a, pct in link.loss_by_source) if link.loss_by_source else "")
                      + ")")
         lines.append(f"DEV=$(dev_of {link.address}); [ -n \"$DEV\" ] || fail 'no interface has {link.address}'")
+        if link.unsegmented:
+            lines.append(_shell(netem.unsegmented_commands(), f"ip link (gso) failed on {link.network}"))
         lines.append('case "$MECH" in')
         for mech in netem.MECHANISMS:
             lines.append(f"  {mech}) {_shell(link.commands[mech], f'tc ({mech}) failed on {link.network}')} ;;")
@@ -633,9 +639,38 @@ def leftovers(env: DockerEnv, project: str) -> tuple[list[str], list[str]]:
             env.run(["network", "ls", "-q", "--filter", label], timeout=60, check=False).stdout.split())
 
 
+def netns_service(cp: ComposeProject, node: str) -> str:
+    """The service whose container holds `node`'s network setup (Shopify's image joins a holder's namespace)."""
+    if node == TOXIPROXY_SERVICE and f"{TOXIPROXY_SERVICE}-net" in cp.services:
+        return f"{TOXIPROXY_SERVICE}-net"
+    return service_name(node)
+
+
+# Insert (or delete) a RETURN at the top of an interface's loss chain, with whichever iptables set it up.
+_LOSS_SWITCH = ('export XTABLES_LOCKFILE=/tmp/xtables.lock; for c in iptables iptables-legacy; do '
+                '"$c" -w -t raw "$0" "$1" 1 $2 2>/dev/null && exit 0; done; echo "no iptables holds chain $1" >&2; exit 1')
+
+
+@contextmanager
+def loss_paused(env: DockerEnv, cp: ComposeProject, interfaces: Sequence[str]) -> Iterator[None]:
+    """The iptables loss of these interfaces ("node/network") off for the `with` body, so shaping can be
+    measured on its own; back on afterwards, whatever happens."""
+    links = cp.path_links()
+    chains = [(netns_service(cp, key.split("/")[0]), links[key].loss_chain) for key in interfaces]
+    paused = []
+    try:
+        for service, chain in chains:
+            exec_in(env, cp, service, ["/bin/sh", "-c", _LOSS_SWITCH, "-I", chain, "-j RETURN"], timeout=30)
+            paused.append((service, chain))
+        yield
+    finally:
+        for service, chain in paused:
+            exec_in(env, cp, service, ["/bin/sh", "-c", _LOSS_SWITCH, "-D", chain, ""], timeout=30)
+
+
 def toxiproxy_api_url(env: DockerEnv, cp: ComposeProject) -> str:
     """http://127.0.0.1:PORT of the toxiproxy service's API (published on the host's loopback only)."""
-    holder = f"{TOXIPROXY_SERVICE}-net" if f"{TOXIPROXY_SERVICE}-net" in cp.services else TOXIPROXY_SERVICE
+    holder = netns_service(cp, TOXIPROXY_SERVICE)
     out = env.run(["port", container_id(env, cp, holder), f"{TOXIPROXY_API_PORT}/tcp"], timeout=30).stdout.strip()
     host_port = out.splitlines()[0].rsplit(":", 1)[-1]
     return f"http://127.0.0.1:{int(host_port)}"

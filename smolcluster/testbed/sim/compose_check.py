@@ -27,7 +27,7 @@ from smolcluster.testbed.sim import compose as cmp
 from smolcluster.testbed.sim.compose_cluster import SERVER_PORT, ComposeCluster, host_mnist_dir, image_for
 from smolcluster.testbed.sim.docker_env import DockerEnv
 from smolcluster.testbed.sim.linkcheck import (BULK_SECONDS, MIN_CHECKABLE_RTT_MS, RTT_SAMPLES, TOLERANCE, PathResult,
-                                               format_check, loss_cost_note, loss_margin_pct, loss_ok, within_tolerance)
+                                               format_check, loss_margin_pct, loss_ok, within_tolerance)
 from smolcluster.testbed.topology import (Topology, path_down_mbit, path_expectation, path_loss_pct, path_to_server,
                                           server_address_for)
 
@@ -43,7 +43,7 @@ LOSS_PROBE_MAX_PPS = 5000
 LOSS_PROBE_COUNT = (2000, 15000)
 UDP_WIRE_BYTES = UDP_PAYLOAD + 8 + 20 + 14  # + UDP, IP and Ethernet headers
 COMPOSE_UNJUDGED = (f"measured, not judged (RTT < {MIN_CHECKABLE_RTT_MS:g} ms, rate > {MAX_CHECKABLE_MBIT_COMPOSE:g} Mbit/s "
-                    "or unshaped, rates on a lossy path, loss where it is not applied)")
+                    "or unshaped, rates under netem loss, loss where it is not applied)")
 
 
 def check_compose_links(topo: Topology, env: DockerEnv, run_dir: Path) -> tuple[list[PathResult], dict[str, str]]:
@@ -74,31 +74,39 @@ def _check_path(env: DockerEnv, cluster: ComposeCluster, p: cmp.ProxyRoute) -> P
     host, port = split_hostport(p.listen)
     measure = [cp.image.python, "-m", "smolcluster.testbed.linkemu.measure"]
     loss_checked = loss_exp > 0 and cluster.loss_applied(p.worker)
+    # iptables loss can be switched off for a moment: the rates are then measured on the shaping alone
+    # (judged), and once more under the loss (reported: TCP gets less than the shaped rate there)
+    iptables = [k for k, m in cluster.path_loss(p.worker).items() if m == "iptables"]
     loss: dict = {}
-    with cmp.measure_server(env, cp, cp.topology.server.name, SERVER_PORT, count=3) as server:
+    lossy_upload: dict = {}
+    with cmp.measure_server(env, cp, cp.topology.server.name, SERVER_PORT, count=4 if loss_checked else 3) as server:
+        with cmp.loss_paused(env, cp, iptables):
+            r = cmp.exec_in(env, cp, p.worker, [*measure, "rtt", host, str(port), "--count", str(RTT_SAMPLES)], timeout=120, check=False)
+            rtt = cmp.measure_result(r, f"rtt {p.worker} -> {p.listen}")["median_ms"]
+            r = cmp.exec_in(env, cp, p.worker, [*measure, "send", host, str(port), "--seconds", str(BULK_SECONDS)],
+                            timeout=BULK_SECONDS + 60, check=False)
+            upload = cmp.measure_result(r, f"throughput {p.worker} -> {p.listen}")
+            r = cmp.exec_in(env, cp, p.worker, [*measure, "recv", host, str(port), "--seconds", str(BULK_SECONDS)],
+                            timeout=BULK_SECONDS + 60, check=False)
+            down = cmp.measure_result(r, f"throughput {p.listen} -> {p.worker}")["mbit"]
         if loss_checked:
             count, pps = loss_probe_size(min(mbps_exp, down_exp))
             direct = str(server_address_for(topo, p.worker))
             r = cmp.exec_in(env, cp, p.worker, [*measure, "udp", direct, str(SERVER_PORT), "--count", str(count), "--pps", f"{pps:.0f}"],
                             timeout=count / pps + 60, check=False)
             loss = cmp.measure_result(r, f"loss probe {p.worker} -> {direct}")
-        r = cmp.exec_in(env, cp, p.worker, [*measure, "rtt", host, str(port), "--count", str(RTT_SAMPLES)], timeout=120, check=False)
-        rtt = cmp.measure_result(r, f"rtt {p.worker} -> {p.listen}")["median_ms"]
-        r = cmp.exec_in(env, cp, p.worker, [*measure, "send", host, str(port), "--seconds", str(BULK_SECONDS)],
-                        timeout=BULK_SECONDS + 60, check=False)
-        upload = cmp.measure_result(r, f"throughput {p.worker} -> {p.listen}")
-        r = cmp.exec_in(env, cp, p.worker, [*measure, "recv", host, str(port), "--seconds", str(BULK_SECONDS)],
-                        timeout=BULK_SECONDS + 60, check=False)
-        down = cmp.measure_result(r, f"throughput {p.listen} -> {p.worker}")["mbit"]
+            r = cmp.exec_in(env, cp, p.worker, [*measure, "send", host, str(port), "--seconds", str(BULK_SECONDS)],
+                            timeout=BULK_SECONDS + 60, check=False)
+            lossy_upload = cmp.measure_result(r, f"throughput under loss {p.worker} -> {p.listen}")
         server.wait(timeout=30)
     mbps = upload["mbit"]
 
     mechanism = cluster.path_mechanism(p.worker)
     shaped = mechanism != "proxy (rate unshaped: no tc qdisc)"
     rtt_checked = rtt_exp >= MIN_CHECKABLE_RTT_MS
-    # Under loss TCP gets less than the rate the kernel shapes to (that is the point of applying it), so
-    # a lossy path's rates are measured and reported, not judged against the profile.
-    lossless = not (loss_exp > 0 and cluster.loss_applied(p.worker))
+    # Under loss TCP gets less than the rate the kernel shapes to (that is the point of applying it): the
+    # rates are judged where they were measured with the loss off (iptables), else only reported (netem).
+    lossless = not loss_checked or len(iptables) == len(cluster.path_loss(p.worker))
     mbps_checked = mbps_exp <= MAX_CHECKABLE_MBIT_COMPOSE and shaped and lossless
     down_checked = down_exp <= MAX_CHECKABLE_MBIT_COMPOSE and shaped and lossless and all(
         m == "ifb" for m in cluster.path_ingress(p.worker).values())
@@ -112,6 +120,8 @@ def _check_path(env: DockerEnv, cluster: ComposeCluster, p: cmp.ProxyRoute) -> P
     if not lossless:
         notes.append(f"rates not judged: TCP under {loss_exp:g}% loss gets less than the {mbps_exp:g}/{down_exp:g} Mbit/s "
                      f"the kernel shapes to (measured {mbps:.1f}/{down:.1f})")
+    elif iptables:
+        notes.append("rates and RTT measured with the loss switched off (iptables), so they judge the shaping alone")
     notes += [f"down rate not shaped on arrival at {k} ({m.removeprefix('none: ')}), not judged"
               for k, m in cluster.path_ingress(p.worker).items() if m != "ifb"]
     margin = None
@@ -123,10 +133,12 @@ def _check_path(env: DockerEnv, cluster: ComposeCluster, p: cmp.ProxyRoute) -> P
     elif loss_exp > 0:
         notes += [f"loss not applied on {k} ({m.removeprefix('none: ')}), not measured"
                   for k, m in cluster.path_loss(p.worker).items() if m not in ("iptables", "netem")]
-    if loss_exp > 0:
-        notes.append(loss_cost_note(hops))
-    retrans = upload.get("retrans_pct")
-    if retrans is not None:
+    retrans = (lossy_upload or upload).get("retrans_pct")
+    if lossy_upload:
+        notes.append(f"TCP under the loss: {lossy_upload['mbit']:.1f} Mbit/s up"
+                     + (f", {retrans:g}% of the worker's segments retransmitted ({lossy_upload['retrans_segs']} of "
+                        f"{lossy_upload['out_segs']})" if retrans is not None else ""))
+    elif retrans is not None:
         notes.append(f"the worker's TCP retransmitted {retrans:g}% of its segments during the upload "
                      f"({upload['retrans_segs']} of {upload['out_segs']})")
     result = PathResult(src=p.worker, dst=topo.server.name, hops=[f"{h.src}->{h.dst}" for h in hops],

@@ -120,12 +120,11 @@ def loss_margin_pct(expected_pct: float, samples: int) -> float:
 
 
 def loss_cost_note(path: list) -> str:
-    """What the path's loss would cost a long TCP transfer (the Mathis et al. bound), as a note."""
+    """What the path's loss might cost TCP, by the Mathis et al. model, as a note (a model, not a measurement)."""
     rtt, mbps = path_expectation(path)
     loss = path_loss_pct(path)
-    bound = mathis_mbit(rtt, loss)
-    return (f"a long TCP transfer at {loss:g}% loss and {rtt:g} ms RTT would get at most ~{bound:.3g} Mbit/s "
-            f"of the {mbps:g} (Mathis et al.)")
+    return (f"one long Reno flow at {loss:g}% loss and {rtt:g} ms RTT would get ~{mathis_mbit(rtt, loss):.3g} of the {mbps:g} "
+            "Mbit/s by the Mathis et al. model; Linux's CUBIC gets more on short paths")
 
 
 def download(host: str, port: int, seconds: float, timeout: float = 60.0) -> dict:
