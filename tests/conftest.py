@@ -33,3 +33,23 @@ def pytest_configure(config) -> None:
 
     if not config.pluginmanager.is_registered(pytest_plugin):
         config.pluginmanager.register(pytest_plugin, "smolcluster")
+
+
+@pytest.fixture
+def local_cluster(tmp_path, mnist_dir):
+    """make(algo, nn=..., cluster=..., workers=...) -> NodeProcesses (three workers unless told); all stopped at
+    teardown. Used by the training, hardening and fuzz tests."""
+    from helpers import WORKERS, NodeProcesses, write_configs
+
+    clusters: list = []
+
+    def make(algo: str, nn: dict | None = None, cluster: dict | None = None, workers: list[str] | None = None):
+        workers = list(workers or WORKERS)
+        cfg = write_configs(tmp_path / f"config-{algo}", algo, mnist_dir, nn, cluster, workers)
+        c = NodeProcesses(tmp_path / f"run-{algo}", algo, cfg, workers=workers)
+        clusters.append(c)
+        return c
+
+    yield make
+    for c in clusters:
+        c.procs.stop_all()

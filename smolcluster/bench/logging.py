@@ -61,6 +61,8 @@ class PushSink:
 
     responses: Sequence[int | None] = (204,)
     record: bool = True
+    bind: str = "127.0.0.1"
+    port: int = 0  # 0: any free port
     requests: list[Received] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -92,7 +94,7 @@ class PushSink:
             def log_message(self, *args: Any) -> None:  # quiet: the tests read requests, not logs
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer((self.bind, self.port), Handler)
         self._server.daemon_threads = True
         # a short poll interval: close() (shutdown) waits for one poll
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="push-sink",
@@ -101,7 +103,8 @@ class PushSink:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        host = "127.0.0.1" if self.bind in ("0.0.0.0", "") else self.bind
+        return f"http://{host}:{self._server.server_address[1]}"
 
     def set_responses(self, responses: Sequence[int | None]) -> None:
         with self._lock:

@@ -40,6 +40,10 @@ def register(app: typer.Typer) -> None:
         ssh_user: Optional[str] = typer.Option(None, "--ssh-user", help="With --config-dir: ssh user for every host."),
         remote_dir: str = typer.Option("~/smolcluster", "--remote-dir", help="With --config-dir: workdir on every host."),
         python: str = typer.Option("python3", "--python", help="With --config-dir: Python on every host."),
+        logging: bool = typer.Option(False, "--logging", help="Ship every node's logs and metrics to Loki: the logging/ stack started here (Grafana), or --loki-url."),
+        loki_url: Optional[str] = typer.Option(None, "--loki-url", help="With --logging: an existing Loki every node can reach, instead of starting the stack here."),
+        controller: Optional[str] = typer.Option(None, "--controller", help="With --logging: the topology node this machine is (default: found by its addresses)."),
+        gpt_config: Optional[Path] = typer.Option(None, "--gpt-config", help="Train the GPT of this gpt_config.yaml on WikiText-2 (synced to the hosts) instead of the topology's model."),
     ) -> None:
         """Run on the real cluster: preflight, sync, start (server first, one tmux session per host), and status/stop/wait/collect/attach."""
         from smolcluster.common.errors import ConfigError
@@ -58,6 +62,7 @@ def register(app: typer.Typer) -> None:
             epochs=epochs, max_steps=max_steps, seed=seed,
             collect_dir=None if collect in (None, Path(".")) else collect, as_json=as_json, write_profiles=write_profiles,
             config_dir=config_dir if file is None else None, grace_s=grace,
+            logging=logging or bool(loki_url), loki_url=loki_url, controller=controller, gpt_config=gpt_config,
             host_defaults=HostSpec(ssh="", user=ssh_user, workdir=remote_dir, python=python))
         if file is None and config_dir is None and opts.action in ("launch", "preflight", "check"):
             opts.config_dir = Path("configs")

@@ -26,6 +26,10 @@ def register(app: typer.Typer) -> None:
         wandb: bool = typer.Option(False, "--wandb", help="Log to W&B (online with a key, else offline; never prompts)."),
         faults: Optional[Path] = typer.Option(None, "--faults", help="Fault schedule file (faults: [...]) added to the topology's own faults."),
         render_only: bool = typer.Option(False, "--render-only", help="With --backend compose: write the compose project and print how to run it by hand."),
+        logging: bool = typer.Option(False, "--logging", help="Ship every node's logs and metrics to Loki: the logging/ stack (Grafana), started here, or --loki-url."),
+        loki_url: Optional[str] = typer.Option(None, "--loki-url", help="With --logging: an existing Loki to push to instead of starting the stack."),
+        gpt_config: Optional[Path] = typer.Option(None, "--gpt-config", help="Train the GPT of this gpt_config.yaml (e.g. configs/gpt_config.yaml) "
+                                                  "on WikiText-2 instead of the topology's model; the cluster settings stay the topology's."),
     ) -> None:
         """Run a topology as an emulated cluster: every node a process, every link hop an impairing proxy."""
         from smolcluster.testbed.sim.options import SimOptions
@@ -34,5 +38,5 @@ def register(app: typer.Typer) -> None:
         install_sigterm_as_interrupt()
         opts = SimOptions(file=file, algo=algo, epochs=epochs, max_steps=max_steps, seed=seed, run_dir=run_dir, backend=backend,
                           toxiproxy=toxiproxy, check=check, as_json=as_json, wandb=wandb, faults=faults,
-                          render_only=render_only)
+                          render_only=render_only, logging=logging or bool(loki_url), loki_url=loki_url, gpt_config=gpt_config)
         raise typer.Exit(run_sim(opts))

@@ -99,6 +99,18 @@ class NonFiniteTensor(WireError):
     """A floating tensor contains NaN or Inf and the receiver rejects those."""
 
 
+class BadField(SmolclusterError):
+    """A message field has the wrong type, is not finite, or is out of range. The frame itself was well formed,
+    so the stream is still in sync: the message is rejected (counted under `reason`) and the connection kept."""
+
+    def __init__(self, kind: str, field: str, problem: str):
+        self.kind = kind
+        self.field = field
+        self.problem = problem
+        self.reason = f"bad-field:{field}"
+        super().__init__(f"{kind} field '{field}': {problem}")
+
+
 class AuthError(WireError):
     """Authentication failed: the peer does not hold the same cluster key, or a frame was forged or replayed."""
 
@@ -169,6 +181,10 @@ class ProxyError(SmolclusterError):
     def __init__(self, message: str, status: int = 400):
         self.status = status
         super().__init__(message)
+
+
+class ServerFailed(SmolclusterError):
+    """The server stopped because of an internal error (not a peer's input); it wrote its summary and a final checkpoint."""
 
 
 class SimError(SmolclusterError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import reprlib
 import types
 import typing
@@ -29,6 +30,9 @@ from smolcluster.common.errors import ConfigError
 
 # Seeds and counters go to numpy/torch generators, which take unsigned 64-bit values at most.
 INT64_MAX = 2**63 - 1
+
+# YAML 1.1 (PyYAML) reads 6e-4 as a string: it wants 6.0e-4. A float field takes either spelling.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 _SHORT = reprlib.Repr()
 _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 6, 6, 3
@@ -135,6 +139,8 @@ def check_value(file: str | Path | None, key: str, value: Any, hint: Any, rule: 
         if not isinstance(value, int) or isinstance(value, bool):
             raise wrong_type()
     elif base is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            value = float(value)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise wrong_type()
         try:
@@ -149,6 +155,31 @@ def check_value(file: str | Path | None, key: str, value: Any, hint: Any, rule: 
     if bound:
         raise ConfigError(file, key, f"got {shown(value)}, must be {bound}", rule.fix or f"use a value {bound}")
     return value
+
+
+def from_text(file: str | Path | None, key: str, text: str, hint: Any, rule: Rule = Rule()) -> Any:
+    """A value typed on a command line (`--override training.epochs=5`) read as the field's type, then
+    checked like a value from a file: `5` is an int for an int field, `null` is None where allowed."""
+    base, optional = _optional(hint)
+    raw = text.strip()
+    if optional and raw.lower() in ("null", "none", "~"):
+        return None
+    value: Any = raw
+    if base is bool:
+        value = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}.get(raw.lower(), raw)
+    elif base is int:
+        try:
+            value = int(raw)
+        except ValueError:
+            pass
+    elif base is float:
+        try:
+            value = float(raw)
+        except ValueError:
+            pass
+    elif typing.get_origin(base) is Literal:
+        value = next((c for c in typing.get_args(base) if str(c) == raw), raw)
+    return check_value(file, key, value, hint, rule)
 
 
 # --------------------------------------------------------------------------- a dataclass

@@ -10,6 +10,7 @@ the fix, and a failed preflight starts nothing. Exit codes: 0 ok, 1 a node or st
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -21,9 +22,10 @@ from smolcluster.deploy import preflight as pf
 from smolcluster.deploy.collect import collect
 from smolcluster.deploy.plan import DeployPlan, ensure_key, load_plan, plan_from_config_dir, plan_from_topology
 from smolcluster.deploy.runner import Runner
+from smolcluster.deploy.shipping import loki_urls
 from smolcluster.deploy.start import start
 from smolcluster.deploy.status import all_status, format_status
-from smolcluster.deploy.stop import stop
+from smolcluster.deploy.stop import reap_workers, stop
 from smolcluster.deploy.sync import local_mnist_files, sync
 from smolcluster.deploy.wait import wait
 from smolcluster.testbed.sim.plan import RunOverrides
@@ -54,6 +56,10 @@ class LaunchOptions:
     config_dir: Optional[Path] = None  # the original project's layout instead of a topology
     host_defaults: HostSpec = field(default_factory=lambda: HostSpec(ssh=""))  # for --config-dir: --ssh-user, ...
     grace_s: float = 30.0
+    logging: bool = False  # ship every node's lines to Loki (deploy/shipping.py)
+    loki_url: Optional[str] = None
+    controller: Optional[str] = None  # which topology node this machine is (for --logging's addresses)
+    gpt_config: Optional[Path] = None  # train this gpt_config.yaml's GPT (launch_edp_gpt.sh)
 
 
 def run(opts: LaunchOptions, out: TextIO = sys.stdout) -> int:
@@ -90,7 +96,8 @@ def _plan(opts: LaunchOptions) -> DeployPlan:
                                     host_defaults=opts.host_defaults)
     topo = load_topology(opts.topology)
     algo = opts.algo or topo.training.algorithm
-    overrides = RunOverrides(algorithm=algo, epochs=opts.epochs, max_steps=opts.max_steps, seed=opts.seed)
+    overrides = RunOverrides(algorithm=algo, epochs=opts.epochs, max_steps=opts.max_steps, seed=opts.seed,
+                             gpt_config=opts.gpt_config)
     return plan_from_topology(topo, algorithm=algo, runs_dir=runs_dir, run_name=opts.run_name, overrides=overrides,
                               port=opts.port)
 
@@ -105,11 +112,15 @@ def _new_run(opts: LaunchOptions, runner: Runner, echo, out: TextIO) -> int:
     where = f"{opts.topology}" if opts.topology else f"{opts.config_dir}"
     echo(f"smolcluster launch: {plan.run_name} ({plan.algorithm}, {len(plan.nodes)} nodes from {where})"
          + ("  [dry run: printing commands, running none]" if opts.dry_run else ""))
+    if opts.logging:
+        urls = loki_urls(load_topology(opts.topology) if opts.topology else None, plan, loki_url=opts.loki_url,
+                         controller=opts.controller, runs_dir=opts.runs_dir, echo=echo, dry_run=opts.dry_run)
+        plan.nodes = [dataclasses.replace(n, loki_url=urls.get(n.name)) for n in plan.nodes]
     have_data = bool(local_mnist_files())
     facts, checks = pf.gather_facts(runner, plan, synced=False, will_sync=opts.sync, have_local_data=have_data and opts.sync)
     ok = pf.report(checks, echo)
     if ok:
-        reach = pf.reachability(runner, plan)
+        reach = pf.reachability(runner, plan) + pf.loki_reachability(runner, plan)
         ok = pf.report(reach, echo)
     if not ok:
         echo("preflight  failed: nothing was started")
@@ -150,6 +161,7 @@ def _new_run(opts: LaunchOptions, runner: Runner, echo, out: TextIO) -> int:
 def _wait_and_collect(runner: Runner, plan: DeployPlan, opts: LaunchOptions, echo, out: TextIO) -> int:
     server = wait(runner, plan, out)
     echo(f"wait       the server {server.describe}")
+    reap_workers(runner, plan, echo)
     ok = collect(runner, plan, opts.collect_dir or plan.local_dir, echo)
     return 0 if ok and server.exit_code == 0 else 1
 

@@ -32,6 +32,7 @@ from smolcluster.testbed.sim.plan import RunOverrides, write_run_configs
 from smolcluster.testbed.topology import HostSpec, Topology, path_to_server, server_address_for, to_dict
 
 DATA_SUBDIR = "data/mnist"
+TEXT_SUBDIR = "data/wikitext-2"  # the GPT's data (launch --gpt-config)
 KEY_FILE = ".smolcluster/cluster.key"
 LATEST = ".latest-launch"
 # What a real run uses when neither the topology nor the command line says otherwise (the sim's
@@ -47,6 +48,7 @@ class NodePlan:
     host: Host
     dials: str | None = None  # a worker: the server address it connects to
     first_hop: str | None = None  # a worker: the next hop the topology expects towards the server (None: direct)
+    loki_url: str | None = None  # with --logging: where this node pushes its lines
 
     def run_dir(self, run: str) -> str:
         return f"runs/{run}/nodes/{self.name}"
@@ -92,7 +94,7 @@ class DeployPlan:
         data = {"run_name": self.run_name, "algorithm": self.algorithm, "port": self.port, "created": self.created,
                 "topology_file": self.topology_file,
                 "nodes": [{"name": n.name, "role": n.role, "rank": n.rank, "dials": n.dials, "first_hop": n.first_hop,
-                           "host": _host_json(n.host)} for n in self.nodes]}
+                           "loki_url": n.loki_url, "host": _host_json(n.host)} for n in self.nodes]}
         write_atomic(self.local_dir / "launch.json", json.dumps(data, indent=2))
         write_atomic(self.local_dir.parent / LATEST, self.run_name + "\n")
 
@@ -112,7 +114,7 @@ def load_plan(runs_dir: Path, run_name: str | None) -> DeployPlan:
                           f"use one of: {', '.join(known)}" if known else "launch a run first")
     data = json.loads(path.read_text())
     nodes = [NodePlan(name=n["name"], role=n["role"], rank=n["rank"], host=_host_from_json(n["host"]),
-                      dials=n.get("dials"), first_hop=n.get("first_hop")) for n in data["nodes"]]
+                      dials=n.get("dials"), first_hop=n.get("first_hop"), loki_url=n.get("loki_url")) for n in data["nodes"]]
     return DeployPlan(run_name=data["run_name"], algorithm=data["algorithm"], port=data["port"], nodes=nodes,
                       local_dir=runs_dir / run_name, topology_file=data.get("topology_file"), created=data["created"])
 
@@ -151,7 +153,7 @@ def plan_from_topology(topo: Topology, *, algorithm: str, runs_dir: Path, run_na
     dials = {n.name: n.dials or str(next(iter(server.addresses.values()))) for n in nodes}
     write_run_configs(topo, plan.config_dir, dataclasses.replace(overrides, extra={**extra, **overrides.extra}),
                       server_address=lambda name: dials[name], port=plan.port, defaults=HARDWARE_DEFAULTS,
-                      generated_by="smolcluster launch")
+                      generated_by="smolcluster launch", device="auto", text_dir=f"../../../{TEXT_SUBDIR}")
     plan.config_dir.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(plan.local_dir / "topology.yaml", yaml.safe_dump(to_dict(topo), sort_keys=False))
     return plan

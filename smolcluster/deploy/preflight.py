@@ -129,14 +129,14 @@ def _project_checks(node: NodePlan, facts: dict, *, synced: bool, will_sync: boo
     n, out = node.name, []
     project = facts.get("smolcluster")
     if project is not None and not project.get("in_workdir"):  # `python -m smolcluster` there would run another copy
-        facts = {**facts, "smolcluster_error": f"not in the workdir (Python finds another copy at {project['path']})"}
+        facts = {**facts, "smolcluster_error": f"this Python would import another copy, at {project['path']}"}
         project = None
     if project is None:
         problem = facts.get("smolcluster_error", "not importable")
         if will_sync and not synced:
             out.append(Check(n, "project", "info", "smolcluster is not there yet: it will be synced"))
         else:
-            out.append(Check(n, "project", "fail", f"smolcluster is not importable from {facts.get('workdir')} ({problem})",
+            out.append(Check(n, "project", "fail", f"smolcluster is not importable from {facts.get('workdir')}: {problem}",
                              "let launch copy it (drop --no-sync), or put the project in that workdir"))
     elif project["digest"] != digest:
         if will_sync and not synced:
@@ -178,7 +178,18 @@ def gather_facts(runner: Runner, plan: DeployPlan, *, synced: bool, will_sync: b
 
     results = runner.map(one, plan.nodes)
     facts = {node.name: f for node, f, _ in results if f is not None}
-    return facts, [c for _, _, checks in results for c in checks]
+    checks = [c for _, _, checks in results for c in checks]
+    down = {c.node for c in checks if c.step == "ssh" and c.level == "fail"}
+    return facts, [_blame_the_jump(c, plan, down) for c in checks]
+
+
+def _blame_the_jump(check: Check, plan: DeployPlan, down: set[str]) -> Check:
+    """A host behind one that does not answer fails too: name the one to fix."""
+    via = next((n.host.via for n in plan.nodes if n.name == check.node), None)
+    if check.step != "ssh" or check.level != "fail" or via is None or via.node not in down:
+        return check
+    return Check(check.node, "ssh", "fail", f"cannot reach {check.node}: it is reached through {via.node}, which does not answer ssh",
+                 f"fix {via.node} first (see its line)")
 
 
 def reachability(runner: Runner, plan: DeployPlan, *, hold_s: float = 30.0) -> list[Check]:
@@ -227,7 +238,8 @@ def _connect_check(runner: Runner, w: NodePlan, port: int) -> Check:
         return Check(w.name, "route", "fail", f"could not run the connect probe: {res.reason()}")
     route = result.get("route") or {}
     via = route.get("via")
-    hop = f"next hop {via}" if via else "directly attached" if route else "route unknown"
+    hop = ("no route to it" if route.get("error") else f"next hop {via}" if via else
+           "directly attached" if route else "route unknown")
     if not result.get("connected"):
         cause = route.get("error") or result.get("error")
         return Check(w.name, "route", "fail", f"cannot reach the server at {w.dials}:{port} ({cause}; {hop})",
@@ -240,6 +252,25 @@ def _connect_check(runner: Runner, w: NodePlan, port: int) -> Check:
     if route and expected is None and via is not None:
         return Check(w.name, "route", "warn", f"reaches {w.dials}:{port} through {via}; the topology expects it directly attached")
     return Check(w.name, "route", "ok", f"reaches {w.dials}:{port} in {result.get('ms')} ms ({hop})")
+
+
+def loki_reachability(runner: Runner, plan: DeployPlan) -> list[Check]:
+    """With --logging, every node's TCP connect to its Loki. Not reaching it only warns: the node still
+    trains and keeps its logs in files; shipping must never stop a run."""
+    from urllib.parse import urlsplit
+
+    def one(node: NodePlan) -> Check:
+        url = urlsplit(node.loki_url or "")
+        result, res = run_probe(runner, node, ["connect", url.hostname or "", str(url.port or 80), "5"])
+        if result is not None and result.get("connected"):
+            return Check(node.name, "loki", "ok", f"reaches Loki at {url.hostname}:{url.port}")
+        cause = (result or {}).get("error") or res.reason()
+        return Check(node.name, "loki", "warn", f"cannot reach Loki at {url.hostname}:{url.port} ({cause}): its lines stay in its files",
+                     "check the address and that Loki listens there (smolcluster logging status), or give --loki-url")
+
+    if runner.dry_run:
+        return []
+    return runner.map(one, [n for n in plan.nodes if n.loki_url])
 
 
 def report(checks: list[Check], echo: Callable[[str], None]) -> bool:

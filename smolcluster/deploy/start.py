@@ -31,7 +31,9 @@ def posix_start_script(plan: DeployPlan, node: NodePlan) -> str:
     """What ssh runs: (re)create the node's tmux session running the node command."""
     rd = shlex.quote(node.run_dir(plan.run_name))
     py = quote_path(node.host.spec.python)
-    node_cmd = f"echo $$ > {rd}/pid; exec env PYTHONUNBUFFERED=1 {py} {' '.join(shlex.quote(a) for a in node_args(plan, node))}"
+    loki = f" SMOLCLUSTER_LOKI_URL={shlex.quote(node.loki_url)}" if node.loki_url else ""
+    node_cmd = (f"echo $$ > {rd}/pid; exec env PYTHONUNBUFFERED=1{loki} {py} "
+                f"{' '.join(shlex.quote(a) for a in node_args(plan, node))}")
     # The exit code is written by the group, not by tee: `$?` after the pipe would be tee's.
     inner = (f"cd {quote_path(node.host.spec.workdir)} && "
              f"{{ sh -c {shlex.quote(node_cmd)}; echo $? > {rd}/exit_code; }} 2>&1 | tee -a {rd}/stdout.log")
@@ -47,9 +49,10 @@ def windows_start_script(plan: DeployPlan, node: NodePlan) -> str:
     args = ", ".join("'" + a.replace("'", "''") + "'" for a in node_args(plan, node))
     return (f'Set-Location "{wd}"; New-Item -ItemType Directory -Force -Path "{rd}" | Out-Null; '
             f'Remove-Item -ErrorAction SilentlyContinue "{rd}\\exit_code"; $env:PYTHONUNBUFFERED = "1"; '
-            f'$p = Start-Process -FilePath "{node.host.spec.python}" -ArgumentList {args} -WorkingDirectory "{wd}" '
-            f'-RedirectStandardOutput "{rd}\\stdout.log" -RedirectStandardError "{rd}\\stderr.log" -WindowStyle Hidden -PassThru; '
-            f'$p.Id | Out-File -Encoding ascii "{rd}\\pid"')
+            + (f'$env:SMOLCLUSTER_LOKI_URL = "{node.loki_url}"; ' if node.loki_url else "")
+            + f'$p = Start-Process -FilePath "{node.host.spec.python}" -ArgumentList {args} -WorkingDirectory "{wd}" '
+            + f'-RedirectStandardOutput "{rd}\\stdout.log" -RedirectStandardError "{rd}\\stderr.log" -WindowStyle Hidden -PassThru; '
+            + f'$p.Id | Out-File -Encoding ascii "{rd}\\pid"')
 
 
 def start_node(runner: Runner, plan: DeployPlan, node: NodePlan) -> Check:

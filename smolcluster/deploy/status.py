@@ -108,7 +108,7 @@ def format_status(plan: DeployPlan, statuses: list[NodeStatus]) -> str:
     now = time.time()
     for st, node in zip(statuses, plan.nodes):
         last = st.last
-        step = last.get("version") if st.role == "server" else last.get("step")
+        step = last.get("version") if st.role == "server" else last.get("step", last.get("steps"))  # "end" lines count steps
         acc = st.last_eval.get("test_accuracy") if st.role == "server" else None
         loss = last.get("loss") if isinstance(last.get("loss"), (int, float)) else None
         age = f"{now - last['time']:.0f}s ago" if isinstance(last.get("time"), (int, float)) else "-"

@@ -80,3 +80,18 @@ def stop(runner: Runner, plan: DeployPlan, echo: Callable[[str], None], grace: f
         echo(Check(s.node, s.role, level, f"{s.describe}" + (f" ({how})" if s.role == "worker" and level == "ok" else "")
                    + (", tmux session still there" if s.session else ""), phase="stop").line())
     return clean and not remaining
+
+
+def reap_workers(runner: Runner, plan: DeployPlan, echo: Callable[[str], None], grace: float = 15.0) -> None:
+    """After the server ended: workers leave on its BYE; one that never got it (it was still starting,
+    or lost the connection) would retry for minutes. Give them `grace`, then stop what is left."""
+    left = _wait_exit(runner, plan, plan.workers, grace)
+    for node in plan.workers:
+        st = left.get(node.name)
+        if st is not None and (st.state == "running" or st.session):
+            if node.host.is_windows:
+                runner.ssh_raw(node.host, powershell(_windows_kill_script(plan, node)))
+            else:
+                runner.ssh(node.host, _kill_script(plan, node))
+            echo(Check(node.name, "worker", "warn", f"still running {grace:.0f} s after the server ended: stopped",
+                       phase="wait").line())

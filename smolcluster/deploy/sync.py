@@ -12,7 +12,8 @@ from typing import Callable
 
 from smolcluster.core.training.data import resolve_data_dir
 from smolcluster.deploy.hosts import quote_path
-from smolcluster.deploy.plan import DATA_SUBDIR, KEY_FILE, DeployPlan, NodePlan
+from smolcluster.deploy.plan import DATA_SUBDIR, KEY_FILE, TEXT_SUBDIR, DeployPlan, NodePlan
+from smolcluster.testbed.sim.plan import GPT_CONFIG_NAME
 from smolcluster.deploy.preflight import Check
 from smolcluster.deploy.probe import MNIST_FILES
 from smolcluster.deploy.runner import Runner
@@ -43,12 +44,21 @@ def local_mnist_files() -> list[Path]:
     return out if len(out) == len(MNIST_FILES) else []
 
 
+def local_text_files() -> list[Path]:
+    """The WikiText-2 split files this machine has ($SMOLCLUSTER_TEXT_DIR, else the download cache)."""
+    from smolcluster.core.training.wikitext import default_cache_dir, find_splits, resolve_text_dir
+
+    folder = resolve_text_dir(None) or default_cache_dir()
+    return sorted(find_splits(folder).values()) if folder.is_dir() else []
+
+
 def sync_node(runner: Runner, plan: DeployPlan, node: NodePlan, key: bytes, *, needs_data: bool) -> list[Check]:
     if node.host.is_windows:
         return sync_windows_node(runner, plan, node, key, needs_data=needs_data)
     wd = quote_path(node.host.spec.workdir)
     cfg = plan.remote_config_dir()
-    res = runner.ssh(node.host, f"mkdir -p {wd}/{cfg} {wd}/{DATA_SUBDIR} {wd}/.smolcluster && chmod 700 {wd}/.smolcluster")
+    res = runner.ssh(node.host, f"mkdir -p {wd}/{cfg} {wd}/{DATA_SUBDIR} {wd}/{TEXT_SUBDIR} {wd}/.smolcluster && "
+                                f"chmod 700 {wd}/.smolcluster")
     if not res.ok:
         return [_failed(node, f"cannot create {node.host.spec.workdir}: {res.reason()}",
                         f"check nodes.{node.name}.host.workdir and its permissions")]
@@ -64,6 +74,9 @@ def sync_node(runner: Runner, plan: DeployPlan, node: NodePlan, key: bytes, *, n
     data = local_mnist_files() if needs_data else []
     if data:
         steps.append(("data", [str(p) for p in data], f"{remote}/{DATA_SUBDIR}/", {}))
+    text = local_text_files() if (plan.config_dir / GPT_CONFIG_NAME).is_file() else []
+    if text:  # a GPT run: WikiText-2 (a few MB; rsync skips it when the host has it already)
+        steps.append(("WikiText-2", [str(p) for p in text], f"{remote}/{TEXT_SUBDIR}/", {}))
     for what, sources, dest, kw in steps:
         res = runner.rsync(node.host, sources, dest, **kw)  # rsync's remote shell expands a leading ~
         if not res.ok:
@@ -74,7 +87,7 @@ def sync_node(runner: Runner, plan: DeployPlan, node: NodePlan, key: bytes, *, n
                      stdin=key)
     if not res.ok:
         return [_failed(node, f"could not install the cluster key: {res.reason()}", "")]
-    what = "code, configs" + (", MNIST" if data else "") + ", key"
+    what = "code, configs" + (", MNIST" if data else "") + (", WikiText-2" if text else "") + ", key"
     return [Check(node.name, "sync", "ok", f"{what} -> {node.host.spec.workdir}", phase="sync")]
 
 

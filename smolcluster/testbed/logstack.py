@@ -268,3 +268,21 @@ def status(*, loki_bind: str = "127.0.0.1", loki_port: int = 3100, grafana_bind:
     return StackStatus(services=services, loki_ready=bool(services) and loki_ready(loki_url),
                        grafana_url=f"http://{_client_host(grafana_bind)}:{grafana_port}/d/smolcluster",
                        loki_push_url=loki_url + "/loki/api/v1/push")
+
+
+def loki_for_run(runs_dir: Path, echo, *, loki_url: str | None = None, bind: str = "127.0.0.1") -> str | None:
+    """The Loki URL a run's nodes push to: `loki_url` as given (an existing Loki), else the stack of
+    logging/ started here. When the stack cannot start, say so in one line and return None (the run
+    carries on without shipping)."""
+    if loki_url:
+        echo(f"logging: nodes push to {loki_url}")
+        return loki_url
+    try:
+        info = up(runs_dir, loki_bind=bind, grafana_bind="127.0.0.1")
+    except LoggingUnavailable as e:
+        echo(f"logging: not shipping ({e.reason}); the run goes on, logs stay in the run dir")
+        return None
+    echo(f"logging: Grafana {info.grafana_url} (user {info.admin_user}); nodes push to {info.loki_url}")
+    if info.password_is_new:
+        echo(f"logging: Grafana admin password (shown once; kept in {info.password_file}): {info.admin_password}")
+    return info.loki_url

@@ -19,6 +19,8 @@ import pytest
 import yaml
 from rehearsal import Rehearsal
 
+from smolcluster.common.wait import wait_until
+
 pytestmark = [pytest.mark.ssh, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -187,6 +189,9 @@ def test_preflight_names_a_worker_without_a_route_and_starts_nothing(cluster):
 
 def test_preflight_names_a_host_without_the_project(cluster):
     r, topo, runs = cluster
+    if not all((r.host_dir(n) / "smolcluster" / "smolcluster").is_dir() for n in r.topology.nodes):
+        assert launch(r, topo, runs, "--run-name", "sync-first", "--max-steps", "5", "--wait").returncode == 0
+        wait_until(lambda: run_processes(r) == {n: [] for n in r.topology.nodes}, timeout=60, what="the workers to leave")
     r.ssh("mini3", f"rm -rf {r.host_dir('mini3')}/smolcluster/smolcluster")
     p = launch(r, topo, runs, "--run-name", "no-project", "--no-sync")
     assert p.returncode == 1
@@ -245,3 +250,48 @@ def test_netsetup_apply_gives_hosts_their_routes(rehearsal_requirements, mnist_d
         after = launch(r, topo, tmp_path / "runs", "--preflight")
         assert after.returncode == 0, after.stdout
         assert "preflight  passed" in after.stdout
+
+
+def test_logging_ships_every_hosts_lines_to_a_loki_every_node_reaches(cluster, tmp_path):
+    """`--logging --loki-url`: the nodes push (no agent); here a Loki receiver on mini1 that even the Pis reach."""
+    r, topo, runs = cluster
+    out = tmp_path / "received.json"
+    sink = r.spawn("mini1", [sys.executable, str(Path(__file__).with_name("lokisink.py")), "3100", str(out)])
+    try:
+        wait_until(lambda: Path(str(out) + ".ready").exists(), timeout=30, what="the Loki receiver on mini1")
+        p = launch(r, topo, runs, "--run-name", "shipped", "--max-steps", "60", "--wait", "--logging",
+                   "--loki-url", "http://10.10.0.1:3100")
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "every node pushes to http://10.10.0.1:3100" in p.stdout
+        assert p.stdout.count("reaches Loki at 10.10.0.1:3100") == 5  # preflight: every node, the Pis through their Mac
+    finally:
+        sink.terminate()
+        sink.wait(timeout=30)
+    received = json.loads(out.read_text())
+    hosts = {labels["host"] for labels, _, _ in received}
+    assert hosts == {"server-rank0-mini1", "worker-rank0-mini2", "worker-rank1-mini3", "worker-rank2-pi5", "worker-rank3-pi4"}
+    assert {labels["run"] for labels, _, _ in received} == {"shipped"}
+    assert {labels["kind"] for labels, _, _ in received} == {"log", "metrics"}
+
+
+def test_the_gpt_launch_script_trains_on_the_synced_wikitext(cluster, tmp_path):
+    """launch_edp_gpt.sh, as the original had: WikiText-2 goes to every host with the code; a tiny GPT here."""
+    r, topo, runs = cluster
+    text_dir = Path(os.environ.get("SMOLCLUSTER_TEXT_DIR", REPO.parent / "shared" / "data" / "wikitext-2"))
+    if not (text_dir / "valid.txt").is_file():
+        pytest.skip(f"no WikiText-2 in {text_dir}; set SMOLCLUSTER_TEXT_DIR")
+    gpt = yaml.safe_load((REPO / "configs" / "gpt_config.yaml").read_text())
+    gpt["model"] |= {"model_dim": 32, "num_layers": 1, "num_heads": 2, "ff_dim": 64, "max_seq_len": 32}
+    gpt["training"] |= {"batch_size": 8, "eval_batches": 2, "device": "cpu"}
+    gpt["data"] |= {"tokenizer": "byte"}
+    gpt["logging"] |= {"wandb": "off"}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(gpt, sort_keys=False))
+    env = dict(os.environ, SMOLCLUSTER_PYTHON=sys.executable, SMOLCLUSTER_DATA_DIR=str(r.mnist_dir),
+               SMOLCLUSTER_TEXT_DIR=str(text_dir), GPT_CONFIG=str(tmp_path / "tiny.yaml"))
+    p = subprocess.run(["bash", str(REPO / "launch_edp_gpt.sh"), str(topo), "--ssh-config", str(r.ssh_config),
+                        "--runs-dir", str(runs), "--run-name", "gpt", "--max-steps", "20", "--wait"],
+                       capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    assert p.stdout.count("WikiText-2, key") == 5  # synced to every host
+    summary = json.loads((runs / "gpt" / "summary.json").read_text())
+    assert summary["final_test_perplexity"] is not None and summary["steps"] == 20

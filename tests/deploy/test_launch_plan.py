@@ -125,3 +125,16 @@ def test_netsetup_for_a_forwarding_mac(tmp_path):
     assert "sysctl -w net.inet.ip.forwarding=1" in p.stdout
     assert "ifconfig bridge0 inet 10.10.0.3 netmask 255.255.255.0 alias" in p.stdout
     assert "route -n add -net 192.168.50.0/24 10.10.0.1" in p.stdout
+
+
+def test_logging_points_each_node_at_the_controller_as_that_node_sees_it(tmp_path):
+    p = smolcluster("launch", str(HYBRID), "--algo", "edp", "--dry-run", "--run-name", "l", "--logging", "--controller", "mini1")
+    assert p.returncode == 0, p.stderr
+    urls = dict(re.findall(r"mkdir -p runs/l/nodes/(\w+) .*SMOLCLUSTER_LOKI_URL=(\S+?) ", p.stdout))
+    assert urls == {"mini1": "http://127.0.0.1:3100", **{n: "http://10.10.0.1:3100" for n in ("mini2", "mini3", "pi5", "pi4")}}
+
+
+def test_logging_from_a_machine_outside_the_topology_says_what_to_give(tmp_path):
+    p = smolcluster("launch", str(HYBRID), "--algo", "edp", "--dry-run", "--run-name", "l", "--logging")
+    assert p.returncode == 0, p.stderr
+    assert "give --controller NODE or --loki-url" in p.stdout and "SMOLCLUSTER_LOKI_URL" not in p.stdout

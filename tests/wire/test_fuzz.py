@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import random
 import socket
 import threading
@@ -15,6 +16,7 @@ import torch
 
 from smolcluster.common import errors
 from smolcluster.common.wait import wait_until
+from smolcluster.core.net import auth, messages
 from smolcluster.core.net.wire import PREAMBLE, Message, MessageKind, encode_frame, read_frame
 from wire_helpers import SCHEMA, good_message, roundtrip
 
@@ -159,3 +161,264 @@ def test_no_threads_left_behind(echo_server) -> None:
         roundtrip(c)
     server.close()
     assert wait_until(lambda: threading.active_count() <= before, 5, interval=0.02), threading.enumerate()
+
+
+# --------------------------------------------------------------------------- message fields and a live training server
+
+FIELD_JUNK = ["x", "", None, True, False, [], {}, -1, 0, 1, 2**63, 10**30, 1e308, -1e308, math.nan, math.inf,
+              -math.inf, 0.5, -0.0, [[1]], {"a": 1}, "a" * 2000, [1] * 300, {"fc1.weight": math.nan}, {"nope": 1.0}]
+BASE_FIELDS = {
+    MessageKind.PUSH: {"base_version": 0, "worker_step": 5, "samples": 32, "loss": 0.5, "mode": "weights", "want_weights": False},
+    MessageKind.PULL: {"worker_step": 5},
+    MessageKind.BYE: {"finished": False, "steps": 5, "samples_per_s": 1.0, "reason": "fuzz"},
+    MessageKind.HELLO: {"rank": 2, "hostname": "w2", "algorithm": "edp"},
+}
+
+
+def fuzz_fields(base: dict, rng: random.Random) -> dict:
+    """string / NaN / Inf / 0 / huge / wrong-type / missing values in one to three fields."""
+    fields = dict(base)
+    for _ in range(rng.randint(1, 3)):
+        key = rng.choice(list(base) + ["grad_norms", "step", "extra"])
+        if rng.random() < 0.15:
+            fields.pop(key, None)
+        else:
+            fields[key] = rng.choice(FIELD_JUNK)
+    return fields
+
+
+def test_fuzz_message_fields_only_raise_bad_field() -> None:
+    """20,000 mutated field sets through messages.parse: a typed message or BadField, nothing else."""
+    rng = random.Random(5)
+    outcomes: collections.Counter[str] = collections.Counter()
+    for _ in range(20_000):
+        kind = rng.choice(list(messages.TYPES))
+        try:
+            typed = messages.parse(kind, fuzz_fields(BASE_FIELDS.get(kind, {"version": 1, "status": "late", "step": 1}), rng))
+        except errors.BadField as e:
+            outcomes[e.reason] += 1
+            continue
+        outcomes["ok"] += 1
+        for name, value in vars(typed).items():  # what parses is what the algorithms expect
+            assert not isinstance(value, float) or math.isfinite(value), (kind, name, value)
+            assert not isinstance(value, int) or isinstance(value, bool) or 0 <= value <= messages.MAX_COUNT, (name, value)
+    assert outcomes["ok"] > 100 and len(outcomes) >= 15, outcomes
+
+
+def _until_closed(sock: socket.socket) -> None:
+    """Half-close and read until the server closes (a hang raises socket.timeout, which is not caught)."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):
+            pass
+    except socket.timeout:
+        raise
+    except OSError:
+        pass  # reset, or already closed by the server: closed either way
+
+
+class FuzzSession:
+    """A worker connection spoken by hand (frames built, and broken, here; replies read with read_frame)."""
+
+    def __init__(self, port: int, rank: int, key: bytes | None, source: str = "127.0.0.1"):
+        self.sock = socket.socket()
+        self.sock.bind((source, 0))
+        self.sock.settimeout(10)  # a hang surfaces as socket.timeout
+        self.sock.connect(("127.0.0.1", port))
+        self.keys = auth.client_handshake(self.sock, key) if key else None
+        self.send_seq = self.recv_seq = 0
+        self.rank = rank
+
+    def frame(self, msg: Message) -> bytes:
+        data = b"".join(bytes(b) for b in encode_frame(msg, seq=self.send_seq, mac_key=self.keys.send if self.keys else None))
+        self.send_seq += 1
+        return data
+
+    def join(self) -> Message:
+        self.sock.sendall(self.frame(Message(MessageKind.HELLO, {"rank": self.rank, "hostname": f"w{self.rank}", "algorithm": "edp"})))
+        return self.recv()
+
+    def recv(self) -> Message:
+        while True:
+            msg = read_frame(self.sock, mac_key=self.keys.recv if self.keys else None,
+                             expected_seq=self.recv_seq if self.keys else None)
+            self.recv_seq += 1
+            if msg.kind != MessageKind.HEARTBEAT:
+                return msg
+
+    def drain_to_eof(self) -> None:
+        _until_closed(self.sock)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _tensors(weights: dict[str, torch.Tensor], rng: random.Random) -> tuple[dict, dict]:
+    """Full weights, none, some, full with int8 quant params on float tensors, or wrong dtypes."""
+    r = rng.random()
+    if r < 0.35:
+        return {k: v.clone() for k, v in weights.items()}, {}
+    if r < 0.6:
+        return {}, {}
+    if r < 0.75:
+        names = list(weights)
+        return {k: weights[k] for k in rng.sample(names, rng.randint(1, len(names) - 1))}, {}
+    if r < 0.95:
+        return dict(weights), {rng.choice(list(weights)): {"scheme": "int8_row", "dtype": "float32"}}
+    return {k: v.double() for k, v in weights.items()}, {}
+
+
+def _fuzz_training_server(port: int, n: int, key: bytes | None, seed: int) -> collections.Counter[str]:
+    """`n` fuzzed frames at a live EDP server as ranks 2 and 3: field mutations in a session (each answered,
+    then a PULL probe must be answered), broken frames (the server must close), fuzzed first frames from
+    strangers, duplicate HELLOs and BYE-and-hold. Counts frames by class; hangs and unexpected errors raise."""
+    rng = random.Random(seed)
+    stranger = "127.0.0.2" if key else "127.0.0.1"  # keyed: failed handshakes are throttled per address
+    count: collections.Counter[str] = collections.Counter()
+    held: list[FuzzSession] = []
+    session, weights = None, {}
+    while sum(count.values()) < n:
+        r = rng.random()
+        if r < 0.15:  # a stranger's first frame: a broken HELLO, or one with fuzzed fields
+            hello = b"".join(bytes(b) for b in encode_frame(Message(MessageKind.HELLO, fuzz_fields(BASE_FIELDS[MessageKind.HELLO], rng))))
+            count["first-frame"] += 1
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(stranger, 0))
+            except socket.timeout:
+                raise
+            except OSError:
+                continue  # refused at accept (throttled): that is the answer
+            try:
+                s.sendall(mutate(hello, rng) if rng.random() < 0.5 else hello)
+                _until_closed(s)
+            except socket.timeout:
+                raise
+            except OSError:
+                pass  # the server reset the connection before we finished
+            finally:
+                s.close()
+            continue
+        if r < 0.17:  # two HELLOs for rank 3 in quick succession, the first half-closed
+            first, second = FuzzSession(port, 3, key), FuzzSession(port, 3, key)
+            for s in (first, second):
+                s.sock.sendall(s.frame(Message(MessageKind.HELLO, {"rank": 3, "hostname": "w3", "algorithm": "edp"})))
+            first.sock.shutdown(socket.SHUT_WR)
+            first.close()
+            second.close()
+            count["duplicate-hello"] += 2
+            continue
+        if r < 0.18 and len(held) < 40:  # join, BYE, and hold the socket open
+            s = FuzzSession(port, 3, key)
+            s.join()
+            s.sock.sendall(s.frame(Message(MessageKind.BYE, {"finished": False, "reason": "holding"})))
+            held.append(s)
+            count["bye-and-hold"] += 1
+            continue
+        if session is None:
+            session = FuzzSession(port, 2, key)
+            welcome = session.join()
+            assert welcome.kind == MessageKind.WELCOME, welcome
+            weights = {k: v.clone() for k, v in welcome.tensors.items()}
+        kind = rng.choices([MessageKind.PUSH, MessageKind.PULL, MessageKind.BYE, MessageKind.HELLO, MessageKind.ECHO],
+                           [75, 12, 4, 5, 4])[0]
+        fields = fuzz_fields(BASE_FIELDS.get(kind, {}), rng)
+        if kind == MessageKind.BYE:
+            fields["finished"] = False  # a finished BYE from every rank would end the run early
+        tensors, quant = _tensors(weights, rng) if kind == MessageKind.PUSH else ({}, {})
+        data = session.frame(Message(kind, fields, tensors=tensors, quant=quant))
+        if rng.random() < 0.08:  # broken on the wire: the server must drop this connection, not hang
+            try:
+                session.sock.sendall(mutate(data, rng))
+            except socket.timeout:
+                raise
+            except OSError:
+                pass
+            session.drain_to_eof()
+            session.close()
+            session = None
+            count["broken-frame"] += 1
+            continue
+        count[f"fields-{kind.name}"] += 1
+        try:
+            session.sock.sendall(data + session.frame(Message(MessageKind.PULL, {"worker_step": 0})))
+            while session.recv().kind != MessageKind.WEIGHTS:  # the probe's answer comes after the frame's
+                pass
+        except socket.timeout:
+            raise  # neither an answer nor a close: a hang
+        except (errors.SmolclusterError, OSError):
+            session.close()  # a BYE, or a frame the wire rejects (wrong dtype): the server closed this session
+            session = None
+    for s in held + ([session] if session else []):
+        s.close()
+    return count
+
+
+def _finish_fuzz_ranks(port: int, key: bytes | None) -> None:
+    """Ranks 2 and 3 leave cleanly, finished: the run ends when the honest worker is done."""
+    for rank in (2, 3):
+        s = FuzzSession(port, rank, key)
+        assert s.join().kind == MessageKind.WELCOME
+        s.sock.sendall(s.frame(Message(MessageKind.BYE, {"finished": True, "reason": "done"})))
+        s.drain_to_eof()
+        s.close()
+
+
+def _live_run(local_cluster, name: str, frames: int, key_file: str | None, seed: int):
+    import psutil
+    from smolcluster.core.net.auth import load_cluster_key
+
+    c = local_cluster("edp", cluster={"cluster_key_file": key_file} if key_file else {})
+    c.root = c.root.parent / name
+    c.start_server()
+    proc = psutil.Process(c.procs.procs["server"].pid)
+    c.start_worker(1)
+    key = load_cluster_key(key_file) if key_file else None
+    peak = [proc.memory_info().rss]
+    counts = _fuzz_training_server(c.port, frames, key, seed) if frames else collections.Counter()
+    peak.append(proc.memory_info().rss)
+    _finish_fuzz_ranks(c.port, key)
+    assert c.wait_server(timeout=300) == 0, c.log("server")
+    assert c.procs.wait("w1", timeout=60) == 0, c.log("w1")
+    return c, counts, max(peak) / 2**20
+
+
+def _check_fuzzed_run(c, counts, baseline_acc: float) -> dict:
+    s = c.summary()
+    log = (c.server_dir / "server.log").read_text()
+    assert s["stop_status"] == "finished" and s["handler_errors"] == 0, s  # 0 crashes
+    assert "Traceback" not in log
+    assert abs(s["final_test_accuracy"] - baseline_acc) <= 0.01, (s["final_test_accuracy"], baseline_acc)
+    return s
+
+
+@pytest.mark.slow
+def test_fuzz_live_training_server_quick(local_cluster, tmp_path) -> None:
+    """2,000 fuzzed frames at a live EDP server while an honest worker trains: 0 crashes, 0 hangs."""
+    base, _, _ = _live_run(local_cluster, "baseline", 0, None, seed=0)
+    baseline = base.summary()["final_test_accuracy"]
+    c, counts, _ = _live_run(local_cluster, "keyless", 2_000, None, seed=11)
+    s = _check_fuzzed_run(c, counts, baseline)
+    print(f"\nfuzz live training server: {dict(counts)}; rejected {s['rejected_reasons']}; accuracy "
+          f"{s['final_test_accuracy']:.4f} (unattacked {baseline:.4f})")
+
+
+@pytest.mark.slow
+def test_fuzz_live_training_server_20k(local_cluster, tmp_path) -> None:
+    """>= 20,000 fuzzed frames (half keyless, half keyed, as a key holder and as strangers) at live EDP servers:
+    0 crashes, 0 hangs, bounded RSS, and the honest worker's accuracy within 1 point of an unattacked run."""
+    from smolcluster.core.net.auth import write_key_file
+
+    key_file = tmp_path / "cluster.key"
+    write_key_file(key_file)
+    base, _, base_rss = _live_run(local_cluster, "baseline", 0, None, seed=0)
+    baseline = base.summary()["final_test_accuracy"]
+    total = 0
+    for name, kf, seed in (("keyless", None, 21), ("keyed", str(key_file), 22)):
+        c, counts, rss = _live_run(local_cluster, name, 10_000, kf, seed)
+        s = _check_fuzzed_run(c, counts, baseline)
+        total += sum(counts.values())
+        print(f"\n{name}: {sum(counts.values())} frames {dict(counts)}\n  rejected {s['rejected_reasons']}\n  "
+              f"messages rejected {s['messages_rejected']}; server RSS {rss:.0f} MB (unattacked {base_rss:.0f} MB); "
+              f"accuracy {s['final_test_accuracy']:.4f} (unattacked {baseline:.4f})")
+        assert rss <= base_rss + 150, (rss, base_rss)
+    assert total >= 20_000

@@ -66,6 +66,10 @@ CASES = [
          lambda k: build_frame({"fields": {}, "tensors": [entry("w", [3, 4])]}, W_BYTES)),
     Case("schema_unknown_name", errors.SchemaMismatch,
          lambda k: build_frame({"fields": {}, "tensors": [entry("evil", [4, 3])]}, W_BYTES)),
+    Case("payload_beyond_the_table", errors.BadTensorTable,  # slack bytes would be allocated for nothing
+         lambda k: build_frame(GOOD_TABLE, W_BYTES + bytes(8))),
+    Case("payload_beyond_the_model", errors.FrameTooLarge,  # refused at the preamble: nothing allocated
+         lambda k: build_frame(GOOD_TABLE, b"", payload_len=1 << 20)),
     Case("nan_rejected", errors.NonFiniteTensor, lambda k: _with(math.nan)),
     Case("inf_rejected", errors.NonFiniteTensor, lambda k: _with(-math.inf)),
     Case("bad_mac", errors.BadMac, keyed=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
 import signal
@@ -18,21 +19,25 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from smolcluster.common.errors import (AuthError, BadField, ConnectFailed, QuantizationError, ServerFailed,
+                                       SmolclusterError, TransportError, WireError)
+from smolcluster.common.ratelimit import LogThrottle
+from smolcluster.core.net import messages
+from smolcluster.core.net.transport import Connection, Listener, RetryPolicy, connect
+from smolcluster.core.net.wire import Message, MessageKind, Schema, WireLimits, schema_of
 from smolcluster.core.training import checkpoint as ckpt
 from smolcluster.core.training.config import rank_of, to_dict
-from smolcluster.common.errors import ConnectFailed, SmolclusterError, TransportError, TruncatedFrame, WireError
-from smolcluster.core.training.models import loss_fn
 from smolcluster.core.training.context import NodeContext
+from smolcluster.core.training.models import loss_fn
 from smolcluster.core.training.optim import clip_, clip_grads_, tensor_norms
-from smolcluster.core.training.tasks import Batches
 from smolcluster.core.training.quantization import dequantize_state, quantize_state, quantized_schema
-from smolcluster.core.training.telemetry import peak_rss_mb
-from smolcluster.core.net.transport import Connection, Listener, RetryPolicy, connect
-from smolcluster.core.net.wire import Message, MessageKind, Schema, schema_of
+from smolcluster.core.training.robust import NormFilter
+from smolcluster.core.training.tasks import Batches
+from smolcluster.core.training.telemetry import jsonable, peak_rss_mb
 from smolcluster.common.files import write_atomic
 
 # --------------------------------------------------------------------------- signals (server and worker)
@@ -64,13 +69,17 @@ def _signals_set_flag(node: Any, signals: tuple[int, ...] = (signal.SIGINT, sign
 
 # --------------------------------------------------------------------------- server side
 
+# A HELLO is a few short fields: before a peer has joined it cannot make the server allocate more.
+HELLO_LIMITS = WireLimits(max_header_bytes=4096, max_payload_bytes=0, max_tensors=0)
+IN_FLIGHT = 2  # frames a connection may have queued for the main thread; then its reader waits (TCP backpressure)
+HANDLER_ERRORS_TOLERATED = 20  # unexpected exceptions handling peers' messages before the server calls it a bug
+
 
 @dataclass
 class Join:
     conn: Connection
     rank: int
     hostname: str
-    fields: dict[str, Any]
 
 
 @dataclass
@@ -78,6 +87,9 @@ class Incoming:
     conn: Connection
     rank: int
     msg: Message
+    typed: Any = None  # the message's fields as parsed by messages.parse
+    problem: BadField | None = None  # why they did not parse
+    done: Callable[[], None] = lambda: None  # frees the reader for the connection's next frame
 
 
 @dataclass
@@ -92,26 +104,31 @@ class Left:
 class WorkerStats:
     rank: int
     hostname: str
-    pushes: int = 0
+    applied: int = 0
+    late: int = 0
+    rejected: int = 0
     samples: int = 0
     staleness_sum: int = 0
     staleness_max: int = 0
-    late: int = 0
-    rejected: int = 0
     joins: int = 0
     reported_steps: int = 0
     reported_samples_per_s: float | None = None
-    first_push: float | None = None
+    first_push: float | None = None  # monotonic
     last_push: float | None = None
     finished: bool = False
 
     def record_push(self, samples: int, staleness: int, now: float) -> None:
-        self.pushes += 1
+        """A push that will be applied (EDP: now; SyncPS: when its step closes)."""
         self.samples += samples
         self.staleness_sum += staleness
         self.staleness_max = max(self.staleness_max, staleness)
         self.first_push = self.first_push if self.first_push is not None else now
         self.last_push = now
+
+    @property
+    def pushes(self) -> int:
+        """Every push the server received from this worker: applied, late or rejected."""
+        return self.applied + self.late + self.rejected
 
     def summary(self) -> dict[str, Any]:
         span = (self.last_push - self.first_push) if self.first_push is not None and self.last_push is not None else 0.0
@@ -121,8 +138,9 @@ class WorkerStats:
             "hostname": self.hostname,
             "steps": self.reported_steps,
             "pushes": self.pushes,
+            "applied": self.applied,
             "samples_per_s": round(sps, 2),
-            "mean_staleness": round(self.staleness_sum / self.pushes, 3) if self.pushes else 0.0,
+            "mean_staleness": round(self.staleness_sum / self.applied, 3) if self.applied else 0.0,
             "max_staleness": self.staleness_max,
             "late": self.late,
             "rejected": self.rejected,
@@ -131,34 +149,80 @@ class WorkerStats:
         }
 
 
-class Peer:
-    """A connected worker: its connection and an outbox drained by a sender thread."""
+def message_bytes(msg: Message) -> int:
+    return sum(t.nbytes for t in msg.tensors.values()) + 256  # + header, roughly
 
-    def __init__(self, conn: Connection, rank: int, hostname: str, events: queue.Queue, io_timeout: float):
+
+class Peer:
+    """A joined worker: its connection and an outbox drained by the peer's own sender thread.
+
+    Nothing here blocks the caller (the server's main thread): send() queues, close() asks the sender
+    thread to send what is queued and then close gracefully, off the main thread. The outbox is bounded
+    in bytes; a peer that lets it fill (it stopped reading) is dropped instead of growing the server."""
+
+    def __init__(self, conn: Connection, rank: int, hostname: str, events: queue.Queue, *, io_timeout: float,
+                 max_outbox_bytes: int, on_closed: Callable[[Connection], None]):
         self.conn, self.rank, self.hostname = conn, rank, hostname
-        self.joined_at = time.time()
-        self._outbox: queue.Queue[Message | None] = queue.Queue()
+        self.max_outbox_bytes = max_outbox_bytes
+        self.bytes_queued = 0  # every byte ever queued (the reply budget counts these)
+        self.last_pull_step: int | None = None  # EDP: worker_step of the last pull answered with weights
+        self._outbox: queue.Queue[tuple[Message, int] | None] = queue.Queue()
+        self._in_outbox = 0
+        self._lock = threading.Lock()
+        self._closing = ""
         self._events = events
         self._io_timeout = io_timeout
+        self._on_closed = on_closed
         self._thread = threading.Thread(target=self._drain, name=f"send-{hostname}", daemon=True)
         self._thread.start()
 
     def send(self, msg: Message) -> None:
-        self._outbox.put(msg)
+        size = message_bytes(msg)
+        with self._lock:
+            if self._closing:
+                return
+            full = self._in_outbox + size > self.max_outbox_bytes and self._in_outbox > 0
+            if not full:
+                self._in_outbox += size
+                self.bytes_queued += size
+        if full:
+            self._events.put(Left(self.conn, self.rank, f"not reading: {self._in_outbox} bytes queued for it"))
+            self.close("not reading")
+            self.conn.interrupt()  # its sender thread is stuck in a send it will never finish
+            return
+        self._outbox.put((msg, size))
 
     def _drain(self) -> None:
-        while (msg := self._outbox.get()) is not None:
-            try:
-                self.conn.send(msg, timeout=self._io_timeout)
-            except SmolclusterError as e:
-                self._events.put(Left(self.conn, self.rank, f"send failed: {e}", e))
-                return
+        try:
+            while (item := self._outbox.get()) is not None:
+                msg, size = item
+                try:
+                    self.conn.send(msg, timeout=self._io_timeout)
+                except SmolclusterError as e:
+                    self._events.put(Left(self.conn, self.rank, f"send failed: {e}", e))
+                    return
+                finally:
+                    with self._lock:
+                        self._in_outbox -= size
+        finally:
+            self.conn.close(self._closing or "closed", graceful=True)
+            self._on_closed(self.conn)
 
     def close(self, reason: str = "") -> None:
-        """Send what is queued (a BYE, say), then close without losing it to a reset."""
+        """Send what is queued (a BYE, say), then close without losing it to a reset. Returns at once."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = reason or "closed"
         self._outbox.put(None)
-        self._thread.join(timeout=self._io_timeout)
-        self.conn.close(reason, graceful=True)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def closing(self) -> bool:
+        """Still sending what was queued before its close."""
+        return self._thread.is_alive()
 
 
 class ServerBase:
@@ -170,19 +234,28 @@ class ServerBase:
         self.ctx = ctx
         self.cfg, self.nn, self.cluster = ctx.cfg, ctx.cfg.nn, ctx.cfg.cluster
         self.log = ctx.log
+        self.say = LogThrottle(self.log)  # problems a peer can repeat at will are logged once per 10 s
         self.bind, self.port = bind, port
         self.events: queue.Queue = queue.Queue()
         self.peers: dict[int, Peer] = {}
+        self.retiring: list[Peer] = []  # peers closing in their own threads
         self.stats: dict[int, WorkerStats] = {
             r: WorkerStats(r, h) for r, h in enumerate(self.cluster.workers, start=1)
         }
-        self.applied = self.late = self.rejected = 0
+        self.applied = self.late = self.rejected = 0  # pushes
         self.rejected_reasons: Counter[str] = Counter()
+        self.messages_rejected: Counter[str] = Counter()  # other messages (PULL, BYE, HELLO) with bad fields
+        self.handler_errors = 0
+        self.checkpoint_failures = 0
         self.connections_rejected = 0
+        self.listener: Listener | None = None
+        self._bytes_lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self.bytes_sent = self.bytes_received = 0  # of connections already closed
         self.ever_joined = False
-        self.last_peer_seen = time.time()
+        self.last_peer_seen = time.monotonic()
         self.stop_reason = ""
+        self.stop_status = "finished"  # finished | stopped (interrupted, idle) | error: what the BYE tells workers
         self.interrupted = False  # set by SIGINT/SIGTERM; next_event turns it into KeyboardInterrupt
 
         torch.manual_seed(self.cluster.seed)
@@ -190,6 +263,12 @@ class ServerBase:
         self.optimizer = ctx.build_optimizer(self.model)
         self.schema: Schema = schema_of(self.model)
         self.push_schema: Schema = {**self.schema, **quantized_schema(self.schema)} if self.cluster.use_quantization else self.schema
+        self.model_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        self.robust = NormFilter(k=self.cluster.robust_k) if self.cluster.robust_aggregation else None
+        self.max_worker_step = self.nn.num_epochs * ctx.steps_per_epoch()
+        # Replies to an unauthenticated peer stay within this multiple of what it sent (plus a WELCOME):
+        # enough for an honest worker that pulls more often than it pushes, never a 4000x amplifier.
+        self.reply_factor = 4 * max(1, math.ceil(self.cluster.push_interval / self.cluster.worker_update_interval))
         self.version = 0
         self.step = 0
         self.server_data_step = 0
@@ -199,17 +278,25 @@ class ServerBase:
             self.own_loader = ctx.batches(rank=0)
         self._snapshot: tuple[int, dict[str, torch.Tensor], dict[str, dict]] | None = None
         self.checkpoint_dir = Path(self.cluster.checkpoint_dir) if self.cluster.checkpoint_dir else ctx.run_dir / "checkpoints"
-        self.started = time.time()
+        self.started = time.monotonic()
         self.training_started: float | None = None
         self.last_eval: tuple[float, float] | None = None
+        stale = ckpt.remove_stale_temp_files(self.checkpoint_dir)
+        if stale:
+            self.log.info(f"removed {len(stale)} temp file(s) left by checkpoint writes that were killed: "
+                          f"{', '.join(p.name for p in stale[:3])}")
         if resume:
             self._resume()
 
     # ------------------------------------------------------------------ lifecycle
 
     def serve(self) -> dict[str, Any]:
+        """Run until the algorithm's loop ends, then tell the workers why, and write the summary and a final
+        checkpoint. However the loop ends (done, interrupted, an internal error) this happens; an internal
+        error then raises (ServerFailed, or the SmolclusterError that stopped it) after the summary is written."""
         listener = Listener(self.bind, self.port, key=self.ctx.key, on_connection=self._on_connection,
                             config=self.ctx.transport, on_reject=self._on_reject, logger=self.log)
+        self.listener = listener
         listener.start()
         host, port = listener.address
         write_atomic(self.ctx.run_dir / "server.json", json.dumps({"host": host, "port": port, "pid": os.getpid()}))
@@ -217,6 +304,7 @@ class ServerBase:
             self.save()  # so a crash at any point can --resume, even before the first periodic checkpoint
         self.log.info(f"{self.algorithm} server listening on {host}:{port}, waiting for {self.cluster.num_workers} workers")
         self.ctx.metrics.write("start", algorithm=self.algorithm, version=self.version, step=self.step, port=port)
+        failure: BaseException | None = None
         try:
             with _signals_set_flag(self):
                 # Evaluate the starting model first: unreadable evaluation data fails now, not after the
@@ -224,24 +312,38 @@ class ServerBase:
                 self.run_eval()
                 self.loop()
         except KeyboardInterrupt:
-            self.stop_reason = "interrupted"
+            self.stop_reason, self.stop_status = "interrupted", "stopped"
             self.log.warning("interrupted: writing a final checkpoint and summary")
+        except Exception as e:  # a bug, or a resource gone (data, disk): stop with that reason, never "finished"
+            failure = e
+            self.stop_status = "error"
+            self.stop_reason = f"error: {e}" if isinstance(e, SmolclusterError) else f"internal error: {type(e).__name__}: {e}"
+            self.log.exception(f"stopping: {self.stop_reason}")
         finally:
-            self._account_pending_leaves()
+            self._account_pending_events()
             # BYE first: closing the listener closes every accepted connection, and a worker that
             # loses its connection without a BYE keeps reconnecting instead of finishing.
             for peer in list(self.peers.values()):
-                peer.send(Message(MessageKind.BYE, {"reason": self.stop_reason or "finished"}))
+                peer.send(Message(MessageKind.BYE, {"reason": self.stop_reason or "finished", "status": self.stop_status}))
                 self._retire(peer, "server finished")
             self.peers.clear()
+            self._join_retiring(timeout=5.0)
             listener.close()
-        return self.finish()
+            self.say.flush()
+        summary = self.finish()
+        if failure is not None:
+            if isinstance(failure, SmolclusterError):
+                raise failure
+            raise ServerFailed(f"the server stopped: {self.stop_reason} (summary and final checkpoint written; "
+                               f"traceback in {self.ctx.run_dir / 'server.log'})") from failure
+        return summary
 
     def loop(self) -> None:
         raise NotImplementedError
 
-    def _account_pending_leaves(self) -> None:
-        """At the end, count connections that already failed (e.g. a bad frame) but were still queued."""
+    def _account_pending_events(self) -> None:
+        """At the end: connections that already failed (e.g. a bad frame) but were still queued, and pushes
+        that arrived after the loop ended (late: the run was over)."""
         while True:
             try:
                 ev = self.events.get_nowait()
@@ -249,94 +351,174 @@ class ServerBase:
                 return
             if isinstance(ev, Left):
                 self._left(ev)
+            elif isinstance(ev, Incoming):
+                if ev.msg.kind == MessageKind.PUSH and ev.rank in self.stats:
+                    self.count_late(ev.rank, "the run was over")
+                ev.done()
+
+    def _join_retiring(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for peer in self.retiring:
+            peer.join(max(0.0, deadline - time.monotonic()))
+        self.retiring = [p for p in self.retiring if p.closing]
 
     # ------------------------------------------------------------------ connection threads
 
     def _on_reject(self, peer: str, error: Exception) -> None:
-        self.connections_rejected += 1  # counted from the listener thread; an int increment is atomic enough here
+        with self._count_lock:  # from the listener's threads
+            self.connections_rejected += 1
 
     def _on_connection(self, conn: Connection) -> None:
-        """Runs in the listener's per-connection thread: hello, then read frames until the peer goes."""
+        """Runs in the listener's per-connection thread: hello, then read frames until the peer goes.
+        Frames are parsed here (messages.parse is a pure function); the main thread gets typed messages."""
         try:
-            hello = conn.recv(timeout=self.ctx.transport.handshake_timeout)
+            hello_msg = conn.recv(timeout=self.ctx.transport.handshake_timeout, limits=HELLO_LIMITS)
         except SmolclusterError as e:
-            self.log.warning(f"dropping {conn.peer}: no valid HELLO ({e})")
+            self.say.warning("no-hello", f"dropping {conn.peer}: no valid HELLO ({e})")
             conn.close(str(e))
             return
-        problem = self._check_hello(hello)
+        problem, hello = self._check_hello(hello_msg)
         if problem:
-            self.log.warning(f"dropping {conn.peer}: {problem}")
+            with self._count_lock:  # a connection thread, not the main one
+                self.messages_rejected["bad-hello"] += 1
+            self.say.warning("bad-hello", f"dropping {conn.peer}: {problem}")
             try:
                 conn.send(Message(MessageKind.ERROR, {"error": problem}), timeout=5)
             except SmolclusterError:
                 pass
             conn.close(problem)
             return
-        rank = int(hello.fields["rank"])
-        self.events.put(Join(conn, rank, str(hello.fields["hostname"]), hello.fields))
+        conn.admit()
+        slots = threading.BoundedSemaphore(IN_FLIGHT)
+        self.events.put(Join(conn, hello.rank, hello.hostname))
         conn.start_heartbeats()
         while True:
+            while not slots.acquire(timeout=0.5):
+                if conn.closed:
+                    return
             try:
                 msg = conn.recv(timeout=None, schema=self.push_schema)
             except SmolclusterError as e:
-                self.events.put(Left(conn, rank, str(e), e))
+                slots.release()
+                self.events.put(Left(conn, hello.rank, str(e), e))
                 return
-            self.events.put(Incoming(conn, rank, msg))
+            typed, bad = None, None
+            try:
+                typed = messages.parse(msg.kind, msg.fields)
+            except BadField as e:
+                bad = e
+            self.events.put(Incoming(conn, hello.rank, msg, typed, bad, slots.release))
             if msg.kind == MessageKind.BYE:
                 return
 
-    def _check_hello(self, hello: Message) -> str:
-        f = hello.fields
-        if hello.kind != MessageKind.HELLO:
-            return f"expected HELLO, got {hello.kind.name}"
-        if f.get("algorithm") != self.algorithm:
-            return f"worker runs {f.get('algorithm')!r} but this server runs {self.algorithm!r} (start both with the same --algo)"
-        rank, host = f.get("rank"), f.get("hostname")
-        if not isinstance(rank, int) or not 1 <= rank <= self.cluster.num_workers:
-            return f"rank {rank!r} is not a worker rank (1..{self.cluster.num_workers})"
-        if host not in self.cluster.workers or rank_of(self.cluster, host) != rank:
-            return f"hostname {host!r} with rank {rank} does not match 'workers' in the cluster config"
-        return ""
+    def _check_hello(self, msg: Message) -> tuple[str, messages.Hello | None]:
+        if msg.kind != MessageKind.HELLO:
+            return f"expected HELLO, got {msg.kind.name}", None
+        try:
+            hello = messages.parse(MessageKind.HELLO, msg.fields)
+        except BadField as e:
+            return str(e), None
+        if hello.algorithm != self.algorithm:
+            return f"worker runs {hello.algorithm!r} but this server runs {self.algorithm!r} (start both with the same --algo)", None
+        if not 1 <= hello.rank <= self.cluster.num_workers:
+            return f"rank {hello.rank!r} is not a worker rank (1..{self.cluster.num_workers})", None
+        if hello.hostname not in self.cluster.workers or rank_of(self.cluster, hello.hostname) != hello.rank:
+            return f"hostname {hello.hostname!r} with rank {hello.rank} does not match 'workers' in the cluster config", None
+        return "", hello
 
     # ------------------------------------------------------------------ events
 
     def next_event(self, timeout: float) -> Any:
+        """Handle the next event (or return None after `timeout`). Each event is isolated: a peer whose
+        message cannot be handled is dropped and counted; only a run of such failures (a bug, not one
+        peer's input) stops the server."""
         if self.interrupted:
             raise KeyboardInterrupt  # here, in plain code: see _signals_set_flag
         try:
             ev = self.events.get(timeout=max(0.0, timeout))
         except queue.Empty:
             return None
+        try:
+            self._dispatch(ev)
+        except Exception as e:
+            self._handler_failed(ev, e)
+        finally:
+            if isinstance(ev, Incoming):
+                ev.done()
+        return ev
+
+    def _dispatch(self, ev: Any) -> None:
         if isinstance(ev, Join):
             self._join(ev)
         elif isinstance(ev, Left):
             self._left(ev)
         elif isinstance(ev, Incoming):
-            if self.peers.get(ev.rank) is None or self.peers[ev.rank].conn is not ev.conn:
-                return None  # from a connection we already replaced
-            self.last_peer_seen = time.time()
-            if ev.msg.kind == MessageKind.BYE:
-                self._bye(ev)
-            elif ev.msg.kind == MessageKind.PUSH:
-                self.on_push(self.peers[ev.rank], ev.msg)
-            elif ev.msg.kind == MessageKind.PULL:
-                self.on_pull(self.peers[ev.rank], ev.msg)
+            peer = self.peers.get(ev.rank)
+            if peer is None or peer.conn is not ev.conn:
+                if ev.msg.kind == MessageKind.PUSH:  # from a connection already replaced: never applied
+                    self.count_late(ev.rank, "its connection was replaced")
+                return
+            self.last_peer_seen = time.monotonic()
+            kind = ev.msg.kind
+            if ev.problem is not None:
+                self.bad_message(peer, ev.msg, ev.problem)
+            elif kind == MessageKind.BYE:
+                self._bye(peer, ev.typed)
+            elif kind == MessageKind.PUSH:
+                self.on_push(peer, ev.typed, ev.msg)
+            elif kind == MessageKind.PULL:
+                try:
+                    messages.check_pull(ev.typed, max_worker_step=self.max_worker_step)
+                except BadField as e:
+                    return self.bad_message(peer, ev.msg, e)
+                self.on_pull(peer, ev.typed)
             else:
-                self.log.warning(f"ignoring unexpected {ev.msg.kind.name} from {self.peers[ev.rank].hostname}")
-        return ev
+                self.messages_rejected["unexpected-kind"] += 1
+                self.say.warning(f"unexpected-{kind.name}", f"ignoring unexpected {kind.name} from {peer.hostname}")
+
+    def _handler_failed(self, ev: Any, e: Exception) -> None:
+        self.handler_errors += 1
+        rank = getattr(ev, "rank", None)
+        if self.handler_errors == 1:
+            self.log.exception(f"could not handle a {type(ev).__name__} event from rank {rank}: dropping that connection")
+        else:
+            self.say.warning("handler-error", f"could not handle a {type(ev).__name__} event from rank {rank}: "
+                                              f"{type(e).__name__}: {e}; dropping that connection")
+        peer = self.peers.get(rank) if rank is not None else None
+        if peer is not None and peer.conn is getattr(ev, "conn", None):
+            del self.peers[rank]
+            self._retire(peer, f"server could not handle its message ({type(e).__name__})")
+            self.on_leave(peer)
+        if self.handler_errors > HANDLER_ERRORS_TOLERATED:
+            raise e  # not one peer's input any more: a bug; serve() stops with this as the reason
+
+    def bad_message(self, peer: Peer, msg: Message, problem: BadField) -> None:
+        """A well-framed message with a bad field: rejected and counted, the connection kept."""
+        if msg.kind == MessageKind.PUSH:
+            self.reject(peer.rank, problem.reason, problem.problem)
+            self.reply_rejected(peer, problem.reason)
+        elif msg.kind == MessageKind.BYE:
+            self.messages_rejected[problem.reason] += 1
+            self._bye(peer, messages.Bye(reason="(bad BYE fields)"))
+        else:
+            self.messages_rejected[problem.reason] += 1
+            self.say.warning(problem.reason, f"rejected a {msg.kind.name} from {peer.hostname}: {problem}")
+            if msg.kind == MessageKind.PULL:
+                peer.send(Message(MessageKind.WEIGHTS, {"version": self.version, "step": self.step}))
 
     def _join(self, ev: Join) -> None:
         old = self.peers.pop(ev.rank, None)
         if old is not None:
             self.log.info(f"{ev.hostname} reconnected; closing its previous connection")
             self._retire(old, "replaced by a new connection")
-        peer = Peer(ev.conn, ev.rank, ev.hostname, self.events, self.ctx.transport.io_timeout)
+        peer = Peer(ev.conn, ev.rank, ev.hostname, self.events, io_timeout=self.ctx.transport.io_timeout,
+                    max_outbox_bytes=4 * self.model_bytes + (1 << 20), on_closed=self._closed_connection)
         self.peers[ev.rank] = peer
         st = self.stats[ev.rank]
         st.joins += 1
         st.finished = False
         self.ever_joined = True
-        self.last_peer_seen = time.time()
+        self.last_peer_seen = time.monotonic()
         fields = {"version": self.version, "step": self.step, "worker_step": self.worker_progress.get(str(ev.rank), 0)}
         peer.send(self.weights_message(MessageKind.WELCOME, fields))
         self.log.info(f"{ev.hostname} (rank {ev.rank}) joined at version {self.version}, step {self.step}")
@@ -349,42 +531,69 @@ class ServerBase:
             return
         del self.peers[ev.rank]
         self._retire(peer, ev.reason)
-        self.last_peer_seen = time.time()
+        self.last_peer_seen = time.monotonic()
         if isinstance(ev.error, WireError):
             self.reject(ev.rank, f"{type(ev.error).__name__}", str(ev.error))
-        self.log.warning(f"{peer.hostname} (rank {ev.rank}) left: {ev.reason}")
+        self.say.warning(f"left-{ev.rank}", f"{peer.hostname} (rank {ev.rank}) left: {ev.reason}")
         self.ctx.metrics.write("leave", rank=ev.rank, host=peer.hostname, reason=ev.reason, version=self.version, step=self.step)
         self.on_leave(peer)
 
-    def _bye(self, ev: Incoming) -> None:
-        peer = self.peers.pop(ev.rank)
-        st = self.stats[ev.rank]
-        f = ev.msg.fields
-        st.finished = bool(f.get("finished", False))
-        st.reported_steps = int(f.get("steps", st.reported_steps))
-        if f.get("samples_per_s") is not None:
-            st.reported_samples_per_s = float(f["samples_per_s"])
+    def _bye(self, peer: Peer, bye: messages.Bye) -> None:
+        del self.peers[peer.rank]
+        st = self.stats[peer.rank]
+        st.finished = bye.finished
+        if bye.steps is not None:
+            st.reported_steps = bye.steps
+        if bye.samples_per_s is not None:
+            st.reported_samples_per_s = bye.samples_per_s
         self._retire(peer, "worker said bye")
-        self.log.info(f"{peer.hostname} (rank {ev.rank}) {'finished' if st.finished else 'left'}: {f.get('reason', '')}")
-        self.ctx.metrics.write("bye", rank=ev.rank, host=peer.hostname, finished=st.finished, reason=str(f.get("reason", "")),
+        self.log.info(f"{peer.hostname} (rank {peer.rank}) {'finished' if st.finished else 'left'}: {bye.reason}")
+        self.ctx.metrics.write("bye", rank=peer.rank, host=peer.hostname, finished=st.finished, reason=bye.reason,
                                version=self.version)
         self.on_leave(peer)
 
     def _retire(self, peer: Peer, reason: str) -> None:
+        """Close a peer in its own thread (never waiting for it here); its bytes are counted once it is closed."""
         peer.close(reason)
-        self.bytes_sent += peer.conn.bytes_sent
-        self.bytes_received += peer.conn.bytes_received
+        self.retiring.append(peer)
+        if len(self.retiring) > 64:
+            self.retiring = [p for p in self.retiring if p.closing]
+
+    def _closed_connection(self, conn: Connection) -> None:
+        with self._bytes_lock:  # from the peer's sender thread
+            self.bytes_sent += conn.bytes_sent
+            self.bytes_received += conn.bytes_received
 
     # hooks for the algorithms
     def on_join(self, peer: Peer) -> None: ...
 
     def on_leave(self, peer: Peer) -> None: ...
 
-    def on_push(self, peer: Peer, msg: Message) -> None:
+    def on_push(self, peer: Peer, push: messages.Push, msg: Message) -> None:
         raise NotImplementedError
 
-    def on_pull(self, peer: Peer, msg: Message) -> None:
-        peer.send(self.weights_message(MessageKind.WEIGHTS, {"version": self.version, "step": self.step}))
+    def reply_rejected(self, peer: Peer, reason: str) -> None:
+        """Answer a push rejected for its fields (no weights: a rejected push costs its sender, not us)."""
+        raise NotImplementedError
+
+    def on_pull(self, peer: Peer, pull: messages.Pull) -> None:
+        fields = {"version": self.version, "step": self.step}
+        if self.pull_due(peer, pull.worker_step):
+            peer.send(self.weights_for(peer, MessageKind.WEIGHTS, fields))
+        else:
+            peer.send(Message(MessageKind.WEIGHTS, fields))
+
+    def pull_due(self, peer: Peer, worker_step: int) -> bool:
+        """Weights go to a worker at its own cadence: every worker_update_interval of its steps, not whenever
+        it asks (a tiny PULL answered with the whole model is an amplifier)."""
+        last = peer.last_pull_step
+        if last is not None and worker_step < last + self.cluster.worker_update_interval:
+            self.messages_rejected["pull-too-early"] += 1
+            self.say.warning("pull-too-early", f"{peer.hostname} asks for weights at step {worker_step}, "
+                                               f"{worker_step - last} steps after its last pull; replying without them")
+            return False
+        peer.last_pull_step = worker_step
+        return True
 
     # ------------------------------------------------------------------ model helpers
 
@@ -398,21 +607,75 @@ class ServerBase:
             self._snapshot = (self.version, state, quant)
         return Message(kind, fields, tensors=self._snapshot[1], quant=self._snapshot[2])
 
+    def weights_for(self, peer: Peer, kind: MessageKind, fields: dict[str, Any]) -> Message:
+        """A reply with the current weights, when this peer may have them: an authenticated worker always
+        (its cadence is checked where it asks), an unauthenticated one while what we sent it stays within
+        reply_factor times what it sent us, plus one model. Otherwise the reply goes without weights."""
+        msg = self.weights_message(kind, fields)
+        budget = self.reply_factor * peer.conn.bytes_received + 2 * self.model_bytes
+        if peer.conn.authenticated or peer.bytes_queued + message_bytes(msg) <= budget:
+            return msg
+        self.messages_rejected["reply-budget"] += 1
+        self.say.warning("reply-budget", f"{peer.hostname} asks for more weights than it sends; replying without them")
+        return Message(kind, fields)
+
     def decode_push(self, msg: Message) -> dict[str, torch.Tensor]:
-        tensors = dequantize_state(msg.tensors, msg.quant) if msg.quant else msg.tensors
+        """The pushed tensors as the model's dtypes, every one of them; BadField when they are not."""
+        if msg.quant and not self.cluster.use_quantization:
+            raise BadField("PUSH", "quant", "quantized tensors, but this server does not use quantization")
+        try:
+            tensors = dequantize_state(msg.tensors, msg.quant) if msg.quant else msg.tensors
+        except QuantizationError as e:
+            raise BadField("PUSH", "quant", str(e)) from None
         missing = set(self.schema) - set(tensors)
         if missing:
-            raise ValueError(f"push lacks tensors {sorted(missing)[:3]}")
+            raise BadField("PUSH", "tensors", f"lacks {len(missing)} of the model's tensors, e.g. {sorted(missing)[:3]}")
+        for name, spec in self.schema.items():
+            if tensors[name].dtype != spec.dtype or tuple(tensors[name].shape) != spec.shape:
+                raise BadField("PUSH", "tensors", f"tensor {name!r} is {tensors[name].dtype}{list(tensors[name].shape)}, "
+                                                   f"the model has {spec.dtype}{list(spec.shape)}")
         return tensors
+
+    def check_push(self, push: messages.Push, max_samples: int, max_worker_step: int) -> None:
+        messages.check_push(push, version=self.version, max_samples=max_samples, max_worker_step=max_worker_step,
+                            layers=self.schema)
+
+    def norm_prior(self, weights_mode: bool) -> float | None:
+        """The most one update can honestly move, whatever the history: a weights push stays within the
+        weights' own norm of them; a gradient within 1000x the clipping norm."""
+        if weights_mode:
+            return math.sqrt(sum(v * v for v in tensor_norms(self.model.state_dict()).values())) + 1.0
+        return 1000.0 * self.nn.gradient_clipping if self.nn.gradient_clipping else None
+
+    def robust_problem(self, rank: int, norm: float, weights_mode: bool) -> str:
+        """Why an update of this norm from `rank` must not be applied ("" when it may)."""
+        if not math.isfinite(norm):
+            return "non-finite"
+        if self.robust is None:
+            return ""
+        return self.robust.check(rank, norm, self.norm_prior(weights_mode))
 
     def reject(self, rank: int, reason: str, detail: str = "") -> None:
         self.rejected += 1
         self.rejected_reasons[reason] += 1
         if rank in self.stats:
             self.stats[rank].rejected += 1
+        if reason.startswith("outlier") and self.robust is not None:
+            self.robust.rejected += 1
         host = self.stats[rank].hostname if rank in self.stats else f"rank {rank}"
-        self.log.warning(f"rejected push from {host}: {reason}{': ' + detail if detail else ''}")
+        self.say.warning(f"reject-{reason}", f"rejected push from {host}: {reason}{': ' + detail if detail else ''}")
         self.ctx.metrics.write("reject", rank=rank, reason=reason, detail=detail[:200], version=self.version)
+
+    def count_late(self, rank: int, why: str, step: int | None = None) -> None:
+        self.late += 1
+        if rank in self.stats:
+            self.stats[rank].late += 1
+        self.ctx.metrics.write("late", rank=rank, step=step, current_step=self.step, version=self.version, why=why)
+
+    def count_applied(self, rank: int) -> None:
+        if rank in self.stats:
+            self.applied += 1
+            self.stats[rank].applied += 1
 
     def apply_gradients(self, grads: dict[str, torch.Tensor], lr_scale: float = 1.0,
                         norms: dict[str, float] | None = None) -> dict[str, float]:
@@ -455,9 +718,8 @@ class ServerBase:
     def after_update(self, **fields: Any) -> None:
         """Bookkeeping after every model update: metrics, periodic eval and checkpoint."""
         if self.training_started is None:
-            self.training_started = time.time()
+            self.training_started = time.monotonic()
             self.ctx.metrics.write("training_start", version=self.version)
-        self.applied += 1
         self.ctx.metrics.write("update", version=self.version, step=self.step, **fields)
         if self.version % self.nn.eval_steps == 0:
             self.run_eval()
@@ -488,52 +750,83 @@ class ServerBase:
                       "rejected_reasons": dict(self.rejected_reasons)},
         )
 
-    def save(self) -> Path:
-        path = ckpt.save_checkpoint(self.checkpoint_dir, self.state())
+    def save(self) -> Path | None:
+        """Write a checkpoint. A write that fails (a full disk) is one log line: the previous checkpoint is
+        intact, training goes on and the next interval tries again."""
+        try:
+            path = ckpt.save_checkpoint(self.checkpoint_dir, self.state())
+        except ckpt.CheckpointError as e:
+            self.checkpoint_failures += 1
+            self.log.warning(f"checkpoint at version {self.version} not written: {e}; the previous checkpoint is intact "
+                             "and training goes on (the next checkpoint is tried at the next interval)")
+            self.ctx.metrics.write("checkpoint_failed", version=self.version, step=self.step, error=str(e))
+            return None
         self.ctx.metrics.write("checkpoint", version=self.version, step=self.step, path=str(path))
         return path
 
     def _resume(self) -> None:
         state = ckpt.load_checkpoint(self.checkpoint_dir)
+        where = self.checkpoint_dir / ckpt.CHECKPOINT_NAME
         if state.algorithm != self.algorithm:
-            raise ckpt.CheckpointError(f"checkpoint in {self.checkpoint_dir} is from {state.algorithm}, not {self.algorithm}")
-        self.model.load_state_dict(state.model)
-        self.optimizer.load_state_dict(state.optimizer)
+            raise ckpt.CheckpointError(f"checkpoint {where} is from {state.algorithm}, not {self.algorithm}")
+        try:
+            self.model.load_state_dict(state.model)
+            self.optimizer.load_state_dict(state.optimizer)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {where} does not fit this model and optimizer ({type(e).__name__}: "
+                                       f"{str(e)[:300]}); was it written with another nn_config?") from None
         self.version, self.step = state.version, state.step
         self.worker_progress = dict(state.worker_progress)
         self.server_data_step = state.server_data_step
         c = state.counters
-        self.applied, self.late, self.rejected = c.get("applied", 0), c.get("late", 0), c.get("rejected", 0)
-        self.rejected_reasons.update(c.get("rejected_reasons", {}))
+        self.applied, self.late, self.rejected = (int(c.get(k, 0)) for k in ("applied", "late", "rejected"))
+        self.rejected_reasons.update({str(k): int(v) for k, v in dict(c.get("rejected_reasons", {})).items()})
         digest = ckpt.state_digest(self.model.state_dict())
-        self.log.info(f"resumed from {self.checkpoint_dir} at version {self.version}, step {self.step} (model {digest[:12]})")
+        older = " (an older checkpoint: its digest covers only the model)" if state.legacy else ""
+        self.log.info(f"resumed from {self.checkpoint_dir} at version {self.version}, step {self.step} (model {digest[:12]}){older}")
         self.ctx.metrics.write("resume", version=self.version, step=self.step, model_digest=digest)
 
     def finish(self) -> dict[str, Any]:
-        loss, acc = self.run_eval()
-        self.save()
+        try:
+            loss, acc = self.run_eval()
+        except Exception as e:  # a failed run must still leave its summary
+            self.log.warning(f"final evaluation failed: {type(e).__name__}: {e}")
+            loss, acc = (self.last_eval if self.last_eval is not None else (float("nan"), float("nan")))
+        saved = self.save()
         summary = {
             "algorithm": self.algorithm,
             "workers": self.cluster.num_workers,
             "epochs": self.nn.num_epochs,
             "steps": self.version,
-            "wall_time_s": round(time.time() - self.started, 3),
+            "wall_time_s": round(time.monotonic() - self.started, 3),
             "final_test_accuracy": acc,
             "final_test_loss": loss,
             "pushes_applied": self.applied,
             "pushes_late": self.late,
             "pushes_rejected": self.rejected,
             "rejected_reasons": dict(self.rejected_reasons),
+            "messages_rejected": dict(self.messages_rejected),
+            "handler_errors": self.handler_errors,
+            "robust_aggregation": self.robust.summary() if self.robust is not None else {"enabled": False},
             "connections_rejected": self.connections_rejected,
+            "connections_refused": self.listener.refused if self.listener is not None else 0,
+            "checkpoint_failures": self.checkpoint_failures,
+            "final_checkpoint": str(saved) if saved is not None else None,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "stop_reason": self.stop_reason or "finished",
+            "stop_status": self.stop_status,
             "per_worker": [s.summary() for s in self.stats.values()],
             "torch": self.ctx.torch,
             "config": to_dict(self.cfg.cluster) | {"nn": to_dict(self.cfg.nn)},
         }
-        write_atomic(self.ctx.run_dir / "summary.json", json.dumps(summary, indent=2))
-        self.ctx.metrics.write("end", version=self.version, test_accuracy=acc, test_loss=loss, peak_rss_mb=peak_rss_mb())
+        about = getattr(self.ctx.task, "about", None)
+        if about:  # a GPT on wikitext-2: which splits (train on valid offline) and which tokenizer
+            perplexity = math.exp(loss) if loss < 700 else math.inf  # a diverged run must still write its summary
+            summary |= about | {"final_test_perplexity": perplexity, "gpt": self.cfg.gpt.resolved() if self.cfg.gpt else None}
+        write_atomic(self.ctx.run_dir / "summary.json", json.dumps(jsonable(summary), indent=2))
+        self.ctx.metrics.write("end", version=self.version, test_accuracy=acc, test_loss=loss, peak_rss_mb=peak_rss_mb(),
+                               stop_reason=summary["stop_reason"])
         self.log.info(f"done: {self.version} updates, test accuracy {acc:.4f}, wall {summary['wall_time_s']} s")
         return summary
 
@@ -541,11 +834,12 @@ class ServerBase:
         """No worker connected for idle_timeout seconds (after at least one joined)."""
         if self.peers or not self.ever_joined:
             return False
-        return time.time() - self.last_peer_seen > self.cluster.idle_timeout
+        return time.monotonic() - self.last_peer_seen > self.cluster.idle_timeout
 
-    def idle_stop_reason(self) -> str:
-        """The stop_reason of a server that stops because idle_too_long()."""
-        return f"no worker connected for {self.cluster.idle_timeout:.0f}s"
+    def stop_idle(self) -> None:
+        """Stop because idle_too_long()."""
+        self.stop_reason = f"no worker connected for {self.cluster.idle_timeout:.0f}s"
+        self.stop_status = "stopped"
 
 
 # --------------------------------------------------------------------------- worker side
@@ -556,7 +850,11 @@ class WorkerInterrupted(Exception):
 
 
 class ServerFinished(Exception):
-    """The server said the run is over."""
+    """The server said the run is over; `status` says how: finished, stopped (interrupted, idle) or error."""
+
+    def __init__(self, reason: str, status: str = "finished"):
+        self.reason, self.status = reason, status
+        super().__init__(reason)
 
 
 class WorkerBase:
@@ -581,11 +879,12 @@ class WorkerBase:
         self.version = 0
         self.steps_done = 0
         self.samples_done = 0
-        self.train_time = 0.0
+        self.pushes_sent = self.pushes_answered = 0
+        self.grad_norms: dict[str, float] = {}  # per-layer norms of the last local step, before clipping
         self.compute_s = self.comm_s = self.wait_s = 0.0
         self._since_record = (time.perf_counter(), 0, 0)  # (time, steps, samples) at the last record(): W&B rates
         self.last_loss = float("nan")
-        self.started = time.time()
+        self.started = time.monotonic()
         self.interrupted = False  # set by Ctrl-C (SIGINT); the next step says BYE and stops
 
     def connect(self) -> Message:
@@ -596,34 +895,49 @@ class WorkerBase:
             self.log.info(f"server {self.host}:{self.port} not reachable ({err}); retry {attempt} in {delay:.1f}s")
 
         retry = RetryPolicy(deadline=self.reconnect_deadline())
-        self.conn = connect(self.host, self.port, key=self.ctx.key, config=self.ctx.transport, retry=retry, on_retry=on_retry)
+        try:
+            self.conn = connect(self.host, self.port, key=self.ctx.key, config=self.ctx.transport, retry=retry, on_retry=on_retry)
+        except AuthError as e:  # connect() retried: the same failure every time is a key mismatch, not a bad frame
+            raise ConnectFailed(f"authentication keeps failing: {e.problem}", peer=f"{self.host}:{self.port}") from None
         self.conn.send(Message(MessageKind.HELLO, {"rank": self.rank, "hostname": self.ctx.hostname, "algorithm": self.algorithm}))
-        welcome = self.conn.recv(timeout=self.ctx.transport.io_timeout, schema=self.recv_schema)
-        if welcome.kind == MessageKind.ERROR:
-            raise SmolclusterError(f"server refused this worker: {welcome.fields.get('error')}")
+        welcome, typed = self.receive(self.ctx.transport.io_timeout)
         if welcome.kind == MessageKind.BYE:
-            raise ServerFinished(welcome.fields.get("reason", ""))
+            raise ServerFinished(typed.reason, typed.status)
         if welcome.kind != MessageKind.WELCOME:
-            raise SmolclusterError(f"expected WELCOME from the server, got {welcome.kind.name}")
+            raise BadField(welcome.kind.name, "kind", "expected WELCOME from the server")
         self.conn.start_heartbeats()
-        self.load_weights(welcome, alpha=1.0)
-        self.log.info(f"joined {self.host}:{self.port} at version {self.version}, step {welcome.fields.get('step')}")
-        self.ctx.metrics.write("join", version=self.version, step=welcome.fields.get("step"))
+        self.load_weights(welcome, alpha=1.0, version=typed.version)
+        self.log.info(f"joined {self.host}:{self.port} at version {self.version}, step {typed.step}")
+        self.ctx.metrics.write("join", version=self.version, step=typed.step)
         return welcome
+
+    def receive(self, timeout: float) -> tuple[Message, Any]:
+        """The server's next message and its typed fields (BadField when they do not parse)."""
+        assert self.conn is not None
+        msg = self.conn.recv(timeout=timeout, schema=self.recv_schema)
+        return msg, messages.parse(msg.kind, msg.fields)
 
     def reconnect_deadline(self) -> float:
         """How long the server may stay unreachable before this worker gives up."""
         return max(60.0, self.cluster.idle_timeout * 2)
 
-    def load_weights(self, msg: Message, alpha: float) -> None:
-        """Take the server weights: w = alpha * server + (1 - alpha) * local."""
+    def load_weights(self, msg: Message, alpha: float, version: int | None = None) -> None:
+        """Take the server weights: w = alpha * server + (1 - alpha) * local. `version` is theirs: it becomes
+        this worker's base version when weights came (a reply may come without them)."""
         if not msg.tensors:
             return
-        state = dequantize_state(msg.tensors, msg.quant) if msg.quant else msg.tensors
+        try:
+            state = dequantize_state(msg.tensors, msg.quant) if msg.quant else msg.tensors
+            missing = set(self.schema) - set(state)
+        except QuantizationError as e:
+            raise BadField(msg.kind.name, "quant", str(e)) from None
+        if missing:
+            raise BadField(msg.kind.name, "tensors", f"lacks {sorted(missing)[:3]}")
         with torch.no_grad():
             for name, t in self.model.state_dict().items():
                 t.mul_(1.0 - alpha).add_(state[name].to(t.device, t.dtype), alpha=alpha) if alpha < 1.0 else t.copy_(state[name])
-        self.version = int(msg.fields.get("version", self.version))
+        if version is not None:
+            self.version = version
 
     def compute_gradients(self, step: int) -> tuple[float, int]:
         """Forward/backward on the batch for `step`; leaves grads in .grad. Compute stretched to the device."""
@@ -643,28 +957,30 @@ class WorkerBase:
         return {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
 
     def local_step(self) -> None:
-        """Clip (as the server does) and step the local optimizer."""
-        clip_grads_(self.model, self.nn.gradient_clipping)
+        """Clip (as the server does) and step the local optimizer; keeps the per-layer norms from before clipping."""
+        self.grad_norms = clip_grads_(self.model, self.nn.gradient_clipping)
         self.optimizer.step()
 
-    def exchange(self, msg: Message, timeout: float) -> Message:
+    def exchange(self, msg: Message, timeout: float) -> tuple[Message, Any]:
         """Send one request and wait for its reply; reply time counts as communication + waiting."""
         assert self.conn is not None
         t0 = time.perf_counter()
         if self.ctx.device.type != "cpu":  # the wire carries CPU tensors
             msg = Message(msg.kind, msg.fields, tensors={k: v.cpu() for k, v in msg.tensors.items()}, quant=msg.quant)
         self.conn.send(msg, timeout=self.ctx.transport.io_timeout)
+        if msg.kind == MessageKind.PUSH:
+            self.pushes_sent += 1
         t1 = time.perf_counter()
-        reply = self.conn.recv(timeout=timeout, schema=self.recv_schema)
+        reply, typed = self.receive(timeout)
         t2 = time.perf_counter()
-        held = float(reply.fields.get("held_s", 0.0))
+        held = typed.held_s if isinstance(typed, messages.StepDone) else 0.0
         self.comm_s += (t1 - t0) + max(0.0, (t2 - t1) - held)
         self.wait_s += min(held, t2 - t1)
         if reply.kind == MessageKind.BYE:
-            raise ServerFinished(reply.fields.get("reason", ""))
-        if reply.kind == MessageKind.ERROR:
-            raise SmolclusterError(f"server error: {reply.fields.get('error')}")
-        return reply
+            raise ServerFinished(typed.reason, typed.status)
+        if msg.kind == MessageKind.PUSH and reply.kind in (MessageKind.ACK, MessageKind.STEP_DONE):
+            self.pushes_answered += 1
+        return reply, typed
 
     def record(self, step: int, loss: float, **fields: Any) -> None:
         """One metrics line per exchange with the server, carrying the time split since the last one."""
@@ -693,7 +1009,6 @@ class WorkerBase:
             self.say_bye(finished=False, reason="interrupted")
 
     def _run(self) -> None:
-        finished_by_server = False
         lost_since: float | None = None
         while True:
             try:
@@ -702,32 +1017,47 @@ class WorkerBase:
                 self.train(welcome)
                 break
             except ServerFinished as e:
-                finished_by_server = True
-                self.log.info(f"server ended the run ({e})")
-                break
+                return self._server_ended(e)
             except ConnectFailed:
                 raise  # retried until the deadline already: the server is not coming back
-            except (TransportError, TruncatedFrame) as e:  # a frame cut off by a closing connection is a lost connection
-                # Through a proxy the TCP connect always succeeds and the handshake fails instead, so
-                # connect()'s own deadline never trips: bound the whole outage here.
-                lost_since = lost_since or time.time()
-                if time.time() - lost_since > self.reconnect_deadline():
-                    raise ConnectFailed(f"server {self.host}:{self.port} unreachable for {time.time() - lost_since:.0f}s "
+            except (TransportError, WireError, BadField) as e:
+                # A lost connection, or one bad frame from the server (corrupted, spoofed, cut off): both
+                # pass with a new connection. Through a proxy the TCP connect always succeeds and the
+                # handshake fails instead, so connect()'s own deadline never trips: bound the outage here.
+                lost_since = lost_since or time.monotonic()
+                outage = time.monotonic() - lost_since
+                if outage > self.reconnect_deadline():
+                    raise ConnectFailed(f"server {self.host}:{self.port} unreachable for {outage:.0f}s "
                                         f"(last error: {e})", peer=f"{self.host}:{self.port}") from None
-                self.log.warning(f"lost the server ({e}); reconnecting")
+                what = "lost the server" if isinstance(e, TransportError) else "bad frame from the server"
+                self.log.warning(f"{what} ({e}); reconnecting")
                 self.ctx.metrics.write("disconnect", reason=str(e))
                 if self.conn is not None:
                     self.conn.close(str(e))
                 time.sleep(0.5)
                 if self.interrupted:
                     raise WorkerInterrupted from None
-        self.say_bye(finished=True, server_ended=finished_by_server)
+        self.say_bye(finished=True)
+
+    def _server_ended(self, e: ServerFinished) -> None:
+        """The server's BYE: a finished run ends this worker cleanly; a failed one is not reported as finished."""
+        if e.status == "error":
+            self.log.error(f"the server stopped with an error ({e.reason}); this run did not finish")
+            self.say_bye(finished=False, server_ended=True, end_reason=f"server failed: {e.reason}")
+            raise SmolclusterError(f"the server stopped with an error: {e.reason}")
+        if e.status == "stopped":
+            self.log.warning(f"the server stopped the run ({e.reason})")
+            self.say_bye(finished=False, server_ended=True, end_reason=f"server stopped: {e.reason}")
+            return
+        self.log.info(f"server ended the run ({e.reason})")
+        self.say_bye(finished=True, server_ended=True, end_reason="server finished")
 
     def train(self, welcome: Message) -> None:
         raise NotImplementedError
 
-    def say_bye(self, *, finished: bool, server_ended: bool = False, reason: str = "epochs done") -> None:
-        elapsed = max(1e-9, time.time() - self.started)
+    def say_bye(self, *, finished: bool, server_ended: bool = False, reason: str = "epochs done",
+                end_reason: str | None = None) -> None:
+        elapsed = max(1e-9, time.monotonic() - self.started)
         sps = self.samples_done / elapsed
         if self.conn is not None and not server_ended:
             try:
@@ -738,6 +1068,7 @@ class WorkerBase:
         if self.conn is not None:
             self.conn.close("bye")
         self.ctx.metrics.write("end", steps=self.steps_done, samples=self.samples_done, samples_per_s=sps,
-                               peak_rss_mb=peak_rss_mb(), stop_reason=reason if not server_ended else "server finished")
+                               pushes_sent=self.pushes_sent, pushes_answered=self.pushes_answered,
+                               peak_rss_mb=peak_rss_mb(), stop_reason=end_reason or reason)
         self.log.info(f"{'finished' if finished else 'stopped'}: {self.steps_done} steps, {sps:.1f} samples/s, "
                       f"last loss {self.last_loss:.4f}")

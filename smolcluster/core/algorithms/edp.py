@@ -11,12 +11,15 @@ Workers join and leave at any time; a joiner gets the current weights first.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
+from smolcluster.common.errors import BadField
 from smolcluster.core.algorithms.base import Peer, ServerBase, WorkerBase
-from smolcluster.core.training.optim import all_finite, tensor_norms
+from smolcluster.core.net import messages
+from smolcluster.core.training.optim import tensor_norms
 from smolcluster.core.training.quantization import quantize_state
 from smolcluster.core.net.wire import Message, MessageKind
 
@@ -36,7 +39,7 @@ class Server(ServerBase):
             if self.all_finished() and not training:
                 return
             if self.idle_too_long():
-                self.stop_reason = self.idle_stop_reason()
+                self.stop_idle()
                 self.log.warning(f"stopping: {self.stop_reason}; unfinished: "
                                  f"{[s.hostname for s in self.stats.values() if not s.finished]}")
                 return
@@ -51,50 +54,65 @@ class Server(ServerBase):
         self.step = self.version
         self.after_update(source=0, staleness=0, loss=loss, grad_norms=norms)
 
-    def on_push(self, peer: Peer, msg: Message) -> None:
-        f, st = msg.fields, self.stats[peer.rank]
-        base = f.get("base_version")
-        if not isinstance(base, int) or base > self.version or base < 0:
-            self.reject(peer.rank, "bad-version", f"base_version {base!r} with server at {self.version}")
-            return self._ack(peer, "rejected", f, tau=0)
+    def on_push(self, peer: Peer, push: messages.Push, msg: Message) -> None:
+        st = self.stats[peer.rank]
         try:
+            self.check_push(push, max_samples=self.nn.batch_size * self.cluster.push_interval,
+                            max_worker_step=self.max_worker_step)  # worker_step is its data position
             tensors = self.decode_push(msg)
-        except (ValueError, KeyError) as e:
-            self.reject(peer.rank, "bad-tensors", str(e))
-            return self._ack(peer, "rejected", f, tau=0)
-        norms = tensor_norms(tensors)
-        if not all_finite(norms):
-            self.reject(peer.rank, "non-finite", f"{f.get('mode', 'weights')} contain NaN or Inf")
-            return self._ack(peer, "rejected", f, tau=0)
-        tau = self.version - base
-        if f.get("mode") == "gradients":
-            norms = self.apply_gradients(tensors, lr_scale=1.0 / (1 + tau), norms=norms)
+        except BadField as e:
+            self.reject(peer.rank, e.reason, e.problem)
+            return self._ack(peer, "rejected", None, tau=0)
+        weights_mode = push.mode != "gradients"
+        if weights_mode:  # the update is the step from our weights to the worker's
+            state = self.model.state_dict()
+            update = {name: tensors[name].to(w.device, w.dtype) - w for name, w in state.items()}
         else:
+            update = tensors
+        norms = tensor_norms(update)
+        size = math.sqrt(sum(v * v for v in norms.values()))
+        problem = self.robust_problem(peer.rank, size, weights_mode)
+        if problem:
+            reason = "non-finite" if problem == "non-finite" else "outlier"
+            detail = f"{push.mode} contain NaN or Inf" if reason == "non-finite" else problem
+            self.reject(peer.rank, reason, detail)
+            return self._ack(peer, "rejected", push, tau=0)
+        if self.robust is not None:
+            self.robust.accept(peer.rank, size)
+        tau = self.version - push.base_version
+        if weights_mode:
             alpha = 1.0 / (1 + tau)
             with torch.no_grad():
-                for name, w in self.model.state_dict().items():
-                    w.add_(tensors[name].to(w.device, w.dtype) - w, alpha=alpha)
-            norms = {}  # weights, not gradients: nothing to report as gradient norms
+                for name, w in state.items():
+                    w.add_(update[name], alpha=alpha)
+            # the worker's own per-layer gradient norms, from before its local step
+            norms = dict(push.grad_norms) if self.nn.track_gradients else {}
+        else:
+            norms = self.apply_gradients(tensors, lr_scale=1.0 / (1 + tau), norms=norms)
         self.version += 1
         self.step = self.version
-        samples = int(f.get("samples", 0))
-        st.record_push(samples, tau, time.time())
-        st.reported_steps = int(f.get("worker_step", st.reported_steps))
+        self.count_applied(peer.rank)
+        st.record_push(push.samples, tau, time.monotonic())
+        st.reported_steps = push.worker_step
         self.worker_progress[str(peer.rank)] = st.reported_steps
-        self.after_update(source=peer.rank, staleness=tau, loss=f.get("loss"), grad_norms=norms)
-        self.ctx.wandb.log({"staleness": tau, f"train/loss_rank{peer.rank}": f.get("loss"),
+        self.after_update(source=peer.rank, staleness=tau, loss=push.loss, grad_norms=norms)
+        self.ctx.wandb.log({"staleness": tau, f"train/loss_rank{peer.rank}": push.loss,
                             **{f"grad_norm/{k}": v for k, v in norms.items()}}, step=self.version)
-        self._ack(peer, "applied", f, tau)
+        self._ack(peer, "applied", push, tau)
 
-    def on_pull(self, peer: Peer, msg: Message) -> None:
-        self.worker_progress[str(peer.rank)] = int(msg.fields.get("worker_step", self.worker_progress.get(str(peer.rank), 0)))
-        super().on_pull(peer, msg)
+    def on_pull(self, peer: Peer, pull: messages.Pull) -> None:
+        self.worker_progress[str(peer.rank)] = pull.worker_step
+        super().on_pull(peer, pull)
 
-    def _ack(self, peer: Peer, status: str, f: dict, tau: int) -> None:
+    def reply_rejected(self, peer: Peer, reason: str) -> None:
+        self._ack(peer, "rejected", None, tau=0)
+
+    def _ack(self, peer: Peer, status: str, push: messages.Push | None, tau: int) -> None:
+        """The push's outcome; with the current weights when the worker asked at its pull cadence."""
         fields = {"status": status, "version": self.version, "tau": tau,
                   "finished": bool(self.cluster.max_steps and self.version >= self.cluster.max_steps)}
-        if f.get("want_weights"):
-            peer.send(self.weights_message(MessageKind.ACK, fields))
+        if push is not None and push.want_weights and self.pull_due(peer, push.worker_step):
+            peer.send(self.weights_for(peer, MessageKind.ACK, fields))
         else:
             peer.send(Message(MessageKind.ACK, fields))
 
@@ -103,7 +121,7 @@ class Worker(WorkerBase):
     algorithm = "edp"
 
     def train(self, welcome: Message) -> None:
-        step = int(welcome.fields.get("worker_step", 0))  # a restarted worker resumes its data position
+        step = messages.parse(MessageKind.WELCOME, welcome.fields).worker_step  # a restarted worker resumes its data position
         push_every, pull_every = self.cluster.push_interval, self.cluster.worker_update_interval
         grad_mode = self.cluster.push_mode == "gradients"
         grad_sum: dict[str, torch.Tensor] = {}
@@ -126,18 +144,24 @@ class Worker(WorkerBase):
             self.samples_done += samples
             if pushing:
                 push = self.push_message(step, loss, samples * since_push, grad_sum, since_push, want_weights)
-                reply = self.exchange(push, timeout=reply_timeout)
+                reply, ack = self.exchange(push, timeout=reply_timeout)
+                if not isinstance(ack, messages.Ack):
+                    raise BadField(reply.kind.name, "kind", "expected ACK for a push")
                 grad_sum, since_push = {}, 0
-                self.record(step, loss, status=reply.fields.get("status"), tau=reply.fields.get("tau"))
-                if reply.fields.get("finished"):
+                self.record(step, loss, status=ack.status, tau=ack.tau)
+                if ack.finished:
                     return
+                version = ack.version
             elif want_weights:
-                reply = self.exchange(Message(MessageKind.PULL, {"worker_step": step}), timeout=reply_timeout)
+                reply, weights = self.exchange(Message(MessageKind.PULL, {"worker_step": step}), timeout=reply_timeout)
+                if not isinstance(weights, messages.Weights):
+                    raise BadField(reply.kind.name, "kind", "expected WEIGHTS for a pull")
                 self.record(step, loss, status="pulled")
+                version = weights.version
             else:
                 continue
-            if want_weights:
-                self.load_weights(reply, alpha=self.nn.polyak_alpha)  # 1.0 (default): take the server's weights
+            if want_weights:  # 1.0 (default): take the server's weights
+                self.load_weights(reply, alpha=self.nn.polyak_alpha, version=version)
 
     def push_message(self, step: int, loss: float, samples: int, grad_sum: dict[str, torch.Tensor],
                      steps: int, want_weights: bool) -> Message:
@@ -150,4 +174,6 @@ class Worker(WorkerBase):
             tensors, quant = quantize_state(tensors)
         fields = {"base_version": self.version, "worker_step": step, "samples": samples, "loss": loss,
                   "mode": self.cluster.push_mode, "want_weights": want_weights}
+        if self.cluster.push_mode == "weights" and self.nn.track_gradients and self.grad_norms:
+            fields["grad_norms"] = self.grad_norms  # the server sees weights only: tell it the gradient norms
         return Message(MessageKind.PUSH, fields, tensors=tensors, quant=quant)

@@ -15,8 +15,10 @@ import time
 
 import torch
 
+from smolcluster.common.errors import BadField
 from smolcluster.core.algorithms.base import Peer, ServerBase, WorkerBase
-from smolcluster.core.training.optim import all_finite, tensor_norms
+from smolcluster.core.net import messages
+from smolcluster.core.training.optim import tensor_norms
 from smolcluster.core.net.wire import Message, MessageKind
 
 
@@ -31,19 +33,19 @@ class Server(ServerBase):
         total = self.total_steps()
         self.open_step()  # pushes for step 0 may arrive while we wait for the others
         if not self.wait_for_workers():
-            self.stop_reason = self.idle_stop_reason()
+            self.stop_idle()
             self.log.warning(f"stopping before the first step: {self.stop_reason}")
             return
-        self.deadline = time.time() + self.cluster.timeout
+        self.deadline = time.monotonic() + self.cluster.timeout
         while self.step < total:
-            wait = self.deadline - time.time() if self.contribs else 0.5
+            wait = self.deadline - time.monotonic() if self.contribs else 0.5
             self.next_event(timeout=min(0.5, wait))
             if self.step_can_close():
                 self.close_step()
                 if self.step < total:
                     self.open_step()
             elif self.idle_too_long():
-                self.stop_reason = self.idle_stop_reason()
+                self.stop_idle()
                 self.log.warning(f"stopping early: {self.stop_reason}")
                 return
         if self.cluster.max_steps and self.step >= self.cluster.max_steps:
@@ -52,12 +54,12 @@ class Server(ServerBase):
     def wait_for_workers(self) -> bool:
         """Start when every configured worker joined, or after idle_timeout with at least min_workers.
         False when workers joined and all of them left again for idle_timeout: nobody is coming."""
-        t0 = time.time()
+        t0 = time.monotonic()
         while True:
             present = len(self.peers) + int(self.cluster.server_trains)
             if len(self.peers) == self.cluster.num_workers:
                 return True
-            if present >= self.cluster.min_workers and time.time() - t0 > self.cluster.idle_timeout:
+            if present >= self.cluster.min_workers and time.monotonic() - t0 > self.cluster.idle_timeout:
                 self.log.warning(f"starting with {len(self.peers)} of {self.cluster.num_workers} workers")
                 return True
             if self.idle_too_long():
@@ -66,8 +68,9 @@ class Server(ServerBase):
 
     def open_step(self) -> None:
         self.contribs: dict[int, tuple[dict[str, torch.Tensor], int, float]] = {}
+        self.settled: set[int] = set()  # ranks whose push for this step was rejected: not waited for
         self.arrived: dict[int, float] = {}
-        self.opened_at = time.time()
+        self.opened_at = time.monotonic()
         self.deadline = self.opened_at + self.cluster.timeout
         if self.cluster.server_trains and not self.done_training_data():
             self.contribs[0] = self.own_gradients()
@@ -78,8 +81,8 @@ class Server(ServerBase):
     def step_can_close(self) -> bool:
         if len(self.contribs) < self.cluster.min_workers:
             return False
-        everyone = self.live_ranks() <= set(self.contribs)
-        return everyone or time.time() >= self.deadline
+        everyone = self.live_ranks() <= set(self.contribs) | self.settled
+        return everyone or time.monotonic() >= self.deadline
 
     def close_step(self) -> None:
         s = self.step
@@ -90,14 +93,15 @@ class Server(ServerBase):
         loss = sum(l * n for _, n, l in self.contribs.values()) / total_samples
         self.version += 1
         self.step += 1
-        now = time.time()
+        now = time.monotonic()
         send_weights = self.step % self.cluster.worker_update_interval == 0
         for rank in self.contribs:
+            self.count_applied(rank)
             peer = self.peers.get(rank)
             if peer is None:
                 continue
             fields = {"step": s, "next_step": self.step, "version": self.version, "held_s": now - self.arrived.get(rank, now)}
-            peer.send(self.weights_message(MessageKind.STEP_DONE, fields) if send_weights else Message(MessageKind.STEP_DONE, fields))
+            peer.send(self.weights_for(peer, MessageKind.STEP_DONE, fields) if send_weights else Message(MessageKind.STEP_DONE, fields))
         self.after_update(contributors=sorted(self.contribs), missing=missing, loss=loss,
                           step_time_s=now - self.opened_at, grad_norms=norms)
         self.ctx.wandb.log({"train/loss": loss, "step_time_s": now - self.opened_at, "contributors": len(self.contribs),
@@ -106,45 +110,58 @@ class Server(ServerBase):
     def on_join(self, peer: Peer) -> None:
         pass  # the joiner got the current step in WELCOME; it is live from now on
 
-    def on_push(self, peer: Peer, msg: Message) -> None:
-        f, st = msg.fields, self.stats[peer.rank]
-        step = f.get("step")
-        st.reported_steps = int(f.get("worker_step", st.reported_steps))
-        if not isinstance(step, int):
-            self.reject(peer.rank, "bad-fields", "push without an integer 'step'")
-            return self._reply_current(peer, "rejected", "push without an integer step")
-        if step < self.step:
-            self.late += 1
-            st.late += 1
-            self.ctx.metrics.write("late", rank=peer.rank, step=step, current_step=self.step, version=self.version)
-            return self._reply_current(peer, "late")
-        if step > self.step or peer.rank in self.contribs:
-            self.reject(peer.rank, "wrong-step", f"push for step {step} while step {self.step} is open")
-            return self._reply_current(peer, "rejected", "wrong step")
+    def on_push(self, peer: Peer, push: messages.Push, msg: Message) -> None:
+        st = self.stats[peer.rank]
+        st.reported_steps = push.worker_step
         try:
-            grads = self.decode_push(msg)
-        except (ValueError, KeyError) as e:
-            self.reject(peer.rank, "bad-tensors", str(e))
-            return self._reply_current(peer, "rejected", str(e))
-        if not all_finite(tensor_norms(grads)):
-            self.reject(peer.rank, "non-finite", "gradients contain NaN or Inf")
-            return self._reply_current(peer, "rejected", "non-finite gradients")
-        samples = int(f.get("samples", self.nn.batch_size))
-        self.contribs[peer.rank] = (grads, samples, float(f.get("loss", math.nan)))
-        self.arrived[peer.rank] = time.time()
-        st.record_push(samples, staleness=self.version - int(f.get("base_version", self.version)), now=time.time())
+            if push.step is None:
+                raise BadField("PUSH", "step", "is missing (a SyncPS push names the step it is for)")
+            # worker_step counts exchanges, retried steps included: a loose bound
+            self.check_push(push, max_samples=self.nn.batch_size, max_worker_step=4 * self.max_worker_step)
+            grads = self.decode_push(msg)  # complete and well-formed before any reply carries weights
+        except BadField as e:
+            return self._rejected(peer, e.reason, e.problem, weights=False)
+        if push.step < self.step:
+            self.count_late(peer.rank, "its step had closed", step=push.step)
+            return self._reply_current(peer, "late")
+        if push.step > self.step or peer.rank in self.contribs:
+            return self._rejected(peer, "wrong-step", f"push for step {push.step} while step {self.step} is open")
+        norms = tensor_norms(grads)
+        size = math.sqrt(sum(v * v for v in norms.values()))
+        problem = self.robust_problem(peer.rank, size, weights_mode=False)
+        if problem == "non-finite":
+            return self._rejected(peer, problem, "gradients contain NaN or Inf")
+        if problem:
+            return self._rejected(peer, "outlier", problem)
+        if self.robust is not None:
+            self.robust.accept(peer.rank, size)
+        self.contribs[peer.rank] = (grads, push.samples, push.loss if push.loss is not None else math.nan)
+        now = time.monotonic()
+        self.arrived[peer.rank] = now
+        st.record_push(push.samples, staleness=self.version - push.base_version, now=now)
 
-    def _reply_current(self, peer: Peer, status: str, reason: str = "") -> None:
-        """Bring a late or rejected sender up to date: the open step and the current weights."""
-        fields = {"status": status, "reason": reason, "next_step": self.step, "version": self.version}
-        peer.send(self.weights_message(MessageKind.ACK, fields))
+    def _rejected(self, peer: Peer, reason: str, detail: str, weights: bool = True) -> None:
+        self.reject(peer.rank, reason, detail)
+        self.reply_rejected(peer, detail, weights)
+
+    def reply_rejected(self, peer: Peer, reason: str, weights: bool = False) -> None:
+        """A rejected push costs its sender its turn: the open step no longer waits for it (it may still push
+        for it again), so a peer sending bad pushes cannot hold every step up to the straggler deadline."""
+        if peer.rank not in self.contribs:
+            self.settled.add(peer.rank)
+        self._reply_current(peer, "rejected", reason, weights=weights)
+
+    def _reply_current(self, peer: Peer, status: str, reason: str = "", weights: bool = True) -> None:
+        """Bring a late or rejected sender up to date: the open step and (a complete push earns them) the weights."""
+        fields = {"status": status, "reason": reason[:200], "next_step": self.step, "version": self.version}
+        peer.send(self.weights_for(peer, MessageKind.ACK, fields) if weights else Message(MessageKind.ACK, fields))
 
 
 class Worker(WorkerBase):
     algorithm = "syncps"
 
     def train(self, welcome: Message) -> None:
-        step = int(welcome.fields.get("step", 0))
+        step = messages.parse(MessageKind.WELCOME, welcome.fields).step
         alpha = self.nn.polyak_alpha
         reply_timeout = self.cluster.timeout + self.ctx.transport.io_timeout
         while step < self.total_steps:
@@ -153,12 +170,17 @@ class Worker(WorkerBase):
             self.local_step()  # local progress between syncs; replaced or blended when weights arrive
             push = Message(MessageKind.PUSH, {"step": step, "base_version": self.version, "samples": samples,
                                               "loss": loss, "worker_step": self.steps_done + 1}, tensors=grads)
-            reply = self.exchange(push, timeout=reply_timeout)
+            reply, typed = self.exchange(push, timeout=reply_timeout)
             self.steps_done += 1
             self.samples_done += samples
-            status = reply.fields.get("status", "applied")
+            if isinstance(typed, messages.StepDone):
+                status = "applied"
+            elif isinstance(typed, messages.Ack) and typed.next_step is not None:
+                status = typed.status
+            else:
+                raise BadField(reply.kind.name, "next_step", "a push's reply must name the next step")
             # late or rejected: jump to the open step with the server's weights, whatever the blend
             self.load_weights(reply, alpha=alpha if reply.kind == MessageKind.STEP_DONE else 1.0)
-            self.version = int(reply.fields.get("version", self.version))
+            self.version = typed.version
             self.record(step, loss, status=status)
-            step = int(reply.fields["next_step"])
+            step = typed.next_step

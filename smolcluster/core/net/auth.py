@@ -41,11 +41,23 @@ def _parse_key(text: str) -> bytes:
         return text.encode()
 
 
+MIN_KEY_BYTES = 16
+
+
+def _checked(key: bytes, source: str | Path, key_name: str) -> bytes:
+    """The same rule for every source of a key: a short key can be guessed online in seconds."""
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(source, key_name, f"the cluster key is only {len(key)} bytes long, at least {MIN_KEY_BYTES} are needed",
+                          "generate one with `smolcluster keygen PATH` (32 random bytes) and use that on every node")
+    return key
+
+
 def load_cluster_key(key_file: str | Path | None = None) -> bytes | None:
-    """The cluster key: $SMOLCLUSTER_CLUSTER_KEY first, then `key_file`; None when neither is set."""
+    """The cluster key: $SMOLCLUSTER_CLUSTER_KEY first, then `key_file`; None when neither is set.
+    Either way it must be at least MIN_KEY_BYTES long (hex is decoded first, as keygen writes it)."""
     env = os.environ.get(KEY_ENV)
     if env is not None and env.strip():
-        return _parse_key(env)
+        return _checked(_parse_key(env), f"${KEY_ENV}", KEY_ENV)
     if key_file is None:
         return None
     path = Path(key_file).expanduser()
@@ -57,11 +69,7 @@ def load_cluster_key(key_file: str | Path | None = None) -> bytes | None:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(path, "key_file", f"cannot read the cluster key file ({e})",
                           "check its permissions, or regenerate it with `smolcluster keygen PATH --force`") from None
-    key = _parse_key(text)
-    if len(key) < 16:
-        raise ConfigError(path, "key_file", f"the cluster key is only {len(key)} bytes long",
-                          "use at least 16 bytes; `smolcluster keygen PATH --force` writes 32 random bytes")
-    return key
+    return _checked(_parse_key(text), path, "key_file")
 
 
 def write_key_file(path: str | Path, *, force: bool = False) -> None:

@@ -1,7 +1,13 @@
 """TCP transport: connect with retry, listen, authenticated framed connections, heartbeats, deadlines.
 
-Sockets are non-blocking and every wait goes through select() with its own deadline, so a send in one
-thread and a recv in another never fight over one shared socket timeout, and no wait is unbounded.
+Sockets are non-blocking and every wait goes through poll() (select() on Windows, which has no poll)
+with its own deadline, so a send in one thread and a recv in another never fight over one shared socket
+timeout, no wait is unbounded, and there is no ceiling on descriptor numbers (select() fails past 1024).
+Every deadline is on the monotonic clock.
+
+The listener bounds what strangers can cost: at most `max_connections` at once, at most `max_pending`
+that have not been admitted yet (handshake or HELLO still to come; the oldest is closed to make room,
+like sshd's MaxStartups), and an address whose handshakes keep failing is refused for a while.
 """
 
 from __future__ import annotations
@@ -11,11 +17,13 @@ import logging
 import random
 import select
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from smolcluster.common.ratelimit import LogThrottle, TokenBuckets
 from smolcluster.core.net import auth
 from smolcluster.common.errors import (
     AuthError,
@@ -58,6 +66,22 @@ class TransportConfig:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     limits: WireLimits = field(default_factory=WireLimits)
+    max_connections: int = 256  # a listener's connections at once, admitted or not
+    max_pending: int = 32  # connections not admitted yet (in the handshake, or before their HELLO)
+    failed_handshake_burst: int = 10  # failed handshakes an address may have at once ...
+    failed_handshakes_per_s: float = 1.0  # ... and then on average; beyond that it is refused
+    auth_attempts: int = 3  # connect() gives up after this many authentication failures in a row
+
+
+def _ready(sock: socket.socket, readable: bool, timeout: float | None) -> bool:
+    """Wait until `sock` is readable (or writable), at most `timeout` s (None: no limit). Raises OSError or
+    ValueError when the socket was closed by another thread."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN if readable else select.POLLOUT)
+        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+    r, w, _ = select.select([sock] if readable else [], [] if readable else [sock], [], timeout)
+    return bool(r or w)
 
 
 def _tune(sock: socket.socket) -> None:
@@ -107,12 +131,13 @@ class _Stream:
         else:
             wait = float("inf") if self.tx_deadline is None else self.tx_deadline - now
         if wait > 0:
+            if self.sock.fileno() < 0:
+                raise ConnectionClosed("connection was closed", peer=self.peer)
             try:
-                r, w, _ = select.select([self.sock] if readable else [], [] if readable else [self.sock], [], wait)
+                if _ready(self.sock, readable, None if wait == float("inf") else wait):
+                    return
             except (OSError, ValueError):  # closed by another thread
                 raise ConnectionClosed("connection was closed", peer=self.peer) from None
-            if r or w:
-                return
         if not readable:
             raise PeerTimeout(f"peer did not accept our data for {self.tx_timeout:.1f}s (it stopped reading)", peer=self.peer)
         now = time.monotonic()
@@ -186,7 +211,18 @@ class Connection:
         self._last_send = time.monotonic()
         self._closed = threading.Event()
         self._close_reason = ""
+        self._close_lock = threading.Lock()
         self._heartbeat: threading.Thread | None = None
+        self._heartbeat_lock = threading.Lock()  # a close never joins a heartbeat thread that has not started
+        self.on_admit: Callable[[], None] | None = None  # set by a Listener: see admit()
+        self.authenticated = keys is not None
+
+    def admit(self) -> None:
+        """The handler accepted this peer (e.g. a valid HELLO): it no longer counts against the listener's
+        limit on connections that have not been admitted."""
+        if self.on_admit is not None:
+            self.on_admit()
+            self.on_admit = None
 
     @property
     def bytes_sent(self) -> int:
@@ -233,8 +269,10 @@ class Connection:
 
     # ------------------------------------------------------------------ recv
 
-    def recv(self, *, timeout: float | None = None, schema: Schema | None = None, reject_nonfinite: bool = False) -> Message:
-        """Next non-heartbeat message. RecvTimeout leaves the connection usable; every other error closes it."""
+    def recv(self, *, timeout: float | None = None, schema: Schema | None = None, reject_nonfinite: bool = False,
+             limits: WireLimits | None = None) -> Message:
+        """Next non-heartbeat message. RecvTimeout leaves the connection usable; every other error closes it.
+        `limits` tightens the connection's limits for this message (a HELLO is tiny)."""
         with self._recv_lock:
             self._check_open()
             s = self._stream
@@ -245,7 +283,7 @@ class Connection:
             while True:
                 s.start_frame()
                 try:
-                    msg = read_frame(s, limits=self.config.limits, schema=schema, reject_nonfinite=reject_nonfinite,
+                    msg = read_frame(s, limits=limits or self.config.limits, schema=schema, reject_nonfinite=reject_nonfinite,
                                      mac_key=key, expected_seq=self._recv_seq if key else None, peer=self.peer,
                                      cache=self._recv_layouts)
                 except RecvTimeout:
@@ -295,10 +333,12 @@ class Connection:
 
     def start_heartbeats(self) -> None:
         """Send HEARTBEAT whenever nothing was sent for heartbeat_interval, until the connection closes."""
-        if self._heartbeat is not None:
-            return
-        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.peer}", daemon=True)
-        self._heartbeat.start()
+        with self._heartbeat_lock:
+            if self._heartbeat is not None or self._closed.is_set():
+                return
+            thread = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.peer}", daemon=True)
+            thread.start()
+            self._heartbeat = thread
 
     def _heartbeat_loop(self) -> None:
         interval = self.config.heartbeat_interval
@@ -315,6 +355,14 @@ class Connection:
             finally:
                 self._send_lock.release()
 
+    def interrupt(self) -> None:
+        """Wake a send or recv blocked on this connection (it fails as closed), from any thread, without
+        waiting for anything; its owner then closes it."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def close(self, reason: str = "", *, graceful: bool = False, linger: float = 1.0) -> None:
         """Close once; later calls do nothing. Wakes a recv or send blocked in another thread.
 
@@ -322,10 +370,11 @@ class Connection:
         its EOF, or we drain). Closing with unread data makes the kernel send a reset, which can destroy
         the last frame we sent (a BYE) before the peer reads it.
         """
-        if self._closed.is_set():
-            return
-        self._close_reason = reason
-        self._closed.set()
+        with self._close_lock:
+            if self._closed.is_set():
+                return
+            self._close_reason = reason
+            self._closed.set()
         if graceful:
             try:
                 self._sock.shutdown(socket.SHUT_WR)
@@ -350,7 +399,8 @@ class Connection:
                 self._send_lock.release()
             if got_recv:
                 self._recv_lock.release()
-        hb = self._heartbeat
+        with self._heartbeat_lock:
+            hb = self._heartbeat
         if hb is not None and hb is not threading.current_thread():
             hb.join(timeout=2.0)
 
@@ -374,7 +424,7 @@ def _linger(sock: socket.socket, seconds: float = 0.5, max_bytes: int = 1 << 20)
         scratch = bytearray(65536)
         while max_bytes > 0:
             wait = deadline - time.monotonic()
-            if wait <= 0 or not select.select([sock], [], [], wait)[0]:
+            if wait <= 0 or not _ready(sock, True, wait):
                 return
             n = sock.recv_into(scratch)
             if not n:
@@ -401,11 +451,16 @@ def _handshake(sock: socket.socket, peer: str, key: bytes, role: str, config: Tr
 def connect(host: str, port: int, *, key: bytes | None, config: TransportConfig = TransportConfig(),
             retry: RetryPolicy | None = RetryPolicy(),
             on_retry: Callable[[int, float, Exception], None] | None = None) -> Connection:
-    """Connect (retrying with exponential backoff and jitter), then authenticate when `key` is set."""
+    """Connect (retrying with exponential backoff and jitter), then authenticate when `key` is set.
+
+    An authentication failure is retried too, a bounded number of times (`config.auth_attempts` in a
+    row): one spoofed or corrupted handshake frame must not end a worker, while a wrong key fails the
+    same way every time and is reported as such."""
     peer = _peer_name((host, port))
     start = time.monotonic()
     rng = random.Random()
     attempt = 0
+    auth_failures = 0
     while True:
         attempt += 1
         sock: socket.socket | None = None
@@ -414,13 +469,20 @@ def connect(host: str, port: int, *, key: bytes | None, config: TransportConfig 
             _tune(sock)
             keys = _handshake(sock, peer, key, "client", config) if key is not None else None
             return Connection(sock, peer, config=config, keys=keys)
-        except AuthError:
+        except AuthError as e:
             if sock is not None:
                 sock.close()
-            raise  # a wrong or missing key does not fix itself by retrying
+            auth_failures += 1
+            if retry is None:
+                raise
+            if auth_failures >= config.auth_attempts:
+                raise type(e)(f"{e.problem} ({auth_failures} attempts in a row failed the same way: not a "
+                              "corrupted frame but a key mismatch)", peer=e.peer) from None
+            last = e
         except (OSError, TransportError, WireError) as e:
             if sock is not None:
                 sock.close()
+            auth_failures = 0
             last = e
         elapsed = time.monotonic() - start
         delay = retry.delay(attempt, rng) if retry is not None else 0.0
@@ -434,7 +496,13 @@ def connect(host: str, port: int, *, key: bytes | None, config: TransportConfig 
 
 
 class Listener:
-    """Accepts connections in a thread; each one handshakes and is handled in its own thread."""
+    """Accepts connections in a thread; each one handshakes and is handled in its own thread.
+
+    A connection is *pending* from its accept until the handler calls `conn.admit()` (a server does at a
+    valid HELLO). Pending connections are capped (`max_pending`; the oldest is closed to make room, so a
+    crowd of idle connections cannot keep a worker out), all connections too (`max_connections`; beyond
+    it new ones are closed at once), and an address whose handshakes fail too often is refused for a
+    while. Each of these is logged once per 10 s, not once per connection."""
 
     def __init__(self, host: str, port: int, *, key: bytes | None, on_connection: Callable[[Connection], None],
                  config: TransportConfig = TransportConfig(), on_reject: Callable[[str, Exception], None] | None = None,
@@ -444,6 +512,7 @@ class Listener:
         self.on_reject = on_reject
         self.config = config
         self.log = logger or logging.getLogger("smolcluster.core.net.transport")
+        self.say = LogThrottle(self.log)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         if hasattr(socket, "SO_REUSEADDR") and not hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # not on Windows
@@ -462,6 +531,9 @@ class Listener:
         self._threads: set[threading.Thread] = set()
         self._conns: set[Connection] = set()
         self._socks: set[socket.socket] = set()
+        self._pending: dict[socket.socket, float] = {}  # not admitted yet, oldest first
+        self._failures = TokenBuckets(config.failed_handshake_burst, config.failed_handshakes_per_s)
+        self.refused = 0  # connections closed at accept: over a limit, or from a throttled address
         self._accept_thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -471,6 +543,16 @@ class Listener:
                              self.address[0], self.address[1], auth.KEY_ENV)
         self._accept_thread = threading.Thread(target=self._accept_loop, name=f"accept-{self.address[1]}", daemon=True)
         self._accept_thread.start()
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._socks)
 
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
@@ -483,14 +565,49 @@ class Listener:
                     return
                 time.sleep(0.05)  # e.g. out of file descriptors: back off, keep serving
                 continue
+            if not self._admit_new(sock, addr[0]):
+                continue
             t = threading.Thread(target=self._serve, args=(sock, _peer_name(addr)), name=f"conn-{addr[1]}", daemon=True)
             with self._lock:
                 if self._closed.is_set():
                     sock.close()
                     return
                 self._threads.add(t)
-                self._socks.add(sock)
             t.start()
+
+    def _admit_new(self, sock: socket.socket, host: str) -> bool:
+        """Take a new connection in, within the limits; closes it and returns False when it may not."""
+        refuse = ""
+        oldest: socket.socket | None = None
+        with self._lock:
+            if not self._failures.allows(host):
+                refuse = f"refusing connections from {host} for a while: too many failed handshakes"
+            elif len(self._socks) >= self.config.max_connections:
+                refuse = f"refusing new connections: {len(self._socks)} open, the limit is {self.config.max_connections}"
+            else:
+                if len(self._pending) >= self.config.max_pending:
+                    oldest = next(iter(self._pending))
+                    del self._pending[oldest]
+                self._socks.add(sock)
+                self._pending[sock] = time.monotonic()
+        if refuse:
+            self.refused += 1
+            self.say.warning(refuse.split(":")[0], refuse)
+            _abort(sock)
+            return False
+        if oldest is not None:
+            self.refused += 1
+            self.say.warning("pending", f"{self.config.max_pending} connections have not finished their handshake or "
+                                        "HELLO: closing the oldest to make room (a slow or hostile peer?)")
+            try:
+                oldest.shutdown(socket.SHUT_RDWR)  # its thread sees the connection close and ends
+            except OSError:
+                pass
+        return True
+
+    def _admitted(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._pending.pop(sock, None)
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
         conn: Connection | None = None
@@ -498,6 +615,7 @@ class Listener:
             conn = self._authenticate(sock, peer)
             if conn is None:
                 return
+            conn.on_admit = lambda: self._admitted(sock)
             with self._lock:
                 if self._closed.is_set():
                     return
@@ -523,6 +641,7 @@ class Listener:
                 if conn is not None:
                     self._conns.discard(conn)
                 self._socks.discard(sock)
+                self._pending.pop(sock, None)
                 self._threads.discard(threading.current_thread())
             if conn is None:
                 sock.close()
@@ -545,36 +664,41 @@ class Listener:
                     _linger(sock)
                 except SmolclusterError:
                     pass
+            if isinstance(e, AuthError):
+                self._failures.take(peer.rsplit(":", 1)[0].strip("[]"))
             self._rejected(peer, e)
             return None
         return Connection(sock, peer, config=self.config, keys=keys)
 
     def _rejected(self, peer: str, e: Exception) -> None:
         problem = getattr(e, "problem", str(e))
-        self.log.warning("rejected %s: %s: %s", peer, type(e).__name__, problem)
+        self.say.warning(type(e).__name__, f"rejected {peer}: {type(e).__name__}: {problem}")
         if self.on_reject is not None:
             self.on_reject(peer, e)
 
-    def close(self) -> None:
-        """Stop accepting, close every connection this listener accepted, and join its threads."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close every connection this listener accepted, and join its threads (all of
+        them within `timeout` s together, not each)."""
         if self._closed.is_set():
             return
         self._closed.set()
+        deadline = time.monotonic() + timeout
         if self._accept_thread is not None:
             self._accept_thread.join(timeout=2.0)
         self._sock.close()
         with self._lock:
             conns, socks, threads = list(self._conns), list(self._socks), list(self._threads)
-        for c in conns:
-            c.close("server shutting down")
-        for s in socks:
+        for s in socks:  # first wake every blocked reader, then close: closes wait for their readers
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        for c in conns:
+            c.close("server shutting down")
         for t in threads:
             if t is not threading.current_thread():
-                t.join(timeout=2.0)
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.say.flush()
 
     def __enter__(self) -> "Listener":
         self.start()
@@ -582,6 +706,15 @@ class Listener:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _abort(sock: socket.socket) -> None:
+    """Close without lingering (a reset): a refused connection costs no thread and no wait."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
 
 
 def _is_loopback(host: str) -> bool:

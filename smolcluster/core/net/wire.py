@@ -389,6 +389,11 @@ def _parse_header(raw: bytes | bytearray, payload_len: int, limits: WireLimits, 
     for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
         if start_b < end_a:
             raise BadTensorTable(f"tensors '{a}' and '{b}' overlap in the payload", peer=peer)
+    # The table accounts for every payload byte (encode_frame ends the payload with the last tensor), so
+    # a declared payload length cannot make the receiver allocate more than the tensors need.
+    end = max((off + length for _, _, _, off, length in specs), default=0)
+    if payload_len != end:
+        raise BadTensorTable(f"payload is {payload_len} bytes but the tensor table ends at byte {end}", peer=peer)
     return header["fields"], specs, quant
 
 
@@ -413,6 +418,11 @@ def _parse_header_cached(raw: bytes, payload_len: int, limits: WireLimits, schem
     if raw.startswith(prefix):  # the sender wrote the canonical form: safe to recognise next time
         cache.remember_decoded((prefix, payload_len, schema, specs, quant))
     return fields, specs, quant
+
+
+def max_payload_for(schema: Schema) -> int:
+    """The largest payload a frame matching `schema` can have: every tensor, each after its alignment padding."""
+    return sum(math.prod(spec.shape) * spec.dtype.itemsize + ALIGN for spec in schema.values())
 
 
 def read_frame(
@@ -449,6 +459,9 @@ def read_frame(
         raise FrameTooLarge(f"{kind.name} frame declares a header of {header_len} bytes, the limit is {limits.max_header_bytes}", peer=peer)
     if payload_len > limits.max_payload_bytes:
         raise FrameTooLarge(f"{kind.name} frame declares a payload of {payload_len} bytes, the limit is {limits.max_payload_bytes}", peer=peer)
+    if schema is not None and payload_len > max_payload_for(schema):
+        raise FrameTooLarge(f"{kind.name} frame declares a payload of {payload_len} bytes, more than the model's "
+                            f"{max_payload_for(schema)}", peer=peer)
     has_mac = bool(flags & FLAG_MAC)
     if mac_key is not None and not has_mac:
         raise MissingKey(f"peer sent an unauthenticated {kind.name} frame, but this node requires the cluster key "
@@ -457,26 +470,30 @@ def read_frame(
         raise MissingKey(f"peer sent an authenticated {kind.name} frame, but this node has no cluster key "
                          "(set the same SMOLCLUSTER_CLUSTER_KEY or key file on every node)", peer=peer)
 
-    # Header, payload and MAC land in one buffer (both lengths were checked against the limits above), so
-    # a frame usually takes one read after the preamble. The header starts at `lead` so the payload starts
-    # on a cache line (torch allocations are 64-byte aligned): the tensor views need 8, and the kernel's
-    # copy into an aligned destination measured a few us faster per 0.4 MB frame (bench wire --breakdown).
-    # torch.empty does not zero-fill: recv_into writes every byte once.
-    lead = -header_len % RECV_ALIGN
-    mac_len = MAC_BYTES if has_mac else 0
-    frame = torch.empty(lead + header_len + payload_len + mac_len, dtype=torch.uint8)
-    body = memoryview(frame.numpy())[lead:]
-    pos = 0
+    # torch.empty does not zero-fill: recv_into writes every byte once. Payloads start on a cache line
+    # (torch allocations are 64-byte aligned): the tensor views need 8, and the kernel's copy into an
+    # aligned destination measured a few us faster per 0.4 MB frame (bench wire --breakdown).
     parsed = None
     if not has_mac:
-        # Unauthenticated: validate the header as soon as it is in, before waiting for any payload.
-        pos = _recv_exactly(sock, body, "header", peer, at_least=header_len)
-        header_raw = bytes(body[:header_len])
+        # Unauthenticated: the header is read and validated (tensor table, schema, exact payload length)
+        # before the payload's buffer exists, so a peer cannot make us allocate what its header does not justify.
+        header_buf = bytearray(header_len)
+        _recv_exactly(sock, memoryview(header_buf), "header", peer)
+        header_raw = bytes(header_buf)
         parsed = _parse_header_cached(header_raw, payload_len, limits, schema, peer, cache)
-        _recv_exactly(sock, body, "payload", peer, pos=pos)
+        payload = torch.empty(payload_len, dtype=torch.uint8)
+        payload_view = memoryview(payload.numpy())
+        _recv_exactly(sock, payload_view, "payload", peer)
     else:
-        # Hash header and payload as they arrive (the sender sends the MAC after them and hashes in the
-        # meantime), then check the MAC, before the header is parsed or any tensor is built.
+        # Authenticated: header, payload and MAC land in one buffer (lengths checked against the limits and
+        # the schema above), so a frame usually takes one read after the preamble; the header starts at
+        # `lead` so the payload starts on a cache line. Header and payload are hashed as they arrive (the
+        # sender sends the MAC after them and hashes in the meantime), then the MAC is checked, before
+        # the header is parsed or any tensor is built.
+        lead = -header_len % RECV_ALIGN
+        frame = torch.empty(lead + header_len + payload_len + MAC_BYTES, dtype=torch.uint8)
+        body = memoryview(frame.numpy())[lead:]
+        pos = 0
         mac = hmac.new(mac_key, pre, hashlib.sha256)  # type: ignore[arg-type]
         signed = header_len + payload_len
         while pos < signed:
@@ -487,7 +504,7 @@ def read_frame(
         if not hmac.compare_digest(mac.digest(), bytes(body[signed:])):
             raise BadMac(f"{kind.name} frame (seq {seq}) does not verify: altered in transit or signed with another key", peer=peer)
         header_raw = bytes(body[:header_len])
-    payload_view = body[header_len:header_len + payload_len]
+        payload_view = body[header_len:header_len + payload_len]
     if expected_seq is not None and seq != expected_seq:
         raise ReplayedFrame(f"{kind.name} frame has sequence number {seq}, expected {expected_seq} (replayed or reordered)", peer=peer)
     if parsed is None:

@@ -5,6 +5,11 @@ Three files live in a config dir (default `configs/`):
 - `cluster_config_edp.yaml`   cluster layout and EDP settings
 - `cluster_config_syncps.yaml` cluster layout and SyncPS settings
 
+and `gpt_config.yaml`, the original project's GPT language-model config (sections model, training,
+lr_schedule, data, logging): `smolcluster train` reads it, and an nn_config.yaml that says
+`gpt_config: gpt_config.yaml` trains that GPT on the cluster (its model and optimisation then come
+from the GPT config, see gpt_nn_config).
+
 Every bad value raises ConfigError naming the file, the key and what was expected.
 """
 
@@ -13,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from smolcluster.common.errors import ConfigError
-from smolcluster.common.fields import INT64_MAX, checked, parse_fields, shown
+from smolcluster.common.fields import INT64_MAX, checked, from_text, parse_fields, rule_of, shown, unknown_key_fix
 from smolcluster.common.yamlfile import read_yaml
 from smolcluster.core import algorithms
 
@@ -46,11 +52,16 @@ class ModelConfig:
     n_layer: int = checked(2, min=1, max=1024, fix="use a positive integer")
     n_head: int = checked(2, min=1, max=1024, fix="use a positive integer")
     n_embd: int = checked(64, **_POSITIVE)
+    ff_dim: int | None = checked(None, **_POSITIVE | {"fix": "use e.g. 4 * n_embd, or null for that"})  # null: 4 * n_embd
     dropout: float = checked(0.0, min=0, below=1, fix="use e.g. 0.1, or 0 for none")
+
+    def feed_forward(self) -> int:
+        return self.ff_dim or 4 * self.n_embd
 
     def parameter_count(self) -> int:
         if self.type == "GPT":
-            per_layer = 12 * self.n_embd * self.n_embd + 13 * self.n_embd
+            per_layer = 4 * self.n_embd * self.n_embd + 2 * self.n_embd * self.feed_forward() \
+                + 9 * self.n_embd + self.feed_forward()
             return self.n_layer * per_layer + (2 * self.vocab_size + self.block_size) * self.n_embd
         return self.input_dim * self.hidden + self.hidden + self.hidden * self.out + self.out
 
@@ -59,7 +70,8 @@ class ModelConfig:
 class NNConfig:
     batch_size: int = checked(32, min=1, max=1 << 20, fix="use e.g. 32")
     learning_rate: float = checked(0.001, above=0, max=1e3, fix="use e.g. 0.001")
-    optimizer: Literal["adam", "sgd"] = checked("adam", fix="use adam or sgd")
+    optimizer: Literal["adam", "adamw", "sgd"] = checked("adam", fix="use adam or sgd (or adamw, with weight_decay)")
+    weight_decay: float = checked(0.0, min=0, max=10, fix="use e.g. 0.01 (AdamW), or 0 for none")
     num_epochs: int = checked(1, min=1, max=1_000_000, fix="use e.g. 1")
     eval_steps: int = checked(200, min=1, fix="use e.g. 200")
     track_gradients: bool = True
@@ -68,9 +80,18 @@ class NNConfig:
     gradient_clipping: float | None = checked(1.0, above=0, fix="use e.g. 1.0, or null to disable")
     device: Literal["auto", "cpu", "mps", "cuda"] = checked("auto", fix="use auto, cpu, mps or cuda")
     model: ModelConfig = field(default_factory=ModelConfig)
-    dataset: Literal["MNIST", "text"] = checked("MNIST", fix="use MNIST (or text with model GPT)")
+    dataset: Literal["MNIST", "text", "wikitext-2"] = checked("MNIST", fix="use MNIST (or text with model GPT)")
     data_dir: str | None = None  # IDX files; else $SMOLCLUSTER_DATA_DIR; else download
     text_file: str | None = None  # dataset text: a UTF-8 file (default: a corpus of Python stdlib sources)
+    gpt_config: str | None = None  # train the GPT of this gpt_config.yaml (relative to this file's folder)
+
+
+# nn_config keys a gpt_config decides (the GPT config's key that does, for the error message)
+GPT_DECIDES = {"batch_size": "training.batch_size", "learning_rate": "training.learning_rate",
+               "optimizer": "(AdamW)", "weight_decay": "training.weight_decay", "num_epochs": "training.epochs",
+               "eval_steps": "training.eval_interval", "gradient_clipping": "training.grad_clip_norm",
+               "model": "model", "dataset": "data.dataset", "text_file": "data.dir"}
+GPT_DATASETS = ("text", "wikitext-2")
 
 
 _SECONDS = {"above": 0, "max": MAX_SECONDS, "unit": "seconds"}
@@ -102,6 +123,9 @@ class ClusterConfig:
     idle_timeout: float = checked(30.0, **_SECONDS, fix="use e.g. 30.0")  # server stops if no worker is connected this long
     wandb: Literal["auto", "online", "offline", "off"] = checked("auto", fix="use auto, online, offline or off")
     loki_url: str | None = None  # ship logs and metrics to this Loki (or $SMOLCLUSTER_LOKI_URL); null: only files
+    robust_aggregation: bool = True  # reject updates whose norm is far above the recent ones (median + k MAD)
+    # the k of that rule (honest MNIST batches stay below 0.7 of the limit)
+    robust_k: float = checked(20.0, above=0, max=1e6, fix="use e.g. 20 (or robust_aggregation: false)")
 
     def server_address_for(self, hostname: str) -> str:
         return self.host_ip[hostname]
@@ -165,8 +189,12 @@ def parse_nn_config(raw: dict, file: Path) -> NNConfig:
     _expect(file, "model", model.parameter_count() <= MAX_PARAMETERS,
             f"{model.parameter_count():,} parameters is more than {MAX_PARAMETERS:,}", "use smaller sizes (hidden, n_embd, n_layer)")
     cfg = NNConfig(**parse_fields(NNConfig, raw, file), model=model)
-    _expect(file, "dataset", (cfg.dataset == "text") == (model.type == "GPT"),
+    _expect(file, "dataset", (cfg.dataset in GPT_DATASETS) == (model.type == "GPT"),
             f"dataset {cfg.dataset} does not fit model {model.type}", "use MNIST with SimpleNN, or text with GPT")
+    if cfg.gpt_config:
+        for key, decided_by in GPT_DECIDES.items():
+            _expect(file, key, key not in raw and not (key == "model" and model_raw), f"is decided by {cfg.gpt_config} ({decided_by})",
+                    f"remove it here and set it in {cfg.gpt_config}")
     return cfg
 
 
@@ -202,6 +230,171 @@ def parse_cluster_config(raw: dict, file: Path, algorithm: str) -> ClusterConfig
     return cfg
 
 
+# --------------------------------------------------------------------------- gpt_config.yaml (the original's GPT)
+
+# Auto batch size: this many tokens per batch, as the original's 32 sequences of 128 (16 of 256).
+AUTO_BATCH_TOKENS = 4096
+AUTO_EPOCHS = {"wikitext-2": 30}  # the original's choice for wikitext
+GPT2_TOKENIZER_NAMES = ("openai-community/gpt2", "gpt2")
+
+
+@dataclass(frozen=True)
+class GPTModelSection:
+    model_dim: int = checked(256, **_POSITIVE)
+    num_layers: int = checked(6, min=1, max=1024, fix="use a positive integer, e.g. 6")
+    num_heads: int = checked(4, min=1, max=1024, fix="use a positive integer that divides model_dim, e.g. 4")
+    ff_dim: int = checked(1024, **_POSITIVE | {"fix": "use e.g. 4 * model_dim"})
+    dropout: float = checked(0.1, min=0, below=1, fix="use e.g. 0.1, or 0 for none")
+    max_seq_len: int = checked(128, min=2, max=1 << 16, fix="use e.g. 128 or 256")
+
+
+@dataclass(frozen=True)
+class GPTTrainingSection:
+    batch_size: int | None = checked(None, min=1, max=1 << 20, fix=f"use e.g. 32, or null for {AUTO_BATCH_TOKENS} tokens a batch")
+    epochs: int | None = checked(None, min=1, max=1_000_000, fix="use e.g. 5, or null for auto (30 on wikitext-2)")
+    max_steps: int | None = checked(None, min=1, fix="use e.g. 1000, or null to run the epochs")
+    learning_rate: float = checked(6e-4, above=0, max=10, fix="use e.g. 6e-4")
+    weight_decay: float = checked(0.01, min=0, max=10, fix="use e.g. 0.01")
+    grad_clip_norm: float | None = checked(1.0, above=0, fix="use e.g. 1.0, or null to disable")
+    eval_interval: int = checked(200, min=1, fix="use e.g. 200 (steps between validation runs)")
+    eval_batches: int | None = checked(None, min=1, fix="use e.g. 20, or null for the whole validation split")
+    checkpoint_interval: int = checked(500, min=0, fix="use e.g. 500, or 0 for only the final and best checkpoints")
+    seed: int = checked(42, min=0, max=INT64_MAX - (1 << 20), fix="use e.g. 42")
+    device: Literal["auto", "cpu", "mps", "cuda"] = checked("auto", fix="use auto, cpu, mps or cuda")
+
+
+@dataclass(frozen=True)
+class LRScheduleSection:
+    warmup_iters: int = checked(100, min=0, fix="use e.g. 100 (steps of linear warmup), or 0")
+    min_lr: float = checked(6e-5, min=0, fix="use e.g. learning_rate / 10")
+
+
+@dataclass(frozen=True)
+class GPTDataSection:
+    dataset: Literal["wikitext-2"] = checked("wikitext-2", fix="use wikitext-2")
+    # GPT-2's BPE (openai-community/gpt2 or gpt2) where its files are to be had, else a byte-level BPE trained
+    # on the training split; bpe trains one always; byte is raw bytes (vocab 256); or a tokenizer.json path.
+    tokenizer: str = "openai-community/gpt2"
+    dir: str | None = None  # a folder with the splits; else $SMOLCLUSTER_TEXT_DIR; else download
+    bpe_vocab_size: int = checked(8192, min=257, max=65536, fix="use e.g. 8192")
+
+
+@dataclass(frozen=True)
+class GPTLoggingSection:
+    project_name: str = "smolcluster-gpt-wikitext2"
+    wandb: Literal["auto", "online", "offline", "off"] = checked("auto", fix="use auto, online, offline or off")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    model: GPTModelSection = field(default_factory=GPTModelSection)
+    training: GPTTrainingSection = field(default_factory=GPTTrainingSection)
+    lr_schedule: LRScheduleSection = field(default_factory=LRScheduleSection)
+    data: GPTDataSection = field(default_factory=GPTDataSection)
+    logging: GPTLoggingSection = field(default_factory=GPTLoggingSection)
+    file: Path | None = None  # where it was read from (relative data.dir is relative to its folder)
+
+    def batch_size(self) -> int:
+        """training.batch_size, or the auto choice: 4096 tokens a batch (32 x 128, 16 x 256)."""
+        return self.training.batch_size or max(1, AUTO_BATCH_TOKENS // self.model.max_seq_len)
+
+    def epochs(self) -> int:
+        return self.training.epochs or AUTO_EPOCHS[self.data.dataset]
+
+    def data_dir(self) -> str | None:
+        raw = self.data.dir
+        if raw and self.file is not None and not Path(raw).expanduser().is_absolute():
+            return str((Path(self.file).parent / raw).resolve())
+        return str(Path(raw).expanduser()) if raw else None
+
+    def model_config(self, vocab_size: int = 256) -> ModelConfig:
+        m = self.model
+        return ModelConfig(type="GPT", vocab_size=vocab_size, block_size=m.max_seq_len, n_layer=m.num_layers,
+                           n_head=m.num_heads, n_embd=m.model_dim, ff_dim=m.ff_dim, dropout=m.dropout)
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as a run uses it: auto values filled in (what a run dir's config.yaml holds)."""
+        out = to_dict(self)
+        out.pop("file")
+        out["training"] |= {"batch_size": self.batch_size(), "epochs": self.epochs()}
+        return out
+
+
+GPT_SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(GPTConfig)[f.name]
+                                 for f in dataclasses.fields(GPTConfig) if f.name != "file"}
+
+
+def gpt_keys() -> list[str]:
+    """Every settable key as section.name, e.g. training.batch_size."""
+    return [f"{s}.{f.name}" for s, cls in GPT_SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def apply_gpt_overrides(raw: dict, overrides: list[str], file: str | Path = "--override") -> dict:
+    """`training.batch_size=16`-style overrides merged into a raw GPT config mapping. The value is read as
+    the key's type (16 an int, 6e-4 a float, null where allowed); an unknown key lists the valid ones."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(file, item, "is not KEY=VALUE", "write e.g. --override training.batch_size=16")
+        section, dot, name = key.partition(".")
+        if section not in GPT_SECTIONS:
+            raise ConfigError(file, key, "unknown key", unknown_key_fix(key, gpt_keys()))
+        fields_of = {f.name: f for f in dataclasses.fields(GPT_SECTIONS[section])}
+        if not dot or name not in fields_of:
+            raise ConfigError(file, key, "unknown key" if dot else f"'{section}' is a section, not a key",
+                              unknown_key_fix(key, gpt_keys()))
+        hint = typing.get_type_hints(GPT_SECTIONS[section])[name]
+        value = from_text(file, key, text, hint, rule_of(fields_of[name]))
+        if not isinstance(raw.get(section), dict):
+            raw[section] = {}
+        raw[section][name] = value
+    return raw
+
+
+def parse_gpt_config(raw: dict, file: Path | None) -> GPTConfig:
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in GPT_SECTIONS:
+            raise ConfigError(file, name, "unknown section", unknown_key_fix(name, list(GPT_SECTIONS)))
+        value = {} if value is None else value
+        _expect(file, name, isinstance(value, dict), "must be a mapping of keys", f"e.g. {name}: {{...}} (see configs/gpt_config.yaml)")
+        cls = GPT_SECTIONS[name]
+        if name == "logging" and isinstance(value.get("wandb"), bool):  # YAML reads a bare off/on as a boolean
+            value = value | {"wandb": "auto" if value["wandb"] else "off"}
+        sections[name] = cls(**parse_fields(cls, value, file, f"{name}."))
+    cfg = GPTConfig(**sections, file=file)
+    m, t, lr = cfg.model, cfg.training, cfg.lr_schedule
+    _expect(file, "model.model_dim", m.model_dim % m.num_heads == 0, f"{m.model_dim} is not divisible by model.num_heads ({m.num_heads})",
+            "pick model_dim as a multiple of num_heads")
+    _expect(file, "lr_schedule.min_lr", lr.min_lr <= t.learning_rate,
+            f"{lr.min_lr:g} is above training.learning_rate ({t.learning_rate:g}); the schedule decays towards it",
+            "use a min_lr at most learning_rate, e.g. learning_rate / 10")
+    _expect(file, "data.tokenizer", cfg.data.tokenizer.strip() != "", "is empty",
+            "use openai-community/gpt2 (GPT-2 BPE), bpe, byte or a tokenizer.json path")
+    size = cfg.model_config(vocab_size=50257).parameter_count()
+    _expect(file, "model", size <= MAX_PARAMETERS, f"{size:,} parameters is more than {MAX_PARAMETERS:,}",
+            "use smaller sizes (model_dim, num_layers, ff_dim)")
+    return cfg
+
+
+def load_gpt_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> GPTConfig:
+    path = Path(path)
+    raw = read_yaml(path, what="GPT config", missing_fix="pass --config FILE, or copy configs/gpt_config.yaml")
+    return parse_gpt_config(apply_gpt_overrides(raw, list(overrides)), path)
+
+
+def gpt_nn_config(gpt: GPTConfig, nn: NNConfig, *, device_given: bool) -> NNConfig:
+    """The nn config a cluster node runs for a GPT config: its model, batch, epochs, AdamW with weight
+    decay, clipping and eval interval; polyak_alpha, track_gradients and (when given) device stay the node's."""
+    t = gpt.training
+    return dataclasses.replace(
+        nn, batch_size=gpt.batch_size(), learning_rate=t.learning_rate, optimizer="adamw", weight_decay=t.weight_decay,
+        num_epochs=gpt.epochs(), eval_steps=t.eval_interval, gradient_clipping=t.grad_clip_norm,
+        device=nn.device if device_given else t.device, model=gpt.model_config(), dataset=gpt.data.dataset)
+
+
 def split_config_keys(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Keys of one flat mapping (a topology's training: section) split into nn and cluster config keys.
     Keys neither knows go to nn, whose check names them as unknown."""
@@ -217,6 +410,7 @@ class RunConfig:
     nn: NNConfig
     cluster: ClusterConfig
     config_dir: Path
+    gpt: GPTConfig | None = None  # set when nn_config.yaml names a gpt_config
 
 
 def cluster_config_file(config_dir: Path, algorithm: str) -> Path:
@@ -228,9 +422,17 @@ def load_run_config(config_dir: str | Path, algorithm: str) -> RunConfig:
     config_dir = Path(config_dir)
     nn_file = config_dir / "nn_config.yaml"
     cl_file = cluster_config_file(config_dir, algorithm)
-    nn = parse_nn_config(read_yaml(nn_file), nn_file)
+    nn_raw = read_yaml(nn_file)
+    nn = parse_nn_config(nn_raw, nn_file)
     cluster = parse_cluster_config(read_yaml(cl_file), cl_file, algorithm)
-    return RunConfig(nn=nn, cluster=cluster, config_dir=config_dir)
+    gpt = None
+    if nn.gpt_config:
+        gpt_file = Path(nn.gpt_config).expanduser()
+        gpt = load_gpt_config(gpt_file if gpt_file.is_absolute() else config_dir / gpt_file)
+        nn = gpt_nn_config(gpt, nn, device_given="device" in nn_raw)
+        if cluster.max_steps is None and gpt.training.max_steps is not None:
+            cluster = dataclasses.replace(cluster, max_steps=gpt.training.max_steps)  # the cluster config's wins
+    return RunConfig(nn=nn, cluster=cluster, config_dir=config_dir, gpt=gpt)
 
 
 def training_ranks(cluster: ClusterConfig) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from smolcluster.core.training.config import RunConfig, training_ranks
 from smolcluster.core.training.data import resolve_data_dir
 from smolcluster.core.training.tasks import Batches, Task, build_task
 from smolcluster.core.training.models import build_model
-from smolcluster.core.training.optim import build_optimizer
+from smolcluster.core.training.optim import LRSchedule, build_optimizer
 from smolcluster.core.training.telemetry import MetricsWriter, WandbRun
 from smolcluster.core.net.transport import TransportConfig
 
@@ -48,10 +49,36 @@ class NodeContext:
             self.log.log(level, f"Loki: {st['sent_lines']} lines shipped, {st['dropped_lines']} dropped")
 
     def build_model(self) -> torch.nn.Module:
-        return build_model(self.cfg.nn.model, seed=self.cfg.cluster.seed).to(self.device)
+        model_cfg = self.cfg.nn.model
+        if self.cfg.gpt is not None:  # the tokenizer decides the vocabulary
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=self.task.vocab_size)
+        return build_model(model_cfg, seed=self.cfg.cluster.seed).to(self.device)
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        return build_optimizer(self.cfg.nn.optimizer, model.parameters(), self.cfg.nn.learning_rate)
+        nn = self.cfg.nn
+        optimizer = build_optimizer(nn.optimizer, model.parameters(), nn.learning_rate, weight_decay=nn.weight_decay)
+        if self.cfg.gpt is not None:
+            schedule = self.cfg.gpt.lr_schedule
+            LRSchedule(nn.learning_rate, schedule.min_lr, schedule.warmup_iters, self.schedule_steps()).attach(optimizer)
+        return optimizer
+
+    def schedule_steps(self) -> int:
+        """How many updates this node's optimizer makes in the run: the LR schedule reaches min_lr there.
+        SyncPS: one per step on the server and on every worker. EDP: a worker steps once per local step,
+        the server once per gradient push (weights pushes are folded in without its optimizer) and once
+        per step of its own; max_steps counts server updates, i.e. pushes from every training rank."""
+        cl = self.cfg.cluster
+        local = self.cfg.nn.num_epochs * self.steps_per_epoch()
+        if cl.algorithm != "edp":
+            return max(1, min(local, cl.max_steps) if cl.max_steps else local)
+        ranks = len(training_ranks(cl))
+        if cl.max_steps:
+            local = min(local, -(-cl.max_steps * cl.push_interval // ranks))
+        if self.role == "worker":
+            return max(1, local)
+        pushes = cl.num_workers * -(-local // cl.push_interval) if cl.push_mode == "gradients" else 0
+        steps = pushes + (local if cl.server_trains else 0)
+        return max(1, steps)
 
     def data_dir(self) -> Path | None:
         return resolve_data_dir(self._relative(self.cfg.nn.data_dir))
@@ -67,7 +94,8 @@ class NodeContext:
         """Batches per training rank and evaluation (MNIST, or text for GPT)."""
         text_file = self._relative(self.cfg.nn.text_file)
         return build_task(self.cfg.nn, data_dir=self.data_dir(), text_file=Path(text_file) if text_file else None,
-                          num_shards=len(training_ranks(self.cfg.cluster)), seed=self.cfg.cluster.seed)
+                          num_shards=len(training_ranks(self.cfg.cluster)), seed=self.cfg.cluster.seed, gpt=self.cfg.gpt,
+                          log=self.log)
 
     def batches(self, rank: int) -> Batches:
         """This rank's disjoint, seeded slice of the training data."""

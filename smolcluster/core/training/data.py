@@ -1,4 +1,4 @@
-"""Data: MNIST from IDX files, seeded disjoint shards, deterministic batches; byte-level text for GPT.
+"""Data: MNIST from IDX files, seeded disjoint shards, deterministic batches; token ids for GPT.
 
 Memory: images stay uint8 (60k x 784 = 47 MB) and are normalised per batch, because every
 simulated node is a process and a Pi has 4-8 GB (as float32 they would be 188 MB per process).
@@ -19,14 +19,16 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from smolcluster.common.errors import DataError
+from smolcluster.core.training.models import gpt_eval_sums
 
+T = TypeVar("T")
 DATA_DIR_ENV = "SMOLCLUSTER_DATA_DIR"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 MNIST_FILES = {
@@ -175,6 +177,18 @@ def download_mnist(dest: Path, split: str) -> None:
     _download_urllib(dest, split)
 
 
+def download_then_read(download: Callable[[], None], read: Callable[[], T | None]) -> tuple[T | None, str]:
+    """Download into a cache, then read what it left: (the data, "") or (None, what went wrong)."""
+    try:
+        download()
+        found = read()
+        return (found, "") if found is not None else (None, "download finished but the files are not there")
+    except DataError as e:
+        return None, str(e)
+    except Exception as e:
+        return None, f"download failed: {type(e).__name__}: {e}"
+
+
 def load_mnist(split: str, data_dir: str | Path | None, *, download: bool = True,
                cache_dir: Path | None = None,
                downloader: Callable[[Path, str], None] | None = None) -> ImageSet:
@@ -195,16 +209,9 @@ def load_mnist(split: str, data_dir: str | Path | None, *, download: bool = True
         looked.append(f"{folder} ({'missing' if not folder.exists() else 'no ' + MNIST_FILES[split][0] + '[.gz]'})")
     problem = "not downloaded (download disabled)"
     if download:
-        try:
-            (downloader or download_mnist)(cache, split)
-            found = _read_split(cache, split)
-            if found is not None:
-                return found
-            problem = "download finished but the files are not there"
-        except DataError as e:
-            problem = str(e)
-        except Exception as e:
-            problem = f"download failed: {type(e).__name__}: {e}"
+        found, problem = download_then_read(lambda: (downloader or download_mnist)(cache, split), lambda: _read_split(cache, split))
+        if found is not None:
+            return found
     raise DataError(
         f"MNIST {split} set not found. Looked in: {'; '.join(looked)}. Download into {cache}: {problem}. "
         f"Fix: put the official IDX files (train-images-idx3-ubyte.gz etc.) in a folder and set data_dir "
@@ -318,18 +325,28 @@ def default_corpus() -> bytes:
 
 
 class TextData:
-    """Byte-level text: vocab 256, train/val split by position, deterministic batches by step."""
+    """Token ids for a GPT: a train and a val part, deterministic batches by step.
 
-    vocab_size = 256
+    TextData(bytes, block_size) is byte-level text (vocab 256) split by position (the last val_fraction is
+    val); TextData.from_tokens(train, val, block_size, vocab_size) takes ids a tokenizer made (wikitext-2)."""
 
     def __init__(self, data: bytes, block_size: int, val_fraction: float = 0.1):
         ids = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # uint8: 1 byte per char in memory
         n_val = int(len(ids) * val_fraction)
-        self.train, self.val = ids[: len(ids) - n_val], ids[len(ids) - n_val:]
-        self.block_size = block_size
+        self._set(ids[: len(ids) - n_val], ids[len(ids) - n_val:], block_size, 256, unit="bytes")
+
+    @classmethod
+    def from_tokens(cls, train: torch.Tensor, val: torch.Tensor, block_size: int, vocab_size: int) -> "TextData":
+        data = cls.__new__(cls)
+        data._set(train, val, block_size, vocab_size, unit="tokens")
+        return data
+
+    def _set(self, train: torch.Tensor, val: torch.Tensor, block_size: int, vocab_size: int, unit: str) -> None:
+        self.train, self.val = train, val
+        self.block_size, self.vocab_size = block_size, vocab_size
         for name, part in (("train", self.train), ("val", self.val)):
             if len(part) <= block_size + 1:
-                raise DataError(f"text {name} split has {len(part)} bytes, needs more than block_size+1 = {block_size + 1}")
+                raise DataError(f"text {name} split has {len(part)} {unit}, needs more than block_size+1 = {block_size + 1}")
 
     @classmethod
     def load(cls, path: str | Path | None, block_size: int, val_fraction: float = 0.1) -> "TextData":
@@ -364,22 +381,24 @@ class TextData:
         return win[:, :-1], win[:, 1:]
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, batch_size: int = 32, max_batches: int = 20) -> tuple[float, float]:
-        """(mean loss, next-byte accuracy) on non-overlapping val windows, the same every call."""
+    def evaluate(self, model: torch.nn.Module, batch_size: int = 32, max_batches: int | None = 20) -> tuple[float, float]:
+        """(mean loss, next-token accuracy) on non-overlapping val windows, the same every call
+        (the first max_batches batches of them; None: all of them)."""
         was_training = model.training
         model.eval()
         T = self.block_size
-        n_win = min((len(self.val) - 1) // T, batch_size * max_batches)
+        n_win = (len(self.val) - 1) // T
+        if max_batches is not None:
+            n_win = min(n_win, batch_size * max_batches)
         total_loss, correct, count = 0.0, 0, 0
         try:
             for b in range(0, n_win, batch_size):
                 starts = torch.arange(b, min(b + batch_size, n_win)) * T
                 win = self.val[starts[:, None] + torch.arange(T + 1)].long().to(next(model.parameters()).device)
-                logits = model(win[:, :-1])
-                y = win[:, 1:]
-                total_loss += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
-                correct += int((logits.argmax(-1) == y).sum())
-                count += y.numel()
+                loss_sum, right = gpt_eval_sums(model, win[:, :-1], win[:, 1:])
+                total_loss += loss_sum
+                correct += right
+                count += win[:, 1:].numel()
         finally:
             model.train(was_training)
         return total_loss / max(count, 1), correct / max(count, 1)

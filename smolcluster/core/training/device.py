@@ -34,8 +34,9 @@ def torch_build() -> str:
     return f"{torch.__version__} ({'cuda ' + cuda if cuda else 'cpu'})"
 
 
-def pick_device(wanted: str, available: Accelerators | None = None, file: str | Path | None = None) -> torch.device:
-    """The device for `device: wanted`; asking for an accelerator this machine lacks is a ConfigError."""
+def pick_device(wanted: str, available: Accelerators | None = None, file: str | Path | None = None,
+                key: str = "device") -> torch.device:
+    """The device for `device: wanted` (the config's `key`); asking for an accelerator this machine lacks is a ConfigError."""
     have = available if available is not None else Accelerators.probe()
     if wanted == "auto":
         return torch.device("mps" if have.mps else "cuda" if have.cuda else "cpu")
@@ -45,9 +46,9 @@ def pick_device(wanted: str, available: Accelerators | None = None, file: str | 
         return torch.device(wanted)
     if wanted in ("mps", "cuda"):
         what = "Apple-silicon GPU (MPS)" if wanted == "mps" else "CUDA GPU"
-        raise ConfigError(file, "device", f"{wanted} asked for, but this torch ({torch_build()}) sees no {what}",
-                          "use device: auto (the best this machine has) or device: cpu")
-    raise ConfigError(file, "device", f"unknown device {wanted!r}", "use auto, cpu, mps or cuda")
+        raise ConfigError(file, key, f"{wanted} asked for, but this torch ({torch_build()}) sees no {what}",
+                          f"use {key}: auto (the best this machine has) or {key}: cpu")
+    raise ConfigError(file, key, f"unknown device {wanted!r}", "use auto, cpu, mps or cuda")
 
 
 def torch_info(import_rss_mb: float | None = None) -> dict:

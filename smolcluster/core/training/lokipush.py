@@ -386,6 +386,16 @@ def push_metrics_line(pusher: LokiPusher, line: str | Mapping[str, Any], *, ts_n
         pass
 
 
+def push_fault_line(pusher: LokiPusher, line: str) -> None:
+    """Push one faults.jsonl line (kind=faults, level=INFO) at the time it records. Never raises."""
+    try:
+        when = _leading_time(line)
+        pusher.push(line, ts_ns=_seconds_to_ns(when) if isinstance(when, (int, float)) else None,
+                    labels={"level": "INFO", "kind": "faults"})
+    except Exception:  # noqa: BLE001
+        pass
+
+
 # ---------------------------------------------------------------------- helpers
 
 

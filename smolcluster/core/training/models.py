@@ -1,4 +1,4 @@
-"""Models: SimpleNN (the seed's MNIST MLP) and a small char-level GPT (nanoGPT style).
+"""Models: SimpleNN (the seed's MNIST MLP) and a GPT (nanoGPT style) over bytes or BPE tokens.
 
 `build_model(cfg, seed)` gives the same initial weights for the same seed on every node, without
 touching the process-wide RNG (other code may rely on it).
@@ -56,12 +56,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, ff_dim: int | None = None):
         super().__init__()
+        ff_dim = ff_dim or 4 * n_embd
         self.ln1 = nn.LayerNorm(n_embd)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout)
         self.ln2 = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.Linear(n_embd, ff_dim), nn.GELU(), nn.Linear(ff_dim, n_embd), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -69,20 +70,20 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer over bytes. forward(idx [B,T] int64) -> logits [B,T,vocab].
+    """Decoder-only transformer over tokens (bytes, or BPE ids). forward(idx [B,T] int64) -> logits [B,T,vocab].
 
     No weight tying: every parameter has exactly one name, which keeps the parameter
     server's name-keyed pushes and the wire schema simple.
     """
 
     def __init__(self, vocab_size: int = 256, block_size: int = 64, n_layer: int = 2, n_head: int = 2,
-                 n_embd: int = 64, dropout: float = 0.0):
+                 n_embd: int = 64, dropout: float = 0.0, ff_dim: int | None = None):
         super().__init__()
         self.block_size = block_size
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.pos_emb = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, ff_dim) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -100,7 +101,8 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        """The last hidden states [B,T,C] (what the output layer turns into logits)."""
         B, T = idx.shape
         if T > self.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
@@ -108,7 +110,10 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(idx))
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -130,7 +135,7 @@ def build_model(cfg: ModelConfig, seed: int) -> nn.Module:
         if cfg.type == "SimpleNN":
             return SimpleNN(cfg.input_dim, cfg.hidden, cfg.out, cfg.activation)
         if cfg.type == "GPT":
-            return GPT(cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
+            return GPT(cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.ff_dim)
     raise ValueError(f"unknown model type {cfg.type!r}; use SimpleNN or GPT")
 
 
@@ -138,10 +143,75 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+# Logits past this many elements (64 MB of float32) are computed a chunk of tokens at a time: with GPT-2's
+# 50,257 tokens a batch of 32 x 128 has 823 MB of them, and the loss's softmax and gradient as much again.
+LOGITS_CHUNK_ELEMENTS = 1 << 24
+
+
+def _token_chunks(n_tokens: int, vocab: int) -> int:
+    return max(1, LOGITS_CHUNK_ELEMENTS // max(1, vocab)) if n_tokens * vocab > LOGITS_CHUNK_ELEMENTS else n_tokens
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean(cross_entropy(h @ weight.T, y)) a chunk of tokens at a time, with the gradients of h and weight
+    computed on the way (softmax - one-hot, as autograd would): no chunk's logits outlive it, and nothing
+    is computed twice."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+        n = h.shape[0]
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        for i in range(0, n, chunk):
+            hc, yc = h[i:i + chunk], y[i:i + chunk]
+            logits = hc @ weight.t()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum(dtype=torch.float64)
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+            probs[torch.arange(len(yc), device=h.device), yc] -= 1.0
+            probs /= n
+            grad_h[i:i + chunk] = probs @ weight
+            grad_w.addmm_(probs.t(), hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        return (total / n).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None
+
+
+def gpt_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy. Big logits (GPT-2's vocabulary) go a chunk of tokens at a time, so a
+    node holds one chunk's logits instead of the batch's: the default GPT config's peak memory halves."""
+    h = model.features(x).reshape(-1, model.head.in_features)
+    y = y.reshape(-1)
+    chunk = _token_chunks(h.shape[0], model.head.out_features)
+    if chunk >= h.shape[0]:
+        return F.cross_entropy(model.head(h), y)
+    return _ChunkedLinearCrossEntropy.apply(h, model.head.weight, y, chunk)
+
+
+@torch.no_grad()
+def gpt_eval_sums(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """(summed next-token cross-entropy, correct next-token guesses) over a batch, a chunk of logits at a time."""
+    h = model.features(x).reshape(-1, model.head.in_features)
+    y = y.reshape(-1)
+    chunk = _token_chunks(h.shape[0], model.head.out_features)
+    total, correct = 0.0, 0
+    for i in range(0, h.shape[0], chunk):
+        logits = model.head(h[i:i + chunk])
+        total += float(F.cross_entropy(logits, y[i:i + chunk], reduction="sum"))
+        correct += int((logits.argmax(-1) == y[i:i + chunk]).sum())
+    return total, correct
+
+
 def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy: classes for SimpleNN, next token for GPT (logits [B,T,V], y [B,T]).
     The batch moves to the model's device (a no-op on the CPU)."""
     device = model_device(model)
     x, y = x.to(device), y.to(device)
+    if isinstance(model, GPT):
+        return gpt_loss(model, x, y)
     logits = model(x)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))

@@ -18,8 +18,8 @@ from smolcluster.common.errors import ConfigError, SmolclusterError
 from smolcluster.core.training.context import NodeContext
 from smolcluster.core.training.device import pick_device, torch_build, torch_info
 from smolcluster.core.training.lokipush import LokiLogHandler, LokiPusher, push_metrics_line
-from smolcluster.core.training.telemetry import (LogfmtFormatter, MetricsWriter, WandbRun, node_labels, peak_rss_mb,
-                                                 setup_logging)
+from smolcluster.core.training.telemetry import (WANDB_PROJECT, LogfmtFormatter, MetricsWriter, WandbRun, node_labels,
+                                                 peak_rss_mb, setup_logging)
 from smolcluster.core.net.transport import TransportConfig
 
 LOKI_URL_ENV = "SMOLCLUSTER_LOKI_URL"
@@ -62,7 +62,8 @@ def _context(cfg: RunConfig, *, role: str, rank: int, hostname: str, run_dir: Pa
                             ship=(lambda line: push_metrics_line(shipper, line)) if shipper is not None else None)
     wandb = WandbRun(mode=cfg.cluster.wandb, algorithm=cfg.cluster.algorithm, role=role, hostname=hostname, rank=rank,
                      lr=cfg.nn.learning_rate, batch_size=cfg.nn.batch_size,
-                     config={"cluster": to_dict(cfg.cluster), "nn": to_dict(cfg.nn)}, run_dir=run_dir, logger=log)
+                     config={"cluster": to_dict(cfg.cluster), "nn": to_dict(cfg.nn)} | ({"gpt": cfg.gpt.resolved()} if cfg.gpt else {}),
+                     run_dir=run_dir, logger=log, project=cfg.gpt.logging.project_name if cfg.gpt else WANDB_PROJECT)
     return NodeContext(cfg=cfg, role=role, rank=rank, hostname=hostname, run_dir=run_dir, log=log, metrics=metrics,
                        wandb=wandb, key=_key_for(cfg), transport=_transport(cfg.cluster), slowdown=slowdown, device=device,
                        torch=torch_info(import_rss), shipper=shipper)

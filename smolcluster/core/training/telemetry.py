@@ -42,18 +42,18 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
     """Numbers, strings, lists, dicts; tensors/numpy scalars -> Python; NaN/inf -> null (strict JSON)."""
     if isinstance(v, float):
         return v if math.isfinite(v) else None
     if v is None or isinstance(v, (bool, int, str)):
         return v
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if hasattr(v, "tolist"):  # torch tensors and numpy arrays/scalars
-        return _jsonable(v.tolist())
+        return jsonable(v.tolist())
     if isinstance(v, Path):
         return str(v)
     return str(v)
@@ -71,7 +71,7 @@ class MetricsWriter:
         self._ship = ship
 
     def write(self, event: str, **fields: Any) -> None:
-        record = {"time": time.time(), "event": event, **{k: _jsonable(v) for k, v in fields.items()}}
+        record = {"time": time.time(), "event": event, **{k: jsonable(v) for k, v in fields.items()}}
         line = json.dumps(record, allow_nan=False, separators=(",", ":"))
         with self._lock:
             if not self._f.closed:
@@ -217,8 +217,10 @@ class WandbRun:
     """A W&B run that can never hurt training: any failure -> one warning, then a no-op."""
 
     def __init__(self, *, mode: str, algorithm: str, role: str, hostname: str, rank: int, lr: float,
-                 batch_size: int, config: dict, run_dir: Path, logger: logging.Logger | None = None):
+                 batch_size: int, config: dict, run_dir: Path, logger: logging.Logger | None = None,
+                 project: str = WANDB_PROJECT):
         self.name = wandb_run_name(algorithm, role, hostname, rank, lr, batch_size)
+        self.project = project
         self.active = False
         self.mode = "off"
         self._run: Any = None
@@ -269,7 +271,7 @@ class WandbRun:
         # several runs per process (sim tests run roles in threads): newer W&B spells it "create_new"
         reinit_field = getattr(wandb.Settings, "model_fields", {}).get("reinit")
         reinit: Any = "create_new" if reinit_field is not None and "create_new" in str(reinit_field.annotation) else True
-        self._run = wandb.init(project=WANDB_PROJECT, name=self.name, config=config, dir=str(run_dir),
+        self._run = wandb.init(project=self.project, name=self.name, config=config, dir=str(run_dir),
                                mode=mode, settings=settings, reinit=reinit)
         if self._run is None:
             raise RuntimeError("wandb.init returned no run")
@@ -284,7 +286,7 @@ class WandbRun:
         if not self.active:
             return
         try:
-            self._run.log({k: _jsonable(v) for k, v in metrics.items()}, step=step)
+            self._run.log({k: jsonable(v) for k, v in metrics.items()}, step=step)
         except Exception as e:
             self.active = False
             self._warn(f"W&B log failed ({type(e).__name__}: {e}); W&B disabled for the rest of the run")
@@ -297,3 +299,55 @@ class WandbRun:
             run.finish()
         except Exception as e:
             self._warn(f"W&B finish failed ({type(e).__name__}: {e})")
+
+
+# --------------------------------------------------------------------------- progress on a terminal
+
+
+class Progress:
+    """A progress bar on one terminal line, redrawn at most every `redraw_s`; `note()` prints a line above
+    it. Where the output is not a terminal (CI, a log file) it prints a plain line every 5% instead."""
+
+    def __init__(self, total: int, *, out: Any = None, label: str = "", redraw_s: float = 0.25, width: int = 24):
+        self.total, self.label, self.redraw_s, self.width = max(1, total), label, redraw_s, width
+        self.out = out if out is not None else sys.stderr
+        self.tty = bool(getattr(self.out, "isatty", lambda: False)())
+        self._last_draw = 0.0
+        self._last_plain = -1
+        self._line = ""
+
+    def _bar(self, step: int) -> str:
+        done = int(self.width * min(step, self.total) / self.total)
+        return "[" + "#" * done + "." * (self.width - done) + "]"
+
+    def update(self, step: int, text: str = "") -> None:
+        pct = 100 * min(step, self.total) / self.total
+        line = f"{self.label}{self._bar(step)} {step}/{self.total} {pct:3.0f}% {text}".rstrip()
+        if self.tty:
+            now = time.monotonic()
+            if now - self._last_draw >= self.redraw_s or step >= self.total:
+                self._write("\r\033[K" + line)
+                self._last_draw, self._line = now, line
+        else:
+            bucket = int(pct // 5)
+            if bucket != self._last_plain:
+                self._last_plain = bucket
+                self._write(line + "\n")
+
+    def note(self, text: str) -> None:
+        if self.tty and self._line:
+            self._write("\r\033[K" + text + "\n" + self._line)
+        else:
+            self._write(text + "\n")
+
+    def close(self) -> None:
+        if self.tty and self._line:
+            self._write("\n")
+            self._line = ""
+
+    def _write(self, s: str) -> None:
+        try:
+            self.out.write(s)
+            self.out.flush()
+        except (OSError, ValueError):
+            pass  # a closed terminal must not stop training

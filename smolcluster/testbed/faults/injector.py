@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from smolcluster.common.errors import SmolclusterError
 from smolcluster.common.jsonl import read_jsonl
@@ -40,7 +40,8 @@ class _Active:
 
 class FaultInjector:
     def __init__(self, schedule: FaultSchedule | Sequence[Fault], cluster: ClusterControl, seed: int = 0,
-                 poll_s: float = 0.1, logger: logging.Logger | None = None):
+                 poll_s: float = 0.1, logger: logging.Logger | None = None,
+                 ship: Callable[[str], None] | None = None):
         # `seed` draws random: entries that do not name their own seed (the run's seed, typically)
         self.seed = seed
         self.faults: list[Fault] = schedule.expand(seed) if isinstance(schedule, FaultSchedule) else list(schedule)
@@ -51,6 +52,7 @@ class FaultInjector:
         self.pending: list[Fault] = list(self.faults)
         self.active: list[_Active] = []
         self.events: list[dict[str, Any]] = []  # what was written to faults.jsonl
+        self._ship = ship  # also gets every faults.jsonl line (e.g. to Loki); must not block
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -152,8 +154,11 @@ class FaultInjector:
                   "version": self._version(), "took_s": round(time.time() - at, 3)} | extra
         self.events.append(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, default=str)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+            f.write(line + "\n")
+        if self._ship is not None:
+            self._ship(line)
 
 
 def read_fault_log(run_dir: str | Path) -> list[dict[str, Any]]:

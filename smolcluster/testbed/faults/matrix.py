@@ -248,7 +248,8 @@ def fault_log_problems(sc: Scenario, algo: str, log: list[dict[str, Any]], summa
 
 def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: list[dict[str, Any]]) -> list[str]:
     """Every push a worker got an answer for is on the server's record, and the server has nothing
-    the worker did not send: worker-answered <= server-recorded <= worker-answered + in-flight slack."""
+    the worker did not send: worker-answered <= server-recorded <= worker-answered + unanswered + slack
+    (unanswered: pushes its last process sent without an answer, e.g. the server ended meanwhile)."""
     nodes = run_dir / "nodes"
     server_name = next((p.parent.name for p in nodes.glob("*/summary.json")), None)
     if server_name is None:
@@ -282,7 +283,9 @@ def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: 
         rejected = sum(1 for e in rejects if e.get("rank") == rank)
         recorded = applied + late + rejected
         slack = disconnects + killed + crashes
-        if not answered - crashes <= recorded <= answered + slack:
+        end = events[-1] if events and events[-1]["event"] == "end" else {}
+        unanswered = max(0, end.get("pushes_sent", 0) - end.get("pushes_answered", 0))
+        if not answered - crashes <= recorded <= answered + unanswered + slack:
             out.append(f"{host}: {answered} pushes answered but the server recorded {recorded} "
                        f"(applied {applied}, late {late}, rejected {rejected}; slack {slack})")
         worker_rejected = sum(1 for e in steps if e.get("status") == "rejected")
@@ -293,9 +296,12 @@ def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: 
         if summary.get("pushes_late") != n_late or summary.get("pushes_rejected") != len(rejects):
             out.append(f"summary counters (late {summary.get('pushes_late')}, rejected {summary.get('pushes_rejected')}) "
                        f"differ from the server's events (late {n_late}, rejected {len(rejects)})")
-        n_updates = sum(1 for e in server if e["event"] == "update")
-        if summary.get("pushes_applied") != n_updates:
-            out.append(f"summary pushes_applied {summary.get('pushes_applied')} != {n_updates} update events")
+        # pushes applied: a worker's EDP update each, or each worker contribution to a closed SyncPS step
+        updates = [e for e in server if e["event"] == "update"]
+        n_applied = (sum(1 for e in updates if e.get("source", 0) != 0) if algo == "edp" else
+                     sum(sum(1 for r in e.get("contributors") or [] if r != 0) for e in updates))
+        if summary.get("pushes_applied") != n_applied:
+            out.append(f"summary pushes_applied {summary.get('pushes_applied')} != {n_applied} pushes in the update events")
     return out
 
 

@@ -63,7 +63,8 @@ class WorkerStats(_Record):
     rank: Optional[int] = _omit_if_none()
     hostname: Optional[str] = _omit_if_none()
     steps: Optional[int] = _omit_if_none()
-    pushes: Optional[int] = _omit_if_none()
+    pushes: Optional[int] = _omit_if_none()  # every push the server received from it: applied + late + rejected
+    applied: Optional[int] = _omit_if_none()
     samples_per_s: Optional[float] = _omit_if_none()
     mean_staleness: Optional[float] = _omit_if_none()
     max_staleness: Optional[int] = _omit_if_none()
@@ -161,6 +162,13 @@ class RunSummary(_Record):
     bytes_sent: Optional[int] = _omit_if_none()  # by the server
     bytes_received: Optional[int] = _omit_if_none()
     stop_reason: Optional[str] = _omit_if_none()
+    stop_status: Optional[str] = _omit_if_none()  # finished | stopped (interrupted, idle) | error
+    messages_rejected: Optional[dict[str, int]] = _omit_if_none()  # not pushes: bad HELLO/PULL/BYE fields, early pulls
+    handler_errors: Optional[int] = _omit_if_none()  # messages the server could not handle (their peer was dropped)
+    robust_aggregation: Optional[dict[str, Any]] = _omit_if_none()  # enabled, k, per_rank, rejected, threshold
+    connections_refused: Optional[int] = _omit_if_none()  # closed at accept: over a limit, or a throttled address
+    checkpoint_failures: Optional[int] = _omit_if_none()  # checkpoints that could not be written (a full disk)
+    final_checkpoint: Optional[str] = _omit_if_none()  # its path (None: it could not be written)
     per_worker: list[WorkerStats] = field(default_factory=list)
     torch: Optional[dict[str, Any]] = _omit_if_none()  # version, build, import_rss_mb: what the nodes ran
     config: dict[str, Any] = field(default_factory=dict)

@@ -34,6 +34,10 @@ def summary_table(run: RunData) -> str:
                  + (f" (loss {s.final_test_loss:.4f})" if s.final_test_loss is not None else ""))
     lines.append("  " + ", ".join(f"time to {t:.0%}: {fmt_seconds(run.time_to_accuracy(t))}" for t in ACCURACY_TARGETS)
                  + " (from the server's start)")
+    gpt = s.extra
+    if gpt.get("final_test_perplexity") is not None:  # a GPT run: its splits and tokenizer, with the perplexity
+        lines.append(f"  {gpt['data']['eval_split']} perplexity {gpt['final_test_perplexity']:.1f}, tokenizer "
+                     f"{gpt['tokenizer']['name']} ({gpt['tokenizer']['vocab_size']} tokens); {gpt['data']['note']}")
     lines.append(f"  pushes: {run.count('pushes_applied', 'update')} applied, {run.count('pushes_late', 'late')} late, "
                  f"{run.count('pushes_rejected', 'reject')} rejected"
                  + (f" ({', '.join(f'{k}: {v}' for k, v in s.rejected_reasons.items())})" if s.rejected_reasons else ""))

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, TextIO
 from smolcluster.common.errors import SimError
 from smolcluster.common.jsonl import JsonlFollower
 from smolcluster.common.wait import wait_until
+from smolcluster.core.training.lokipush import LokiPusher, push_fault_line
 from smolcluster.testbed import report
 from smolcluster.testbed.control import LinkHandle
 from smolcluster.testbed.faults import FaultInjector, FaultSchedule
@@ -92,7 +93,7 @@ class WorkersGoneWatch:
         if any(code is None or code == 0 for code in codes.values()):
             self.since = None
             return None
-        now = time.time()
+        now = time.monotonic()
         self.since = self.since or now
         limit = ALL_WORKERS_GONE_S if on_purpose or trained else WORKERS_NEVER_STARTED_S
         if now - self.since <= limit:
@@ -245,7 +246,7 @@ class SimCluster:
         return time.time() - self._t0
 
     def _killed(self, node: str) -> None:
-        self._killed_at[node] = time.time()
+        self._killed_at[node] = time.monotonic()
 
     def _restarted(self, node: str) -> None:
         self._killed_at.pop(node, None)  # only now: wait() must never see it dead and unexpected in between
@@ -261,7 +262,7 @@ class SimCluster:
                 on_tick(self)
             code = self.server_exit_code()
             killed = self._killed_at.get(self.server)
-            if code is not None and (killed is None or time.time() - killed > KILLED_SERVER_GRACE_S):
+            if code is not None and (killed is None or time.monotonic() - killed > KILLED_SERVER_GRACE_S):
                 break
             self._check_workers_alive()
             time.sleep(poll)
@@ -294,12 +295,14 @@ class SimCluster:
         """Start, fire the fault schedule, wait for the end, stop, then summarise. Returns the exit code
         (130 on Ctrl-C / SIGTERM). `announce` runs once everything is up (e.g. to print the links)."""
         progress = Progress(out, progress_interval)
+        shipper = self.fault_shipper()
         try:
             with self:
                 self.start()
                 if announce is not None:
                     announce()
-                injector = FaultInjector(schedule, self, seed=seed)
+                injector = FaultInjector(schedule, self, seed=seed,
+                                         ship=(lambda line: push_fault_line(shipper, line)) if shipper else None)
                 injector.start()
                 try:
                     code = self.wait(on_tick=progress.update)
@@ -310,8 +313,24 @@ class SimCluster:
             progress.done()
             print(f"\ninterrupted: {self.teardown_note}; partial results in {self.run_dir}", file=out)
             return 130
+        finally:
+            if shipper is not None:
+                shipper.close(timeout=3.0)
         self.finish(code, injector.events, out)
         return 0
+
+    def fault_shipper(self) -> Optional[LokiPusher]:
+        """With Loki on (loki_url among the run's configs), fault events go there too, as the
+        controller's stream (job smolcluster-faults, kind faults)."""
+        url = self.loki_url()
+        if not url:
+            return None
+        labels = {"job": "smolcluster-faults", "component": "faults", "host": "controller", "rank": 0,
+                  "algorithm": self.algorithm, "run": self.run_dir.name}
+        return LokiPusher(url, labels)
+
+    def loki_url(self) -> Optional[str]:
+        return None  # a backend whose nodes ship says where
 
     def finish(self, code: int, fault_events: list[dict], out: TextIO) -> report.RunSummary:
         """RUN_DIR/summary.json from the server's summary and this backend's view, the summary table, plots."""

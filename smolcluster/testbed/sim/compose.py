@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import yaml
 
@@ -395,12 +395,13 @@ def _toxiproxy_routes(topo: Topology, toxi_nets: set[str]) -> list[tuple[str, st
 def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
                    commands: dict[str, list[str]] | None = None, mechanism: str = AUTO,
                    toxiproxy: str = "embedded", server_port: int = 65432,
-                   project: str | None = None) -> ComposeProject:
+                   project: str | None = None, node_env: dict[str, dict[str, str]] | None = None) -> ComposeProject:
     """Write RUN_DIR/compose/{docker-compose.yml, entrypoints/*.sh} and return what was rendered.
 
     commands: node name -> argv run after setup (default: the training command for the node).
     toxiproxy: "embedded" (smolcluster's own, in the node image), "official" (Shopify's image,
     needs a registry) or "none".
+    node_env: node name -> extra environment variables of its container.
     """
     if mechanism not in (AUTO, *netem.MECHANISMS):
         raise ValueError(f"mechanism must be one of auto, {', '.join(netem.MECHANISMS)}")
@@ -454,7 +455,7 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
             "cpus": round(min(float(node.device.cores), cpu_cap), 2),
             "mem_limit": f"{node.device.memory_mb}m",
             "volumes": volumes(),
-            "environment": environment(),
+            "environment": environment((node_env or {}).get(node.name)),
             "working_dir": CONTAINER_RUN_DIR,
             # PID 1 ignores SIGTERM unless it handles it; Python turns SIGINT into a clean exit
             "stop_signal": "SIGINT",
@@ -581,8 +582,15 @@ def exec_in(env: DockerEnv, cp: ComposeProject, service: str, cmd: Sequence[str]
     return env.run(["exec", container_id(env, cp, service), *cmd], timeout=timeout, check=check)
 
 
-def up(env: DockerEnv, cp: ComposeProject, timeout: float = 300.0) -> None:
-    """`compose up -d`, then wait until every node's entrypoint finished its setup."""
+def up(env: DockerEnv, cp: ComposeProject, timeout: float = 300.0,
+       before_start: Callable[[], None] | None = None) -> None:
+    """`compose up -d`, then wait until every node's entrypoint finished its setup.
+
+    before_start: called once the networks exist (their gateways are on the host's bridges) and
+    before any container starts, e.g. to listen on a gateway address the nodes dial from the start."""
+    if before_start is not None:
+        env.compose_run(cp.project, cp.compose_file, ["up", "--no-start", "--no-build"], timeout=timeout)
+        before_start()
     env.compose_run(cp.project, cp.compose_file, ["up", "-d", "--no-build"], timeout=timeout)
     wait_ready(env, cp, timeout=min(timeout, 120.0))
 

@@ -24,6 +24,7 @@ from smolcluster.testbed.linkemu.client import ToxiproxyClient
 from smolcluster.testbed.report import LinkSummary
 from smolcluster.testbed.sim import compose as cmp
 from smolcluster.testbed.sim.cluster import SimCluster
+from smolcluster.testbed.sim.compose_logging import LokiRelay
 from smolcluster.testbed.sim.docker_env import DockerEnv, DockerUnavailable
 from smolcluster.testbed.sim.image import USER_IMAGE, build_offline_image, build_user_image, check_offline_host, image_exists
 from smolcluster.testbed.topology import path_down_mbit, path_expectation, path_loss_pct, path_to_server, server_address_for
@@ -87,6 +88,7 @@ class ComposeCluster(SimCluster):
     env: DockerEnv
     cp: cmp.ComposeProject
     seed: Optional[int] = None
+    loki_relay: Optional[LokiRelay] = None  # with --logging: the nodes' pushes relayed to the host's Loki
 
     backend = "compose"
 
@@ -110,7 +112,7 @@ class ComposeCluster(SimCluster):
     def start(self, add_toxics: bool = True) -> None:
         """Bring the project up (routes, shaping), find the Toxiproxy API, add latency toxics where needed."""
         self._up = True  # from here on stop() must tear down, whatever fails next
-        cmp.up(self.env, self.cp)
+        cmp.up(self.env, self.cp, before_start=self.loki_relay.start if self.loki_relay else None)
         self._t0 = time.time()
         # one `docker ps` for every container (compose v1's `ps -q SERVICE` takes ~1 s each)
         r = self.env.run(["ps", "-a", "--no-trunc", "--filter", f"label=com.docker.compose.project={self.cp.project}",
@@ -202,7 +204,14 @@ class ComposeCluster(SimCluster):
                 pass
             self.save_logs()
         finally:
-            cmp.down(self.env, self.cp)
+            try:
+                cmp.down(self.env, self.cp)
+            finally:
+                if self.loki_relay is not None:
+                    self.loki_relay.stop()
+
+    def loki_url(self) -> Optional[str]:
+        return self.loki_relay.upstream if self.loki_relay else None  # fault events: straight from the host
 
     def save_logs(self) -> None:
         for node in self.topology.nodes:

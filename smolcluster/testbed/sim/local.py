@@ -30,6 +30,7 @@ from smolcluster.testbed.linkemu.client import ToxiproxyClient
 from smolcluster.testbed.report import LinkSummary
 from smolcluster.testbed.sim.cluster import SimCluster
 from smolcluster.testbed.sim.hops import create_link_proxies, plan_hops, worker_paths
+from smolcluster.testbed.logstack import loki_for_run
 from smolcluster.testbed.sim.options import SimOptions, default_run_dir, overrides_for
 from smolcluster.testbed.sim.plan import RunOverrides, write_run_configs
 from smolcluster.testbed.sim.processes import ProcessGroup
@@ -60,6 +61,9 @@ class LocalCluster(SimCluster):
         if self.toxiproxy_url:
             self.toxiproxy = ToxiproxyClient(self.toxiproxy_url)
         self.config_dir = self.run_dir / "config"
+
+    def loki_url(self) -> Optional[str]:
+        return self.overrides.extra.get("loki_url") or self.topology.training.extra.get("loki_url")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -225,9 +229,10 @@ def run_local(topo: Topology, opts: SimOptions, out: TextIO = sys.stdout) -> int
     schedule = schedule_for(topo, opts.faults)  # a bad fault entry fails here, before anything starts
     algo = opts.algo or topo.training.algorithm
     run_dir = Path(opts.run_dir) if opts.run_dir else default_run_dir(topo, algo)
-    cluster = LocalCluster(topology=topo, run_dir=run_dir, algorithm=algo, overrides=overrides_for(topo, opts, algo),
-                           toxiproxy_url=opts.toxiproxy, seed=opts.seed)
     print(f"smolcluster sim: {topo.name} ({opts.file}), {algo}, local backend, run dir {run_dir}", file=out)
+    loki = loki_for_run(run_dir.parent, lambda line: print(line, file=out), loki_url=opts.loki_url) if opts.logging else None
+    cluster = LocalCluster(topology=topo, run_dir=run_dir, algorithm=algo, overrides=overrides_for(topo, opts, algo, loki),
+                           toxiproxy_url=opts.toxiproxy, seed=opts.seed)
     for link in cluster.plans:
         notes = "; ".join(link.notes())
         print(f"  link {link.name:<16} {_profile_text(link.profile)}  [{link.mechanism()}]" + (f"  ({notes})" if notes else ""), file=out)

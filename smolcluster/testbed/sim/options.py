@@ -28,6 +28,9 @@ class SimOptions:
     progress_interval: float = 5.0  # seconds between progress lines when stdout is not a terminal
     faults: Optional[Path] = None  # fault schedule file, added to the topology's own `faults:`
     render_only: bool = False  # compose: write the project and print how to run it by hand
+    logging: bool = False  # ship every node's lines to Loki (the logging/ stack, or loki_url)
+    loki_url: Optional[str] = None  # an existing Loki instead of starting the stack
+    gpt_config: Optional[Path] = None  # train this gpt_config.yaml's GPT instead of the topology's model
 
 
 def default_run_dir(topo: Topology, algo: str, now: Optional[float] = None) -> Path:
@@ -35,10 +38,11 @@ def default_run_dir(topo: Topology, algo: str, now: Optional[float] = None) -> P
     return Path("runs") / f"{topo.name}-{algo}-{stamp}"
 
 
-def overrides_for(topo: Topology, opts: SimOptions, algo: str) -> RunOverrides:
-    extra: dict[str, Any] = {}
+def overrides_for(topo: Topology, opts: SimOptions, algo: str, loki_url: Optional[str] = None) -> RunOverrides:
+    extra: dict[str, Any] = {"loki_url": loki_url} if loki_url else {}
     if "eval_steps" not in topo.training.extra:
         extra["eval_steps"] = algorithms.get(algo).sim_eval_steps
     if opts.wandb:
         extra["wandb"] = "auto"  # online with a key, else offline; never prompts
-    return RunOverrides(algorithm=algo, epochs=opts.epochs, max_steps=opts.max_steps, seed=opts.seed, extra=extra)
+    return RunOverrides(algorithm=algo, epochs=opts.epochs, max_steps=opts.max_steps, seed=opts.seed, extra=extra,
+                        gpt_config=opts.gpt_config)

@@ -108,10 +108,10 @@ class ProcessGroup:
                     os.killpg(p.pid, sig) if os.name != "nt" else p.popen.terminate()
                 except ProcessLookupError:
                     pass
-        deadline = time.time() + grace
+        deadline = time.monotonic() + grace
         for p in live:
             try:
-                p.popen.wait(timeout=max(0.1, deadline - time.time()))
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 try:
                     os.killpg(p.pid, signal.SIGKILL) if os.name != "nt" else p.popen.kill()

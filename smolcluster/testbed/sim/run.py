@@ -32,6 +32,9 @@ def run_sim(opts: SimOptions, out: TextIO = sys.stdout) -> int:
         raise SimError(f"unknown algorithm {opts.algo!r}: use {algorithms.choices()}")
     if opts.as_json and not opts.check:
         raise SimError("--json goes with --check (the link check's output); a training run writes RUN_DIR/summary.json")
+    if opts.backend == "compose" and opts.gpt_config is not None:
+        raise SimError("--gpt-config runs on the local backend (the compose image mounts MNIST, not WikiText-2): "
+                       "drop --backend compose")
     if opts.backend == "compose":
         return run_compose(opts, out)
     topo = load_topology(opts.file)
