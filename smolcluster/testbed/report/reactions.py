@@ -26,6 +26,14 @@ def events_per_second(times: list[float], t0: float, t1: float) -> float:
     return sum(1 for t in times if t0 <= t < t1) / (t1 - t0)
 
 
+def _median_rate(utimes: list[float], t0: float, t1: float, win: float) -> float:
+    """Updates/s over [t0, t1): the median of its `win`-second windows (the plain mean when fewer than 3 fit)."""
+    n_windows = int((t1 - t0) // win)
+    if n_windows >= 3:
+        return statistics.median(events_per_second(utimes, t1 - (k + 1) * win, t1 - k * win) for k in range(n_windows))
+    return events_per_second(utimes, t0, t1)
+
+
 def _pre_fault_rate(utimes: list[float], t: float, window_s: float | None) -> tuple[float, float]:
     """(updates/s before `t`, the sliding window used): over up to 10 s of training before `t`, the median
     of its windows, so a start-up burst or one hiccup does not set the bar "recovered" is measured against."""
@@ -33,10 +41,7 @@ def _pre_fault_rate(utimes: list[float], t: float, window_s: float | None) -> tu
     pre_span = min(10.0, t - first)
     pre_rate = events_per_second(utimes, t - pre_span, t) if pre_span > 0 else 0.0
     win = window_s if window_s is not None else max(1.0, 10.0 / pre_rate if pre_rate > 0 else 1.0)
-    n_windows = int(pre_span // win)
-    if n_windows >= 3:
-        pre_rate = statistics.median(events_per_second(utimes, t - (k + 1) * win, t - k * win) for k in range(n_windows))
-    return pre_rate, win
+    return (_median_rate(utimes, t - pre_span, t, win) if pre_span > 0 else 0.0), win
 
 
 def fault_reactions(run: RunData, window_s: float | None = None) -> list[dict[str, Any]]:
@@ -48,7 +53,10 @@ def fault_reactions(run: RunData, window_s: float | None = None) -> list[dict[st
     push is late). Throughput = server updates per second over a sliding window of `window_s` seconds
     (default: long enough for ~10 updates at the pre-fault rate, at least 1 s); the pre-fault rate is the
     median over such windows in the 10 s before the fault (the plain mean when fewer than 3 fit); "recovered"
-    is the first moment t >= fired from which the next window runs at >= 80 % of the pre-fault rate.
+    is the first moment t >= fired from which the next window runs at >= 80 % of the pre-fault rate, and
+    "after" the median rate over up to 10 s from then on (from the first update after the window if it never
+    recovered; up to the last update before the server's end), so a cluster that stays slower shows how much. A server crash also says when the server was back
+    (its `resume` line): the restart, not the configured duration, is most of a crash's recovery time.
 
     An entry that ends other faults (`heal`, `resume`) reacts on its own terms: its window is the moment
     it fired, `ends` lists the faults it ended and how long they had lasted, the rejoins, late pushes and
@@ -107,6 +115,14 @@ def fault_reactions(run: RunData, window_s: float | None = None) -> list[dict[st
                 if events_per_second(utimes, t, t + win) >= RECOVERY_SHARE * pre_rate:
                     recovered_after = t - t_fire
                     break
+        # from the recovery, or (never recovered) from the first update after the fault's window
+        t_back = (t_fire + recovered_after if recovered_after is not None
+                  else next((u for u in utimes if u > t_end), None))
+        last = max((u for u in utimes if run_end is None or u <= run_end), default=None)
+        after_rate = (_median_rate(utimes, t_back, min(last, t_back + 10.0), win)
+                      if t_back is not None and last is not None and last - t_back >= win else None)
+        server_back = (next((e["time"] - t_fire for e in run.server_events("resume") if e["time"] > t_fire), None)
+                       if kind == "server_crash" else None)
         record = {
             "fault": fault,
             "target": target,
@@ -126,8 +142,11 @@ def fault_reactions(run: RunData, window_s: float | None = None) -> list[dict[st
             "throughput_during": round(events_per_second(utimes, t_fire, t_end), 3) if t_end > t_fire else None,
             "throughput_window_s": round(win, 3),
             "recovered_after_s": round(recovered_after, 3) if recovered_after is not None else None,
+            "throughput_after": round(after_rate, 3) if after_rate is not None else None,
             "detail": {k: v for k, v in f.items() if k not in {"time", "elapsed", "fault", "target", "action"}},
         }
+        if kind == "server_crash":
+            record["server_back_after_s"] = round(server_back, 3) if server_back is not None else None
         if kind in UNDO_KINDS:
             record["ends"] = ends
         out.append(record)
@@ -160,6 +179,9 @@ def describe_fault(r: dict[str, Any]) -> str:
                      + (f" (mean before {r['staleness_mean_before']:.2f})" if r["staleness_mean_before"] is not None else ""))
     if r["disconnects"]:
         parts.append(f"{len(r['disconnects'])} disconnects")
+    if "server_back_after_s" in r:
+        parts.append(f"server serving again after {r['server_back_after_s']:.1f} s (restarted from its checkpoint)"
+                     if r["server_back_after_s"] is not None else "server not restarted")
     if r["rejoins"]:
         parts.append("rejoined: " + ", ".join(f"{j['host'] or j['rank']} +{j['after_s']:.1f} s" for j in r["rejoins"]))
     if r["throughput_before"]:
@@ -167,8 +189,12 @@ def describe_fault(r: dict[str, Any]) -> str:
         tp = f"throughput {r['throughput_before']:.1f} updates/s before{ended}"
         if r["throughput_during"] is not None:
             tp += f", {r['throughput_during']:.1f} during"
-        tp += (f", back to >=80 % after {r['recovered_after_s']:.1f} s" if r["recovered_after_s"] is not None
-               else ", not back to 80 % before the run ended")
+        after = r.get("throughput_after")
+        share = f"{100 * after / r['throughput_before']:.0f} % of before" if after is not None else ""
+        if r["recovered_after_s"] is not None:
+            tp += f", back to >=80 % after {r['recovered_after_s']:.1f} s" + (f", then {after:.1f} ({share})" if share else "")
+        else:
+            tp += ", not back to 80 % before the run ended" + (f" ({after:.1f} updates/s after it, {share})" if share else "")
         parts.append(tp)
     return head + "".join(f"\n      {p}" for p in parts)
 
