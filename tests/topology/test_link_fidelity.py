@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from smolcluster.core import algorithms
 from smolcluster.testbed.linkemu import measure
@@ -72,9 +73,25 @@ def test_a_down_rate_below_what_the_sender_sends_is_shaped_on_arrival(tmp_path):
     assert _in_script(slow.ingress(), script("slowdown"))
     assert "ip link add ifb0 type ifb" in script("slowdown") and "mirred egress redirect dev ifb0" in script("slowdown")
     assert "ifb" not in script("hub") and "ifb" not in script("toxiproxy")
-    # the ends of the lossy hop send one segment per packet (so drops are per segment); slowdown's need not
-    assert {k for k, l in links.items() if l.unsegmented} == {"lossy/lan", "hub/lan", "toxiproxy/lan"}
-    assert 'ip link set dev "$DEV" gso_max_segs 1' in script("lossy") and "gso_max_segs" not in script("slowdown")
+    # the lossy worker sends one segment per packet (so drops are per segment); the hub keeps GSO for slowdown
+    assert {k for k, l in links.items() if l.unsegmented} == {"lossy/lan"}
+    assert 'ip link set dev "$DEV" gso_max_segs 1' in script("lossy")
+    assert all("gso_max_segs" not in script(svc) for svc in ("slowdown", "hub", "toxiproxy"))
+
+
+def test_gso_goes_off_only_where_every_path_through_the_interface_is_lossy(tmp_path):
+    """Segmenting in software costs a lossless path sharing the interface its rate (a 940 Mbit/s Pi measured 128):
+    home-wifi's laptops lose 0.1 % and go unsegmented, the server and Toxiproxy interfaces also carry the Pi's path."""
+    _, links, _ = _render(TOPOLOGIES / "home-wifi.yaml", tmp_path / "home")
+    assert {k for k, l in links.items() if l.unsegmented} == {"macbook/home", "windows/home"}
+    # with every worker's hop lossy, the server's end (and the Toxiproxy standing in for it) sends per segment too
+    data = yaml.safe_load(LOSSY.read_text())
+    data["nodes"]["slowdown"]["links"]["lan"]["loss_pct"] = 1
+    all_lossy = tmp_path / "all-lossy.yaml"
+    all_lossy.write_text(yaml.safe_dump(data))
+    _, links, script = _render(all_lossy, tmp_path / "all")
+    assert {k for k, l in links.items() if l.unsegmented} == {"lossy/lan", "slowdown/lan", "hub/lan", "toxiproxy/lan"}
+    assert 'ip link set dev "$DEV" gso_max_segs 1' in script("hub")
 
 
 def test_home_wifi_laptops_get_their_down_rate_and_a_symmetric_cluster_gets_nothing_extra(tmp_path):

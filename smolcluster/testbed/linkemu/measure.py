@@ -44,6 +44,23 @@ MODE_DOWNLOAD = b"D"  # followed by the seconds to send for, a big-endian double
 UDP_PROBE = b"P"  # + probe id (8 bytes) + sequence number (4 bytes) + padding: counted and echoed
 UDP_REPORT = b"R"  # + probe id: answered with b"C" + JSON {"received": n}
 UDP_PAYLOAD = 64
+# Probe sockets' receive buffers: a burst arriving while the reader is descheduled (a loaded machine, a
+# container's CPU limit) must queue, not overflow — a socket's drops would be counted as the link's loss.
+UDP_RCVBUF_BYTES = 8 * 1024 * 1024
+
+
+def _udp_socket() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # SO_RCVBUFFORCE passes net.core.rmem_max where allowed (root, NET_ADMIN: the compose containers)
+    for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+        if opt is None:
+            continue
+        try:
+            s.setsockopt(socket.SOL_SOCKET, opt, UDP_RCVBUF_BYTES)
+            break
+        except OSError:
+            continue
+    return s
 
 
 def handle_connection(conn: socket.socket) -> dict:
@@ -124,7 +141,7 @@ class UdpEcho:
     """Counts and echoes the link check's UDP probe datagrams on a port, in a thread, until close()."""
 
     def __init__(self, bind: str, port: int):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock = _udp_socket()
         self.sock.bind((bind, port))
         self.sock.settimeout(0.2)
         self.received: dict[bytes, int] = {}
@@ -270,7 +287,7 @@ def udp_probe(host: str, port: int, count: int = 10000, pps: float = 4000.0, wai
     probe_id = os.urandom(8)
     pad = bytes(max(0, UDP_PAYLOAD - 13))
     echoed = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with _udp_socket() as s:
         s.connect((host, port))
         s.setblocking(False)
 

@@ -244,10 +244,17 @@ def plan_links(topo: Topology, toxi_addr: dict[str, str] | None = None) -> list[
             out.append(LinkShaping(node=node.name, network=net, address=str(addr), profile=p, rate_mbit=rate, commands=cmds,
                                    index=index, ingress_mbit=receive if receive < fastest else None, loss_pct=p.loss_pct,
                                    loss_by_source=tuple(by_source), exempt=exempt))
-    # both ends of every lossy hop of the workers' paths send one segment per packet (routers segment what they forward)
-    lossy_ends = {(node, hop.network) for w in topo.workers for hop in path_to_server(topo, w.name) if hop.profile.loss_pct > 0
-                  for node in (hop.src, hop.dst)}
-    return [dataclasses.replace(l, unsegmented=True) if (l.node, l.network) in lossy_ends else l for l in out]
+    # An interface sends one segment per packet where every hop of the workers' paths through it is lossy: its
+    # drops are then per segment. Where a lossless path shares it (a server on a LAN with a cabled Pi), GSO
+    # stays on: segmenting in software would cap that path far below its rate, and drops of what this end
+    # sends to the lossy neighbour land on GSO packets (netem.py says what that costs).
+    carried: dict[tuple[str, str], list[float]] = {}
+    for w in topo.workers:
+        for hop in path_to_server(topo, w.name):
+            for node in (hop.src, hop.dst):
+                carried.setdefault((node, hop.network), []).append(hop.profile.loss_pct)
+    lossy_only = {end for end, losses in carried.items() if all(pct > 0 for pct in losses)}
+    return [dataclasses.replace(l, unsegmented=True) if (l.node, l.network) in lossy_only else l for l in out]
 
 
 def toxiproxy_links(topo: Topology, links: Sequence[LinkShaping], toxi_addr: dict[str, str]) -> list[LinkShaping]:
