@@ -94,3 +94,17 @@ def test_matrix_needs_two_workers_and_says_so(tmp_path):
     out = subprocess.run([sys.executable, "-m", "smolcluster", "faults", "matrix", "--topology", str(one), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "at least two workers" in out.stderr and "one.yaml" in out.stderr
+
+
+def test_a_worker_still_reconnecting_when_the_server_ended_is_not_a_failure():
+    """Killed and restarted on a loaded machine, a worker's new process may come up only after the server
+    finished: its reconnect attempts then all follow the server's end, and it could not have joined."""
+    from smolcluster.testbed.faults.matrix import _cut_off_at_end
+
+    server = [{"time": 10.0, "event": "update"}, {"time": 10.5, "event": "end"}]
+    came_back_late = [{"time": 1.0, "event": "join"}, {"time": 4.0, "event": "step"},
+                      {"time": 12.0, "event": "disconnect"}, {"time": 12.5, "event": "disconnect"}]
+    cut_off = [{"time": 1.0, "event": "join"}, {"time": 10.4, "event": "disconnect"}, {"time": 11.0, "event": "disconnect"}]
+    assert _cut_off_at_end(came_back_late, server) and _cut_off_at_end(cut_off, server)
+    assert not _cut_off_at_end(came_back_late[:2], server)  # stopped mid-run without a word: a failure
+    assert not _cut_off_at_end(cut_off, server[:1])  # the server never ended

@@ -306,14 +306,11 @@ def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: 
 
 
 def _cut_off_at_end(worker_events: list[dict[str, Any]], server_events: list[dict[str, Any]]) -> bool:
-    """The worker's last events are reconnect attempts that began before the server's final `end`."""
+    """The worker's last events are reconnect attempts and the server has ended: they began before its final
+    `end` (cut off), or after it (a killed or restarted worker whose new process came up, on a loaded
+    machine, only once the server had finished: it could not join any more)."""
     server_end = max((e["time"] for e in server_events if e["event"] == "end"), default=None)
-    streak = []
-    for e in reversed(worker_events):
-        if e["event"] != "disconnect":
-            break
-        streak.append(e)
-    return bool(streak) and server_end is not None and streak[-1]["time"] <= server_end
+    return server_end is not None and bool(worker_events) and worker_events[-1]["event"] == "disconnect"
 
 
 def checkpoint_problems(run_dir: Path, algo: str, summary: dict[str, Any]) -> list[str]:
