@@ -44,6 +44,7 @@ from smolcluster.testbed.profiles import (
     resolve_device,
     resolve_link,
     series,
+    series_loss_pct,
 )
 
 ROLES = ("server", "worker")
@@ -667,6 +668,16 @@ def path_expectation(hops: list[Hop]) -> tuple[float, float]:
     rtt = sum(h.profile.rtt_ms() for h in hops)
     bw = min((h.profile.up_mbit for h in hops), default=float("inf"))
     return rtt, bw
+
+
+def path_down_mbit(hops: list[Hop]) -> float:
+    """Bottleneck Mbit/s away from the server (what the worker receives at)."""
+    return min((h.profile.down_mbit for h in hops), default=float("inf"))
+
+
+def path_loss_pct(hops: list[Hop]) -> float:
+    """Packet loss over the whole path, each direction, percent (the hops' losses in series)."""
+    return series_loss_pct(h.profile.loss_pct for h in hops)
 
 
 # --------------------------------------------------------------------------- output

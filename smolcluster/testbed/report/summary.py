@@ -110,6 +110,8 @@ class LinkSummary(_Record):
     profile: dict[str, Any] = field(default_factory=dict)  # name, delay_ms, jitter_ms, loss_pct, up_mbit, down_mbit
     mechanism: Optional[str] = None  # "proxy", "tbf+proxy", "netem", ...
     kernel: Optional[dict[str, str]] = _omit_if_none()  # "node/network" -> qdisc, where the kernel shapes
+    loss: Optional[dict[str, str]] = _omit_if_none()  # "node/network" -> iptables / netem / "none: why", where loss is due
+    ingress: Optional[dict[str, str]] = _omit_if_none()  # "node/network" -> ifb / "none: why", where what arrives is shaped
     toxics: Optional[list[dict[str, Any]]] = _omit_if_none()  # Toxiproxy toxics carrying the profile
     rate_shaped: Optional[bool] = None
     loss_emulated: Optional[bool] = None

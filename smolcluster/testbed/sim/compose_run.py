@@ -2,7 +2,8 @@
 
     configs -> RUN_DIR/config          (same files as on hardware; workers dial their Toxiproxy proxy)
     render  -> RUN_DIR/compose/        (docker-compose.yml, entrypoints/, toxiproxy.json; usable by hand)
-    up      -> routes + tc shaping in every container (netem where the kernel has it, else tbf)
+    up      -> routes + tc shaping in every container (netem where the kernel has it, else tbf, with
+               iptables dropping the profiles' loss), IFB shaping of what a node receives where needed
     toxics  -> latency/jitter on each worker's proxy when the kernel cannot delay (tbf / none)
     wait    -> progress from RUN_DIR/nodes/<server>/metrics.jsonl until the server container exits
     collect -> RUN_DIR/summary.json (+ backend "compose", links with their mechanism), container logs
@@ -93,8 +94,12 @@ def run_compose(opts: SimOptions, out: TextIO = sys.stdout) -> int:
     def announce() -> None:
         for link in cluster.summary_links():
             pr = link.profile
+            loss = f", loss {pr['loss_pct']:g}%" if pr["loss_pct"] else ""
             print(f"  link {link.name:<16} {pr['name']}: {pr['delay_ms']:g}±{pr['jitter_ms']:g} ms one way, "
-                  f"{pr['up_mbit']:g} Mbit/s up  [{link.mechanism}]", file=out)
+                  f"{pr['up_mbit']:g} Mbit/s up, {pr['down_mbit']:g} down{loss}  [{link.mechanism}]", file=out)
+            for note in link.notes:
+                if note.startswith(("loss not applied", "down rate not shaped")):
+                    print(f"    {note}", file=out)
         kinds = sorted(set(cp.mechanisms.values()))
         print(f"  kernel shaping: {', '.join(kinds) or 'none'} on {len(cp.mechanisms)} interfaces", file=out)
         out.flush()
