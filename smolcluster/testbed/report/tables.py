@@ -42,8 +42,9 @@ def summary_table(run: RunData) -> str:
                  f"{run.count('pushes_rejected', 'reject')} rejected"
                  + (f" ({', '.join(f'{k}: {v}' for k, v in s.rejected_reasons.items())})" if s.rejected_reasons else ""))
     if s.torch:
-        lines.append(f"  torch {s.torch.get('version')} ({s.torch.get('build')}), "
-                     f"{_fmt(s.torch.get('import_rss_mb'), '.0f')} MB RSS per node once imported")
+        rss = s.torch.get("import_rss_mb")  # not measured where every node shares one process (virtual)
+        lines.append(f"  torch {s.torch.get('version')} ({s.torch.get('build')})"
+                     + (f", {rss:.0f} MB RSS per node once imported" if rss is not None else ""))
     lines.append("")
     nodes = node_rows(run)
     emulated = any(r.device is not None for r in nodes)  # the backend says which device each node played
