@@ -37,8 +37,8 @@ from smolcluster.common.errors import (
     TransportError,
     WireError,
 )
-from smolcluster.core.net.wire import (LayoutCache, Message, MessageKind, Schema, WireLimits, encode_frame, frame_mac, read_frame,
-                              send_frame)
+from smolcluster.core.net.wire import (FlatBuffer, LayoutCache, Message, MessageKind, Schema, WireLimits, encode_frame,
+                                      frame_mac, read_frame, send_frame)
 
 # Large kernel buffers let a whole chunk of a model move per syscall; the kernel caps them at its maximum.
 SOCKET_BUFFER_BYTES = 4 << 20
@@ -73,12 +73,14 @@ class TransportConfig:
     auth_attempts: int = 3  # connect() gives up after this many authentication failures in a row
 
 
-def _ready(sock: socket.socket, readable: bool, timeout: float | None) -> bool:
-    """Wait until `sock` is readable (or writable), at most `timeout` s (None: no limit). Raises OSError or
+def _ready(sock: socket.socket, readable: bool, timeout: float | None, poller: Any = None) -> bool:
+    """Wait until `sock` is readable (or writable), at most `timeout` s (None: no limit). `poller` is a
+    poll object with `sock` registered for that direction (made here when not given). Raises OSError or
     ValueError when the socket was closed by another thread."""
     if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(sock, select.POLLIN if readable else select.POLLOUT)
+        if poller is None:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN if readable else select.POLLOUT)
         return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
     r, w, _ = select.select([sock] if readable else [], [] if readable else [sock], [], timeout)
     return bool(r or w)
@@ -118,6 +120,16 @@ class _Stream:
         self.rx_frame_deadline: float | None = None  # set when a frame's first byte arrives
         self.tx_deadline: float | None = None
         self.tx_timeout = 60.0
+        self._pollers: dict[bool, Any] = {}  # readable -> poll object, made once (a send and a recv may wait at once)
+
+    def _poller(self, readable: bool) -> Any:
+        if not hasattr(select, "poll"):
+            return None
+        poller = self._pollers.get(readable)
+        if poller is None:
+            poller = self._pollers[readable] = select.poll()
+            poller.register(self.sock, select.POLLIN if readable else select.POLLOUT)
+        return poller
 
     def start_frame(self) -> None:
         self.rx_frame_deadline = None
@@ -134,7 +146,7 @@ class _Stream:
             if self.sock.fileno() < 0:
                 raise ConnectionClosed("connection was closed", peer=self.peer)
             try:
-                if _ready(self.sock, readable, None if wait == float("inf") else wait):
+                if _ready(self.sock, readable, None if wait == float("inf") else wait, self._poller(readable)):
                     return
             except (OSError, ValueError):  # closed by another thread
                 raise ConnectionClosed("connection was closed", peer=self.peer) from None
@@ -216,6 +228,24 @@ class Connection:
         self._heartbeat_lock = threading.Lock()  # a close never joins a heartbeat thread that has not started
         self.on_admit: Callable[[], None] | None = None  # set by a Listener: see admit()
         self.authenticated = keys is not None
+        self.layouts: tuple[Any, ...] = ()  # the flat layouts agreed with the peer (see agree())
+        self._ring: list[Any] = []  # preallocated receive buffers for flat frames, used in turn
+        self._ring_next = 0
+
+    def agree(self, *layouts: Any, buffers: int = 3) -> None:
+        """Both ends use these flat layouts from now on (a model's, and its quantized form): flat messages go
+        as one buffer, and flat frames are read into `buffers` preallocated buffers in turn, so a received
+        message's buffer stays valid until `buffers - 1` more flat frames arrived (the server holds at most
+        IN_FLIGHT frames per peer)."""
+        with self._recv_lock:
+            self.layouts = layouts
+            largest = max(a.nbytes for a in layouts)
+            self._ring = [FlatBuffer(largest) for _ in range(buffers)]
+
+    def _flat_buffer(self) -> Any:
+        buf = self._ring[self._ring_next]
+        self._ring_next = (self._ring_next + 1) % len(self._ring)
+        return buf
 
     def admit(self) -> None:
         """The handler accepted this peer (e.g. a valid HELLO): it no longer counts against the listener's
@@ -249,6 +279,9 @@ class Connection:
 
     def _send_locked(self, msg: Message, timeout: float | None) -> int:
         self._check_open()
+        if msg.flat is not None and all(msg.layout.digest != a.digest for a in self.layouts):
+            # this peer agreed no layout (or another): it gets the tensors by name
+            msg = Message(msg.kind, msg.fields, tensors=msg.named(), quant=msg.quant)
         key = self._keys.send if self._keys else None
         buffers = encode_frame(msg, seq=self._send_seq, mac_key=key, limits=self.config.limits, cache=self._send_layouts,
                                defer_mac=True)
@@ -285,7 +318,8 @@ class Connection:
                 try:
                     msg = read_frame(s, limits=limits or self.config.limits, schema=schema, reject_nonfinite=reject_nonfinite,
                                      mac_key=key, expected_seq=self._recv_seq if key else None, peer=self.peer,
-                                     cache=self._recv_layouts)
+                                     cache=self._recv_layouts, layout=self.layouts or None,
+                                     flat_buffer=self._flat_buffer if self._ring else None)
                 except RecvTimeout:
                     if s.rx_frame_deadline is None:
                         raise  # nothing of a frame was read: still in sync
