@@ -41,6 +41,9 @@ command -v docker >/dev/null 2>&1 || packages+=(docker.io)
 if ! engine_ready && ! command -v dockerd >/dev/null 2>&1; then packages+=(docker.io); fi
 have_compose || packages+=(docker-compose)
 { command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1; } || packages+=(iproute2)
+# iptables' statistic match drops a link profile's loss_pct where the kernel has no netem; the offline
+# image runs the host's /usr, so the host needs it (docker.io usually pulls it in).
+{ command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ]; } || packages+=(iptables)
 if [ "${#packages[@]}" -gt 0 ]; then
     # de-duplicate (docker.io may be listed twice)
     mapfile -t packages < <(printf '%s\n' "${packages[@]}" | sort -u)

@@ -20,6 +20,21 @@ def mnist_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def smolcluster_data_dir(mnist_dir: Path) -> Path:
+    """The `cluster` fixture (smolcluster's pytest plugin) reads MNIST from here; skips without it."""
+    return mnist_dir
+
+
+def pytest_configure(config) -> None:
+    # The plugin is registered by the installed package's pytest11 entry point; a checkout installed before
+    # the entry point existed (an old `pip install -e .`) gets it here instead.
+    from smolcluster.testbed.faults import pytest_plugin
+
+    if not config.pluginmanager.is_registered(pytest_plugin):
+        config.pluginmanager.register(pytest_plugin, "smolcluster")
+
+
 @pytest.fixture
 def local_cluster(tmp_path, mnist_dir):
     """make(algo, nn=..., cluster=..., workers=...) -> NodeProcesses (three workers unless told); all stopped at

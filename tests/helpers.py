@@ -83,3 +83,39 @@ class NodeProcesses:
     def log(self, node: str) -> str:
         p = self.root / node / "stdout.log"
         return p.read_text()[-3000:] if p.exists() else ""
+
+
+def wandb_history(run_dir: Path) -> list[dict[str, Any]]:
+    """Every `log` call of W&B runs under run_dir, read back from their offline `run-*.wandb` files
+    (a LevelDB-style log of protobuf records: 32 KiB blocks, 7-byte chunk headers)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    block, out = 32768, []
+    for path in sorted(Path(run_dir).rglob("run-*.wandb")):
+        data, pos, records, partial = path.read_bytes(), 7, [], b""  # 7: the ":W&B" file header
+        while pos + 7 <= len(data):
+            left = block - pos % block
+            if left < 7:  # a block's tail too short for a header is padding
+                pos += left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0:
+                pos += left
+                continue
+            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind == 1:  # full
+                records.append(chunk)
+            elif kind == 2:  # first
+                partial = chunk
+            elif kind == 3:  # middle
+                partial += chunk
+            else:  # last
+                records.append(partial + chunk)
+        for raw in records:
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(raw)
+            if rec.WhichOneof("record_type") == "history":
+                out.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+    return out

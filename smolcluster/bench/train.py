@@ -65,44 +65,14 @@ def _report_epoch(epoch: int, epochs: int, accuracy: float) -> None:
     print(_epoch_line(epoch + 1, epochs, accuracy), file=sys.stderr, flush=True)
 
 
-def _sgd_step(model, opt, x, y) -> None:
-    """One step exactly as a smolcluster worker takes it (same clipping, same optimizer)."""
-    from smolcluster.core.training.models import loss_fn
-    from smolcluster.core.training.optim import clip_grads_
-
-    opt.zero_grad(set_to_none=True)
-    loss_fn(model, x, y).backward()
-    clip_grads_(model, 1.0)
-    opt.step()
-
-
 def _train_single(batch_size: int, shards: int, epochs: int, lr: float, seed: int, data_dir: str | None) -> dict:
     """One process. With shards > 1 each step's batch is the union of the shards' batches for that
     step (the same shards and order the workers use), exactly what synchronous PS averages."""
-    import torch
+    from smolcluster.core.training.reference import train_reference
 
-    from smolcluster.core.training.config import ModelConfig
-    from smolcluster.core.training.models import build_model
-    from smolcluster.core.training.optim import build_optimizer
-    from smolcluster.core.training.tasks import MnistTask
-    from smolcluster.core.training.telemetry import peak_rss_mb
-
-    torch.set_num_threads(1)
-    task = MnistTask(data_dir, shards, batch_size, seed)
-    loaders = [task.batches(i) for i in range(shards)]
-    model = build_model(ModelConfig(), seed=seed)
-    opt = build_optimizer("adam", model.parameters(), lr)
-    wall, accs = 0.0, []
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        for step in range(epoch * task.steps_per_epoch, (epoch + 1) * task.steps_per_epoch):
-            batches = [loader.batch_at(step) for loader in loaders]
-            _sgd_step(model, opt, torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
-        wall += time.perf_counter() - t0
-        accs.append(task.evaluate(model)[1])
-        _report_epoch(epoch, epochs, accs[-1])
-    return {"wall_time_s": wall, "samples": epochs * task.steps_per_epoch * batch_size * shards,
-            "final_test_accuracy": accs[-1], "epoch_test_accuracy": accs, "peak_rss_mb": peak_rss_mb()}
+    r = train_reference(batch_size=batch_size, shards=shards, epochs=epochs, lr=lr, seed=seed, data_dir=data_dir,
+                        on_epoch=lambda epoch, accuracy: _report_epoch(epoch, epochs, accuracy))
+    return asdict(r)
 
 
 def _train_ddp(rank: int, world: int, port: int, batch_size: int, epochs: int, lr: float, seed: int,
@@ -113,7 +83,7 @@ def _train_ddp(rank: int, world: int, port: int, batch_size: int, epochs: int, l
 
     from smolcluster.core.training.config import ModelConfig
     from smolcluster.core.training.models import build_model
-    from smolcluster.core.training.optim import build_optimizer
+    from smolcluster.core.training.optim import build_optimizer, train_step
     from smolcluster.core.training.tasks import MnistTask
     from smolcluster.core.training.telemetry import peak_rss_mb
 
@@ -128,7 +98,7 @@ def _train_ddp(rank: int, world: int, port: int, batch_size: int, epochs: int, l
         dist.barrier()
         t0 = time.perf_counter()
         for step in range(epoch * task.steps_per_epoch, (epoch + 1) * task.steps_per_epoch):
-            _sgd_step(model, opt, *loader.batch_at(step))
+            train_step(model, opt, *loader.batch_at(step), max_norm=1.0)
         dist.barrier()
         wall += time.perf_counter() - t0
         accs.append(task.evaluate(model.module)[1] if rank == 0 else 0.0)  # the others wait at the next barrier

@@ -12,7 +12,7 @@ import typer
 from smolcluster.common.errors import SmolclusterError
 from smolcluster.common.pyversion import python_problem
 
-COMMAND_GROUPS = ("node", "train", "sim", "topology", "linkemu", "faults", "report", "deploy", "logs", "image", "bench")
+COMMAND_GROUPS = ("node", "train", "sim", "topology", "linkemu", "faults", "report", "deploy", "logs", "image", "bench", "experiment")
 
 
 def build_app() -> typer.Typer:

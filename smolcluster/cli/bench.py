@@ -25,6 +25,37 @@ def register(app: typer.Typer) -> None:
         print(to_json(runs) if json_out else format_table(runs))
 
 
+    @bench_app.command("virtual")
+    def bench_virtual(
+        out: str = typer.Option("runs/bench-virtual", "--out", help="Where every run's directory goes."),
+        algos: str = typer.Option("edp,syncps", "--algos", help="Comma-separated algorithms for the fidelity table."),
+        local_runs: int = typer.Option(3, "--local-runs", min=1, help="Local runs per cell (their median is the reference)."),
+        skip_fidelity: bool = typer.Option(False, "--skip-fidelity", help="Only the scale runs."),
+        skip_scale: bool = typer.Option(False, "--skip-scale", help="Only the fidelity table."),
+        reuse: bool = typer.Option(False, "--reuse", help="Take finished runs already under --out instead of running them again."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the tables."),
+    ) -> None:
+        """The virtual backend vs the local one on hybrid and home-wifi (time to 90 %, updates/s, staleness: ±15 %),
+        and rack-64 / rack-256 at scale (wall s per simulated s, peak memory, accuracy)."""
+        import json
+        import sys as _sys
+        from pathlib import Path
+
+        from smolcluster.bench import virtual
+
+        say = lambda m: print(m, file=_sys.stderr)  # noqa: E731
+        names = [a for a in algos.split(",") if a]
+        fid = [] if skip_fidelity else virtual.fidelity(Path(out), names, local_runs, progress=say, reuse=reuse)
+        model_terms = virtual.terms_rows(Path(out), names, local_runs) if fid else []
+        sc = [] if skip_scale else virtual.scale(Path(out), progress=say, reuse=reuse)
+        if as_json:
+            typer.echo(json.dumps({"fidelity": fid, "terms": model_terms, "scale": sc}, indent=2))
+            return
+        if fid:
+            typer.echo(virtual.format_fidelity(fid) + "\n\n" + virtual.format_terms(model_terms))
+        if sc:
+            typer.echo(("\n" if fid else "") + virtual.format_scale(sc))
+
     @bench_app.command("proxy")
     def bench_proxy(
         megabytes: int = typer.Option(200, "--mb", help="Megabytes to send per case."),

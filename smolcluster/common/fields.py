@@ -91,20 +91,28 @@ def rule_of(f: dataclasses.Field) -> Rule:
 # --------------------------------------------------------------------------- one value
 
 
+def _members(hint: Any) -> tuple[Any, ...]:
+    """The types of a union (`float | Literal["auto"]`), or the type itself."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+
+
 def _optional(hint: Any) -> tuple[Any, bool]:
-    """(the type without None, whether None is allowed) for `X | None` / Optional[X]."""
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1 and len(args) < len(typing.get_args(hint)):
-            return args[0], True
+    """(the type without None, whether None is allowed) for `X | None` / Optional[X] (X may be a union)."""
+    members = _members(hint)
+    rest = tuple(a for a in members if a is not type(None))
+    if len(rest) < len(members):
+        return (rest[0] if len(rest) == 1 else Union[rest]), True
     return hint, False
 
 
 def expected(hint: Any) -> str:
     """What a value of this type looks like, in words."""
     base, optional = _optional(hint)
-    if typing.get_origin(base) is Literal:
-        words = "one of " + ", ".join(str(c) for c in typing.get_args(base))
+    if len(_members(base)) > 1:
+        words = " or ".join(expected(m) for m in _members(base))
+    elif typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        words = str(choices[0]) if len(choices) == 1 else "one of " + ", ".join(str(c) for c in choices)
     else:
         words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(base, str(base))
     return words + (" or null" if optional else "")
@@ -112,7 +120,16 @@ def expected(hint: Any) -> str:
 
 def is_scalar(hint: Any) -> bool:
     base, _ = _optional(hint)
-    return base in (int, float, bool, str) or typing.get_origin(base) is Literal
+    return all(m in (int, float, bool, str) or typing.get_origin(m) is Literal for m in _members(base))
+
+
+def _of_kind(hint: Any, value: Any) -> bool:
+    """Whether `value` is the kind of value `hint` takes (a number for float, a string for a Literal of strings)."""
+    if typing.get_origin(hint) is Literal:
+        return any(type(value) is type(c) for c in typing.get_args(hint))
+    if hint in (int, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 def check_value(file: str | Path | None, key: str, value: Any, hint: Any, rule: Rule = Rule()) -> Any:
@@ -124,6 +141,12 @@ def check_value(file: str | Path | None, key: str, value: Any, hint: Any, rule: 
     def wrong_type() -> ConfigError:
         return ConfigError(file, key, f"got {shown(value)}, expected {expected(hint)}",
                            rule.fix or f"set '{key.rsplit('.', 1)[-1]}' to {expected(hint)}")
+
+    if len(_members(base)) > 1:  # e.g. float | Literal["auto"]: the member of the value's kind decides
+        member = next((m for m in _members(base) if _of_kind(m, value)), None)
+        if member is None or (typing.get_origin(member) is Literal and value not in typing.get_args(member)):
+            raise wrong_type()
+        return check_value(file, key, value, member, rule)
 
     if typing.get_origin(base) is Literal:
         if not any(value == c and type(value) is type(c) for c in typing.get_args(base)):

@@ -1,5 +1,5 @@
 """Files that ship inside the package: link and device profiles, the bundled topologies and configs,
-the logging/ stack (compose file, Loki/Alloy configs, Grafana provisioning).
+the bundled experiments, the logging/ stack (compose file, Loki/Alloy configs, Grafana provisioning).
 
 They live at the top of the checkout (netem/, topologies/, configs/, logging/), where users edit them; the
 entries in this folder are links to them, so `pip install .` copies them into the wheel and an

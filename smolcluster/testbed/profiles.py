@@ -21,7 +21,7 @@ import dataclasses
 import math
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from smolcluster.common.errors import ConfigError
 from smolcluster.common.fields import checked, parse_fields, shown
@@ -69,6 +69,32 @@ class DeviceProfile:
     speed: float = checked(above=0, max=1000, fix="a relative speed > 0 (mac-mini = 1.0)")  # a node computes 1/speed times slower
     cores: int = checked(min=1, max=4096)
     memory_mb: int = checked(min=64, unit="MB")
+    # the virtual backend's compute model: a training step's milliseconds per sample on this device (unset: the
+    # reference device's figure x the node's slowdown). `smolcluster sim FILE --backend virtual --calibrate` measures it.
+    ms_per_sample: float | None = checked(None, above=0, unit="ms")
+
+
+def series_loss_pct(losses: Iterable[float]) -> float:
+    """Loss over links in series, percent: a packet gets through only if it survives every link."""
+    survive = 1.0
+    for pct in losses:
+        survive *= 1.0 - pct / 100.0
+    return 100.0 * (1.0 - survive)
+
+
+TCP_MSS_BYTES = 1448  # an Ethernet MTU's TCP payload (1500 - IP - TCP with timestamps)
+
+
+def mathis_mbit(rtt_ms: float, loss_pct: float, mss_bytes: int = TCP_MSS_BYTES) -> float:
+    """The steady-state TCP throughput bound of Mathis et al. (1997), Mbit/s: MSS/RTT * sqrt(3/2)/sqrt(p).
+
+    For one long-lived Reno-like flow under random loss p. It does not describe slow start (a
+    short transfer, or a connection idle for longer than its RTO, starts from a small window),
+    and CUBIC gets more than it on paths with a large bandwidth-delay product.
+    """
+    if loss_pct <= 0 or rtt_ms <= 0:
+        return math.inf
+    return mss_bytes * 8 / (rtt_ms / 1000.0) * math.sqrt(1.5) / math.sqrt(loss_pct / 100.0) / 1e6
 
 
 def series(a: LinkProfile, b: LinkProfile) -> LinkProfile:
@@ -77,7 +103,7 @@ def series(a: LinkProfile, b: LinkProfile) -> LinkProfile:
         name=f"{a.name}+{b.name}",
         delay_ms=a.delay_ms + b.delay_ms,
         jitter_ms=math.hypot(a.jitter_ms, b.jitter_ms),  # independent jitter adds in quadrature
-        loss_pct=100.0 * (1.0 - (1.0 - a.loss_pct / 100.0) * (1.0 - b.loss_pct / 100.0)),
+        loss_pct=series_loss_pct((a.loss_pct, b.loss_pct)),
         rate_mbit=min(a.rate_mbit, b.rate_mbit),
         up_rate_mbit=None if a.up_rate_mbit is None and b.up_rate_mbit is None else min(a.up_mbit, b.up_mbit),
         down_rate_mbit=None if a.down_rate_mbit is None and b.down_rate_mbit is None else min(a.down_mbit, b.down_mbit),

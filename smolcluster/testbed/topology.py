@@ -44,6 +44,7 @@ from smolcluster.testbed.profiles import (
     resolve_device,
     resolve_link,
     series,
+    series_loss_pct,
 )
 
 ROLES = ("server", "worker")
@@ -131,7 +132,7 @@ class TrainingDefaults:
     seed: int = checked(42, min=0, fix="use e.g. 42")
     worker_update_interval: int | None = checked(None, **_AT_LEAST_1)  # None: the algorithm's default
     push_interval: int | None = checked(None, **_AT_LEAST_1)
-    timeout: float | None = checked(None, above=0, fix="use a positive number")
+    timeout: float | Literal["auto"] | None = checked(None, above=0, fix="use a positive number, or auto (adaptive)")
     min_workers: int | None = checked(None, **_AT_LEAST_1)
     use_quantization: bool = False
     server_trains: bool = False
@@ -390,17 +391,17 @@ def _parse_host(file: Path, key: str, name: str, raw: Any, addresses: dict[str, 
     return HostSpec(**values, interfaces={str(k): str(v) for k, v in interfaces.items()})
 
 
-def _parse_training(file: Path, raw: Any, server: str, workers: list[str]) -> TrainingDefaults:
+def _parse_training(file: Path, raw: Any, server: str, workers: list[str], prefix: str = "training") -> TrainingDefaults:
     from smolcluster.core.training.config import ClusterConfig, NNConfig
 
-    raw = dict(_mapping(file, "training", raw or {}, "training: {algorithm: edp, epochs: 1}"))
+    raw = dict(_mapping(file, prefix, raw or {}, "training: {algorithm: edp, epochs: 1}"))
     known = {f.name: f for f in dataclasses.fields(TrainingDefaults) if f.name != "extra"}
     hints = typing.get_type_hints(TrainingDefaults)
     passthrough = {f.name for f in dataclasses.fields(ClusterConfig)} | {f.name for f in dataclasses.fields(NNConfig)}
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for k, v in raw.items():
-        key = f"training.{k}"
+        key = f"{prefix}.{k}"
         if k in _DERIVED_KEYS:
             raise ConfigError(file, key, "is derived from the topology's nodes", "remove it: servers, workers and addresses come from nodes:")
         if k in _RENAMED_KEYS:
@@ -413,9 +414,20 @@ def _parse_training(file: Path, raw: Any, server: str, workers: list[str]) -> Tr
             raise ConfigError(file, key, "unknown key", unknown_key_fix(k, sorted(set(known) | passthrough - set(_DERIVED_KEYS) - set(_RENAMED_KEYS))))
     t = TrainingDefaults(**values, extra=extra)
     if t.algorithm not in algorithms.names():
-        raise ConfigError(file, "training.algorithm", f"got {t.algorithm!r}", f"use {algorithms.choices()}")
+        raise ConfigError(file, f"{prefix}.algorithm", f"got {t.algorithm!r}", f"use {algorithms.choices()}")
     _check_passthrough(file, t, server, workers)
     return t
+
+
+def with_training(topo: Topology, overrides: dict[str, Any], file: Path, prefix: str) -> Topology:
+    """`topo` with its training section overridden by `overrides` (e.g. an experiment's arm: algorithm,
+    timeout, epochs), checked like a topology's own training keys; errors name `file` and `prefix.key`."""
+    t = topo.training
+    mine = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name != "extra"
+            and getattr(t, f.name) != f.default}
+    merged = {**mine, **t.extra, **overrides}
+    training = _parse_training(file, merged, topo.server.name, [w.name for w in topo.workers], prefix)
+    return dataclasses.replace(topo, training=training)
 
 
 def _check_passthrough(file: Path, t: TrainingDefaults, server: str, workers: list[str]) -> None:
@@ -624,6 +636,19 @@ def path_to_server(topo: Topology, worker: str) -> list[Hop]:
     return _paths_of(topo, worker)[1]
 
 
+def path_between(topo: Topology, src: str, dst: str) -> list[Hop]:
+    """Hop-by-hop path from node `src` to node `dst` (workers talking to each other, as in an all-reduce):
+    towards the first of dst's addresses that src's routes reach. ConfigError when none is reachable."""
+    problems = []
+    for addr in topo.nodes[dst].addresses.values():
+        try:
+            return _walk(topo, src, addr)
+        except _NoRoute as e:
+            problems.append(e)
+    e = problems[0]
+    raise ConfigError(topo.file, e.key, f"{src} has no path to {dst}: {e.reason}", e.fix or f"add a route to {dst}'s subnet")
+
+
 def path_from_server(topo: Topology, worker: str) -> list[Hop]:
     """The path the server's replies take back to `worker` (may differ from the forward path)."""
     return _paths_of(topo, worker)[2]
@@ -643,6 +668,16 @@ def path_expectation(hops: list[Hop]) -> tuple[float, float]:
     rtt = sum(h.profile.rtt_ms() for h in hops)
     bw = min((h.profile.up_mbit for h in hops), default=float("inf"))
     return rtt, bw
+
+
+def path_down_mbit(hops: list[Hop]) -> float:
+    """Bottleneck Mbit/s away from the server (what the worker receives at)."""
+    return min((h.profile.down_mbit for h in hops), default=float("inf"))
+
+
+def path_loss_pct(hops: list[Hop]) -> float:
+    """Packet loss over the whole path, each direction, percent (the hops' losses in series)."""
+    return series_loss_pct(h.profile.loss_pct for h in hops)
 
 
 # --------------------------------------------------------------------------- output

@@ -35,9 +35,10 @@ def plugin(monkeypatch):
 
 
 def test_the_builtins():
-    assert algorithms.names() == ("edp", "syncps")
+    assert algorithms.names() == ("edp", "syncps", "ddp")
     assert algorithms.get("edp").server_class() is edp.Server and algorithms.get("syncps").worker_class() is syncps.Worker
-    assert [algorithms.display_name(n) for n in ("edp", "syncps", "other")] == ["EDP", "SyncPS", "other"]
+    assert [algorithms.display_name(n) for n in ("edp", "syncps", "ddp", "other")] == ["EDP", "SyncPS", "DDP", "other"]
+    assert algorithms.in_fault_matrix() == ("edp", "syncps")  # a DDP group stops when a rank dies
     for a in algorithms.BUILTIN:  # the class a node starts speaks the name its workers' HELLO carries
         assert a.server_class().algorithm == a.worker_class().algorithm == a.name
 
@@ -53,7 +54,7 @@ def test_a_third_algorithm_needs_no_change_in_smolcluster():
 
 
 def test_a_third_algorithm_validates_and_gets_its_defaults(plugin, tmp_path):
-    assert algorithms.names() == ("edp", "syncps", "localsgd")
+    assert algorithms.names() == ("edp", "syncps", "ddp", "localsgd")
     topo_file = tmp_path / "small.yaml"
     topo_file.write_text(SMALL.read_text().replace("algorithm: edp", "algorithm: localsgd"))
     topo = load_topology(topo_file)

@@ -262,15 +262,16 @@ def many_nodes(macs: int) -> dict:
 @pytest.mark.slow
 def test_validation_time_grows_linearly(tmp_path: Path):
     """Validation was quadratic (an address scan per route and hop, a route scan per lookup, every subnet
-    against every other): 20k nodes took 127 s. A 4x bigger topology must take well under 16x as long."""
+    against every other): 20k nodes took 127 s. A 4x bigger topology must take well under 16x as long.
+    CPU time of this process, not wall time: other jobs on the machine stretch the wall clock, not this."""
     def seconds(macs: int) -> float:
         path = tmp_path / f"t{macs}.yaml"
         path.write_text(yaml.safe_dump(many_nodes(macs), sort_keys=False))
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         topo = load_topology(path)
         assert len(topo.workers) == 2 * macs
-        return time.perf_counter() - t0
+        return time.process_time() - t0
 
     seconds(250)  # warm up (imports, profiles)
-    small, big = min(seconds(1250) for _ in range(2)), seconds(5000)
-    assert big / small < 8, f"2,501 nodes {small:.2f} s, 10,001 nodes {big:.2f} s"
+    small, big = min(seconds(1250) for _ in range(2)), min(seconds(5000) for _ in range(2))
+    assert big / small < 8, f"2,501 nodes {small:.2f} s, 10,001 nodes {big:.2f} s of CPU"

@@ -122,3 +122,23 @@ def test_wandb_offline_without_key_never_prompts(tmp_path: Path, mode: str) -> N
     logs = list(files.glob("run-*.wandb"))  # the offline log `wandb sync` uploads later
     assert len(logs) == 1 and logs[0].stat().st_size > 0
     assert "Enter your choice" not in proc.stdout + proc.stderr  # W&B's login prompt
+
+
+@pytest.mark.slow
+def test_every_worker_logs_throughput_and_step_time_to_wandb(tmp_path: Path, mnist_dir: Path) -> None:
+    """A sim run with --wandb (offline, no key): each worker's W&B history has its samples/s and step time."""
+    pytest.importorskip("wandb")
+    from helpers import wandb_history
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(SMOLCLUSTER_DATA_DIR=str(mnist_dir), WANDB_MODE="offline", WANDB_SILENT="true", HOME=str(tmp_path / "home"))
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "smolcluster", "sim", str(Path(__file__).resolve().parents[2] / "topologies" / "faults-small.yaml"),
+                           "--max-steps", "40", "--run-dir", str(run), "--wandb"], env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for worker in ("w1", "w2"):
+        history = [h for h in wandb_history(run / "nodes" / worker) if "perf/samples_per_s" in h]
+        assert history, f"{worker}: no throughput in its W&B run"
+        assert all(h["perf/samples_per_s"] > 0 and h["perf/step_time_s"] > 0 for h in history), history[:3]
+        assert all(k in history[-1] for k in ("train/loss", "perf/compute_s", "perf/comm_s", "perf/wait_s"))

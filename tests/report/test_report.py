@@ -175,6 +175,78 @@ def test_unhealed_fault_lasts_until_target_rejoins(run_dir):
     assert r["updates_missing_workers"] == 10
 
 
+def test_explicit_heal_reports_its_own_reaction(run_dir):
+    """A partition of w2 at 10 s ended by a `heal` entry at 15 s: the heal says what it ended and how the
+    cluster came back after it, measured against the rate before the partition (not the degraded one)."""
+    _write_jsonl(run_dir / "faults.jsonl", [
+        {"time": T0 + 10, "fault": "cut-w2", "target": "w2->srv", "action": "fired", "kind": "partition", "duration": None},
+        {"time": T0 + 15, "fault": "heal-w2", "target": "w2->srv", "action": "fired", "kind": "heal", "duration": None},
+        {"time": T0 + 15, "fault": "cut-w2", "target": "w2->srv", "action": "healed", "kind": "partition", "by": "heal-w2"}])
+    cut, heal = fault_reactions(load_run(run_dir), window_s=1.0)
+    assert cut["healed_after_s"] == pytest.approx(5.0) and "ends" not in cut
+    assert heal["ends"] == [{"fault": "cut-w2", "after_s": 5.0}]
+    assert heal["throughput_before"] == pytest.approx(10.0)  # before the partition, not the 2/s before the heal
+    assert heal["recovered_after_s"] == pytest.approx(0.5)  # 10/s again from 15.5 s
+    assert [(j["host"], j["after_s"]) for j in heal["rejoins"]] == [("w2", 1.0)]
+    assert heal["late_pushes"] == 2 and heal["staleness_peak"] == 6
+    table = summary_table(load_run(run_dir))
+    assert "heal-w2 w2->srv  (ends cut-w2 after 5.0 s)" in table
+    assert "(not healed)" not in table
+    assert "throughput 10.0 updates/s before cut-w2, back to >=80 % after 0.5 s" in table
+
+
+def test_resume_entry_and_instant_restart_are_not_unhealed(run_dir):
+    _write_jsonl(run_dir / "faults.jsonl", [
+        {"time": T0 + 10, "fault": "stop-w2", "target": "w2", "action": "fired", "kind": "pause", "duration": None},
+        {"time": T0 + 15, "fault": "go-w2", "target": "w2", "action": "fired", "kind": "resume", "duration": None},
+        {"time": T0 + 15, "fault": "stop-w2", "target": "w2", "action": "healed", "kind": "pause", "by": "go-w2"},
+        {"time": T0 + 20, "fault": "again-w1", "target": "w1", "action": "fired", "kind": "restart", "duration": None},
+        {"time": T0 + 22, "fault": "gone-w1", "target": "w1", "action": "fired", "kind": "kill", "duration": None}])
+    table = summary_table(load_run(run_dir))
+    assert "go-w2 w2  (ends stop-w2 after 5.0 s)" in table
+    assert "again-w1 w1  (instant)" in table
+    assert "gone-w1 w1  (permanent)" in table
+    assert "(not healed)" not in table
+
+
+def _crash_run(root: Path, after_per_s: float) -> Path:
+    """A server crash at 10 s (a 1 s outage by the schedule) whose server serves again at 13 s: 10 updates/s
+    before, none from 10 to 13.2 s, then `after_per_s` until 30 s."""
+    run = make_run(root, faults=False)
+    metrics = run / "nodes" / "srv" / "metrics.jsonl"
+    rows = [json.loads(l) for l in metrics.read_text().splitlines()]
+    kept = [r for r in rows if r["event"] != "update" or r["time"] < T0 + 10]
+    n = int((30 - 13.2) * after_per_s)
+    kept += [{"time": T0 + 13.2 + i / after_per_s, "event": "update", "version": 100 + i, "step": 100 + i, "source": 1 + i % 2,
+              "staleness": 1} for i in range(n)]
+    kept += [{"time": T0 + 13.0, "event": "resume", "version": 80, "step": 80},
+             {"time": T0 + 13.0, "event": "start", "version": 80, "step": 80}]
+    _write_jsonl(metrics, sorted(kept, key=lambda r: r["time"]))
+    _write_jsonl(run / "faults.jsonl", [
+        {"time": T0 + 10, "fault": "crash-srv", "target": "srv", "action": "fired", "kind": "server_crash", "duration": 1},
+        {"time": T0 + 11, "fault": "crash-srv", "target": "srv", "action": "healed", "kind": "server_crash"}])
+    return run
+
+
+def test_server_crash_says_when_the_server_served_again_and_the_rate_after(tmp_path):
+    """The crash lasts 1 s by the schedule, the restart 3 s more: recovery counts from the crash, the server's
+    own return is stated, and the rate after recovery is compared with the rate before."""
+    [r] = fault_reactions(load_run(_crash_run(tmp_path / "full", 10.0)), window_s=1.0)
+    assert r["server_back_after_s"] == pytest.approx(3.0) and r["healed_after_s"] == pytest.approx(1.0)
+    assert r["recovered_after_s"] == pytest.approx(3.2)
+    assert r["throughput_before"] == pytest.approx(10.0) and r["throughput_after"] == pytest.approx(10.0)
+    table = summary_table(load_run(tmp_path / "full"))
+    assert "server serving again after 3.0 s" in table
+    assert "back to >=80 % after 3.2 s, then 10.0 (100 % of before)" in table
+
+
+def test_a_cluster_that_stays_slower_after_a_crash_says_how_much(tmp_path):
+    [r] = fault_reactions(load_run(_crash_run(tmp_path / "slow", 6.0)), window_s=1.0)
+    assert r["recovered_after_s"] is None and r["throughput_after"] == pytest.approx(6.0)
+    assert "not back to 80 % before the run ended (6.0 updates/s after it, 60 % of before)" in summary_table(
+        load_run(tmp_path / "slow"))
+
+
 def test_fault_that_never_recovers(run_dir):
     """A fault at 29.5 s: the run ends before a full window at the old rate fits."""
     _write_jsonl(run_dir / "faults.jsonl", [{"time": T0 + 29.5, "fault": "kill", "target": "srv", "action": "fired"}])

@@ -69,6 +69,7 @@ def test_hybrid_sim_trains_to_accuracy(tmp_path, mnist_dir, algo):
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["algorithm"] == algo and s["backend"] == "local"
     assert s["final_test_accuracy"] >= FLOOR[algo], s["final_test_accuracy"]
+    assert len(s["model_sha256"]) == 64  # every backend names its final model by hash
     assert s["time_to_90_s"] is not None and 0 < s["time_to_90_s"] <= s["wall_time_s"] + 1
     assert "time_to_95_s" in s
     links = {l["name"]: l for l in s["links"]}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from smolcluster.bench.logging import PushSink
 from smolcluster.common.errors import SimError
 from smolcluster.testbed.sim.compose import leftovers
 from smolcluster.testbed.sim.compose_run import run_compose
@@ -146,3 +147,27 @@ def test_check_measures_every_path_in_containers(docker_env, offline_image, mnis
     assert judged, result
     assert code == (0 if all(p["ok"] for p in result["paths"]) else 1)
     assert all(p["ok"] for p in judged), result
+
+
+def test_logging_reaches_a_loki_on_the_hosts_loopback(docker_env, offline_image, mnist_dir, tmp_path, monkeypatch):
+    # a Loki on 127.0.0.1 (the logging/ stack's default) is out of the containers' reach: they push through their
+    # network's gateway, relayed by the host; every node's lines arrive with the labels, the fault as the controller's
+    sink = PushSink()
+    try:
+        code, s, out = _sim(tmp_path, monkeypatch, mnist_dir, algo="edp", max_steps=40, logging=True, loki_url=sink.url,
+                            faults="faults:\n  - {at_step: 10, node: pi4, action: pause, duration: 1.0}\n")
+        lines = sink.lines()
+    finally:
+        sink.close()
+    assert code == 0, out
+    assert f"relayed to {sink.url}" in out
+    hosts = {labels["host"] for labels, _, _ in lines}
+    assert hosts == {"server-rank0-mini1", "worker-rank0-mini2", "worker-rank1-mini3", "worker-rank2-pi5",
+                     "worker-rank3-pi4", "controller"}, hosts
+    for node, host in (("mini1", "server-rank0-mini1"), ("pi4", "worker-rank3-pi4")):
+        shipped = [line for labels, _, line in lines if labels["host"] == host and labels["kind"] == "metrics"]
+        on_disk = (tmp_path / "run" / "nodes" / node / "metrics.jsonl").read_text().splitlines()
+        assert shipped == on_disk, f"{node}: {len(shipped)} metrics lines shipped, {len(on_disk)} on disk"
+    faults = [json.loads(line)["action"] for labels, _, line in lines if labels["job"] == "smolcluster-faults"]
+    assert faults == ["fired", "healed"], faults
+    _assert_clean(docker_env, s["compose_project"])

@@ -16,7 +16,7 @@ import torch
 from smolcluster.common import errors
 from smolcluster.core.net.transport import Connection, Listener, TransportConfig, connect
 from smolcluster.core.net.wire import (BINARY, FLAG_BINARY, FLAG_FLAT, MAGIC, FlatBuffer, PREAMBLE, VERSION, Message, MessageKind,
-                                       TensorSpec, encode_frame, read_frame, send_frame)
+                                       TensorSpec, encode_frame, read_frame)
 from smolcluster.core.training.flat import FlatLayout, FlatModel, layer_norms, total_norm
 from smolcluster.core.training.models import SimpleNN, loss_fn
 from smolcluster.core.training.optim import build_optimizer, tensor_norms

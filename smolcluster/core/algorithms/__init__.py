@@ -39,7 +39,8 @@ class Algorithm:
     synchronous: bool  # a server update is one step of every worker (SyncPS), not one worker's push (EDP)
     config_defaults: Mapping[str, Any]  # cluster keys a generated config (sim, bench) uses unless told otherwise
     sim_eval_steps: int  # server updates between evaluations in a sim when the topology does not set eval_steps
-    fault_matrix: FaultMatrixBounds
+    fault_matrix: FaultMatrixBounds | None  # None: not in `smolcluster faults matrix` (it does not survive faults)
+    collective: bool = False  # workers exchange with each other (all-reduce), not only with the server
 
     def server_class(self) -> type:
         return importlib.import_module(self.module).Server
@@ -63,6 +64,13 @@ BUILTIN: tuple[Algorithm, ...] = (
         config_defaults=MappingProxyType({"worker_update_interval": 1, "timeout": 2.0}),
         sim_eval_steps=25,  # one update per step: ~470 for hybrid.yaml's epoch
         fault_matrix=FaultMatrixBounds(max_steps=220, trigger_step=60, floor=0.85),
+    ),
+    Algorithm(
+        name="ddp", display_name="DDP", description="PyTorch DistributedDataParallel (gloo), the all-reduce baseline",
+        module="smolcluster.core.algorithms.ddp", synchronous=True, config_defaults=MappingProxyType({}),
+        sim_eval_steps=25,  # one update per step, as SyncPS
+        fault_matrix=None,  # a DDP group stops when a rank dies: nothing for the matrix to measure
+        collective=True,
     ),
 )
 
@@ -89,6 +97,11 @@ def algorithms() -> tuple[Algorithm, ...]:
 
 def names() -> tuple[str, ...]:
     return tuple(a.name for a in algorithms())
+
+
+def in_fault_matrix() -> tuple[str, ...]:
+    """The algorithms `smolcluster faults matrix` runs: those with fault-matrix bounds."""
+    return tuple(a.name for a in algorithms() if a.fault_matrix is not None)
 
 
 def choices() -> str:

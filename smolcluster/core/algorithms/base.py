@@ -15,7 +15,6 @@ import os
 import queue
 import signal
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from smolcluster.core.training.optim import clip_, tensor_norms
 from smolcluster.core.training.quantization import QuantizedLayout, dequantize_state, quantized_schema
 from smolcluster.core.training.robust import NormFilter
 from smolcluster.core.training.tasks import Batches
-from smolcluster.core.training.telemetry import jsonable, peak_rss_mb
+from smolcluster.core.training.telemetry import jsonable
 from smolcluster.common.files import write_atomic
 
 # --------------------------------------------------------------------------- signals (server and worker)
@@ -239,11 +238,12 @@ class ServerBase:
 
     def __init__(self, ctx: NodeContext, *, bind: str, port: int, resume: bool):
         self.ctx = ctx
+        self.clock = ctx.clock
         self.cfg, self.nn, self.cluster = ctx.cfg, ctx.cfg.nn, ctx.cfg.cluster
         self.log = ctx.log
         self.say = LogThrottle(self.log)  # problems a peer can repeat at will are logged once per 10 s
         self.bind, self.port = bind, port
-        self.events: queue.Queue = queue.Queue()
+        self.events: queue.Queue = self.clock.queue()
         self.peers: dict[int, Peer] = {}
         self.retiring: list[Peer] = []  # peers closing in their own threads
         self.stats: dict[int, WorkerStats] = {
@@ -260,7 +260,7 @@ class ServerBase:
         self._count_lock = threading.Lock()
         self.bytes_sent = self.bytes_received = 0  # of connections already closed
         self.ever_joined = False
-        self.last_peer_seen = time.monotonic()
+        self.last_peer_seen = self.clock.monotonic()
         self.stop_reason = ""
         self.stop_status = "finished"  # finished | stopped (interrupted, idle) | error: what the BYE tells workers
         self.interrupted = False  # set by SIGINT/SIGTERM; next_event turns it into KeyboardInterrupt
@@ -287,7 +287,7 @@ class ServerBase:
             self.own_loader = ctx.batches(rank=0)
         self._snapshot: tuple[int, torch.Tensor, Any] | None = None  # (version, flat buffer, its layout)
         self.checkpoint_dir = Path(self.cluster.checkpoint_dir) if self.cluster.checkpoint_dir else ctx.run_dir / "checkpoints"
-        self.started = time.monotonic()
+        self.started = self.clock.monotonic()
         self.training_started: float | None = None
         self.last_eval: tuple[float, float] | None = None
         stale = ckpt.remove_stale_temp_files(self.checkpoint_dir)
@@ -303,8 +303,7 @@ class ServerBase:
         """Run until the algorithm's loop ends, then tell the workers why, and write the summary and a final
         checkpoint. However the loop ends (done, interrupted, an internal error) this happens; an internal
         error then raises (ServerFailed, or the SmolclusterError that stopped it) after the summary is written."""
-        listener = Listener(self.bind, self.port, key=self.ctx.key, on_connection=self._on_connection,
-                            config=self.ctx.transport, on_reject=self._on_reject, logger=self.log)
+        listener = self.listen()
         self.listener = listener
         listener.start()
         host, port = listener.address
@@ -350,6 +349,16 @@ class ServerBase:
     def loop(self) -> None:
         raise NotImplementedError
 
+    def listen(self) -> Listener:
+        """The listener serve() accepts workers on (the virtual sim backend's server overrides this)."""
+        return Listener(self.bind, self.port, key=self.ctx.key, on_connection=self._on_connection,
+                        config=self.ctx.transport, on_reject=self._on_reject, logger=self.log)
+
+    def new_peer(self, conn: Connection, rank: int, hostname: str) -> Peer:
+        """A joined worker's outbox (the virtual sim backend's server sends without a thread)."""
+        return Peer(conn, rank, hostname, self.events, io_timeout=self.ctx.transport.io_timeout,
+                    max_outbox_bytes=4 * self.model_bytes + (1 << 20), on_closed=self._closed_connection)
+
     def _account_pending_events(self) -> None:
         """At the end: connections that already failed (e.g. a bad frame) but were still queued, and pushes
         that arrived after the loop ended (late: the run was over)."""
@@ -366,9 +375,9 @@ class ServerBase:
                 ev.done()
 
     def _join_retiring(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = self.clock.monotonic() + timeout
         for peer in self.retiring:
-            peer.join(max(0.0, deadline - time.monotonic()))
+            peer.join(max(0.0, deadline - self.clock.monotonic()))
         self.retiring = [p for p in self.retiring if p.closing]
 
     # ------------------------------------------------------------------ connection threads
@@ -413,14 +422,17 @@ class ServerBase:
                 slots.release()
                 self.events.put(Left(conn, hello.rank, str(e), e))
                 return
-            typed, bad = None, None
-            try:
-                typed = messages.parse(msg.kind, msg.fields)
-            except BadField as e:
-                bad = e
-            self.events.put(Incoming(conn, hello.rank, msg, typed, bad, slots.release))
+            self.events.put(self.incoming(conn, hello.rank, msg, slots.release))
             if msg.kind == MessageKind.BYE:
                 return
+
+    @staticmethod
+    def incoming(conn: Connection, rank: int, msg: Message, done: Callable[[], None] = lambda: None) -> Incoming:
+        """A frame as the main thread gets it: its typed fields, or why they did not parse."""
+        try:
+            return Incoming(conn, rank, msg, messages.parse(msg.kind, msg.fields), None, done)
+        except BadField as e:
+            return Incoming(conn, rank, msg, None, e, done)
 
     def _check_hello(self, msg: Message) -> tuple[str, messages.Hello | None]:
         if msg.kind != MessageKind.HELLO:
@@ -471,7 +483,7 @@ class ServerBase:
                 if ev.msg.kind == MessageKind.PUSH:  # from a connection already replaced: never applied
                     self.count_late(ev.rank, "its connection was replaced")
                 return
-            self.last_peer_seen = time.monotonic()
+            self.last_peer_seen = self.clock.monotonic()
             kind = ev.msg.kind
             if ev.problem is not None:
                 self.bad_message(peer, ev.msg, ev.problem)
@@ -524,14 +536,13 @@ class ServerBase:
         if old is not None:
             self.log.info(f"{ev.hostname} reconnected; closing its previous connection")
             self._retire(old, "replaced by a new connection")
-        peer = Peer(ev.conn, ev.rank, ev.hostname, self.events, io_timeout=self.ctx.transport.io_timeout,
-                    max_outbox_bytes=4 * self.model_bytes + (1 << 20), on_closed=self._closed_connection)
+        peer = self.new_peer(ev.conn, ev.rank, ev.hostname)
         self.peers[ev.rank] = peer
         st = self.stats[ev.rank]
         st.joins += 1
         st.finished = False
         self.ever_joined = True
-        self.last_peer_seen = time.monotonic()
+        self.last_peer_seen = self.clock.monotonic()
         fields = {"version": self.version, "step": self.step, "worker_step": self.worker_progress.get(str(ev.rank), 0)}
         peer.send(self.weights_message(MessageKind.WELCOME, fields))
         self.log.info(f"{ev.hostname} (rank {ev.rank}) joined at version {self.version}, step {self.step}")
@@ -544,7 +555,7 @@ class ServerBase:
             return
         del self.peers[ev.rank]
         self._retire(peer, ev.reason)
-        self.last_peer_seen = time.monotonic()
+        self.last_peer_seen = self.clock.monotonic()
         if isinstance(ev.error, WireError):
             self.reject(ev.rank, f"{type(ev.error).__name__}", str(ev.error))
         self.say.warning(f"left-{ev.rank}", f"{peer.hostname} (rank {ev.rank}) left: {ev.reason}")
@@ -723,17 +734,17 @@ class ServerBase:
         assert self.own_loader is not None
         x, y = self.own_loader.batch_at(self.server_data_step)
         self.server_data_step += 1
-        t0 = time.perf_counter()
+        t0 = self.clock.perf_counter()
         self.flat.zero_grad()
         loss = loss_fn(self.model, x, y)
         loss.backward()
-        self.ctx.stretch(time.perf_counter() - t0)
+        self.ctx.stretch(self.clock.perf_counter() - t0, samples=int(y.shape[0]))
         return self.flat.grad, int(y.shape[0]), float(loss)
 
     def after_update(self, **fields: Any) -> None:
         """Bookkeeping after every model update: metrics, periodic eval and checkpoint."""
         if self.training_started is None:
-            self.training_started = time.monotonic()
+            self.training_started = self.clock.monotonic()
             self.ctx.metrics.write("training_start", version=self.version)
         self.ctx.metrics.write("update", version=self.version, step=self.step, **fields)
         if self.version % self.nn.eval_steps == 0:
@@ -742,11 +753,11 @@ class ServerBase:
             self.save()
 
     def run_eval(self) -> tuple[float, float]:
-        t0 = time.perf_counter()
+        t0 = self.clock.perf_counter()
         loss, acc = self.ctx.task.evaluate(self.model)
         self.last_eval = (loss, acc)
         self.ctx.metrics.write("eval", version=self.version, step=self.step, test_loss=loss, test_accuracy=acc,
-                               seconds=round(time.perf_counter() - t0, 4))
+                               seconds=round(self.clock.perf_counter() - t0, 4))
         self.ctx.wandb.log({"val/loss": loss, "val/accuracy": acc, "version": self.version}, step=self.version)
         self.log.info(f"version {self.version}: test accuracy {acc:.4f}, loss {loss:.4f}")
         return loss, acc
@@ -813,9 +824,10 @@ class ServerBase:
             "workers": self.cluster.num_workers,
             "epochs": self.nn.num_epochs,
             "steps": self.version,
-            "wall_time_s": round(time.monotonic() - self.started, 3),
+            "wall_time_s": round(self.clock.monotonic() - self.started, 3),
             "final_test_accuracy": acc,
             "final_test_loss": loss,
+            "model_sha256": ckpt.state_digest(self.model.state_dict()),  # equal digests: bit-identical final models
             "pushes_applied": self.applied,
             "pushes_late": self.late,
             "pushes_rejected": self.rejected,
@@ -835,21 +847,26 @@ class ServerBase:
             "torch": self.ctx.torch,
             "config": to_dict(self.cfg.cluster) | {"nn": to_dict(self.cfg.nn)},
         }
+        summary |= self.summary_fields()
         about = getattr(self.ctx.task, "about", None)
         if about:  # a GPT on wikitext-2: which splits (train on valid offline) and which tokenizer
             perplexity = math.exp(loss) if loss < 700 else math.inf  # a diverged run must still write its summary
             summary |= about | {"final_test_perplexity": perplexity, "gpt": self.cfg.gpt.resolved() if self.cfg.gpt else None}
         write_atomic(self.ctx.run_dir / "summary.json", json.dumps(jsonable(summary), indent=2))
-        self.ctx.metrics.write("end", version=self.version, test_accuracy=acc, test_loss=loss, peak_rss_mb=peak_rss_mb(),
+        self.ctx.metrics.write("end", version=self.version, test_accuracy=acc, test_loss=loss, peak_rss_mb=self.ctx.peak_rss_mb(),
                                stop_reason=summary["stop_reason"])
         self.log.info(f"done: {self.version} updates, test accuracy {acc:.4f}, wall {summary['wall_time_s']} s")
         return summary
+
+    def summary_fields(self) -> dict[str, Any]:
+        """What an algorithm adds to its summary (SyncPS: the deadline it used)."""
+        return {}
 
     def idle_too_long(self) -> bool:
         """No worker connected for idle_timeout seconds (after at least one joined)."""
         if self.peers or not self.ever_joined:
             return False
-        return time.monotonic() - self.last_peer_seen > self.cluster.idle_timeout
+        return self.clock.monotonic() - self.last_peer_seen > self.cluster.idle_timeout
 
     def stop_idle(self) -> None:
         """Stop because idle_too_long()."""
@@ -879,6 +896,7 @@ class WorkerBase:
 
     def __init__(self, ctx: NodeContext, *, host: str, port: int):
         self.ctx = ctx
+        self.clock = ctx.clock
         self.cfg, self.nn, self.cluster = ctx.cfg, ctx.cfg.nn, ctx.cfg.cluster
         self.log = ctx.log
         self.host, self.port = host, port
@@ -900,9 +918,9 @@ class WorkerBase:
         self.grad_norms: dict[str, float] = {}  # per-layer norms of the last local step, before clipping
         self._prefetched: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # (step, batch)
         self.compute_s = self.comm_s = self.wait_s = 0.0
-        self._since_record = (time.perf_counter(), 0, 0)  # (time, steps, samples) at the last record(): W&B rates
+        self._since_record = (self.clock.perf_counter(), 0, 0)  # (time, steps, samples) at the last record(): W&B rates
         self.last_loss = float("nan")
-        self.started = time.monotonic()
+        self.started = self.clock.monotonic()
         self.interrupted = False  # set by Ctrl-C (SIGINT); the next step says BYE and stops
 
     def connect(self) -> Message:
@@ -914,7 +932,7 @@ class WorkerBase:
 
         retry = RetryPolicy(deadline=self.reconnect_deadline())
         try:
-            self.conn = connect(self.host, self.port, key=self.ctx.key, config=self.ctx.transport, retry=retry, on_retry=on_retry)
+            self.conn = self.dial(retry, on_retry)
         except AuthError as e:  # connect() retried: the same failure every time is a key mismatch, not a bad frame
             raise ConnectFailed(f"authentication keeps failing: {e.problem}", peer=f"{self.host}:{self.port}") from None
         self.conn.agree(*wire_layouts(self.flat, self.quantized))  # offered in the HELLO; a server with another model says so
@@ -930,6 +948,10 @@ class WorkerBase:
         self.log.info(f"joined {self.host}:{self.port} at version {self.version}, step {typed.step}")
         self.ctx.metrics.write("join", version=self.version, step=typed.step)
         return welcome
+
+    def dial(self, retry: RetryPolicy, on_retry: Callable[[int, float, Exception], None]) -> Connection:
+        """A connection to the server (the virtual sim backend's worker dials its simulated network)."""
+        return connect(self.host, self.port, key=self.ctx.key, config=self.ctx.transport, retry=retry, on_retry=on_retry)
 
     def receive(self, timeout: float) -> tuple[Message, Any]:
         """The server's next message and its typed fields (BadField when they do not parse)."""
@@ -974,13 +996,13 @@ class WorkerBase:
             raise WorkerInterrupted
         ready, self._prefetched = self._prefetched, None
         x, y = ready[1] if ready is not None and ready[0] == step else self.loader.batch_at(step)
-        t0 = time.perf_counter()
+        t0 = self.clock.perf_counter()
         self.flat.zero_grad()
         loss = loss_fn(self.model, x, y)
         loss.backward()
-        elapsed = time.perf_counter() - t0
-        self.ctx.stretch(elapsed)
-        self.compute_s += time.perf_counter() - t0
+        elapsed = self.clock.perf_counter() - t0
+        self.ctx.stretch(elapsed, samples=int(y.shape[0]))
+        self.compute_s += self.clock.perf_counter() - t0
         return float(loss), int(y.shape[0])
 
     def gradients(self) -> torch.Tensor:
@@ -1004,7 +1026,7 @@ class WorkerBase:
         """Send one request and wait for its reply; reply time counts as communication + waiting.
         `meanwhile` runs after the send, while the server works on the request (e.g. the local step)."""
         assert self.conn is not None
-        t0 = time.perf_counter()
+        t0 = self.clock.perf_counter()
         if self.ctx.device.type != "cpu":  # the wire carries CPU tensors
             msg = Message(msg.kind, msg.fields, tensors={k: v.cpu() for k, v in msg.tensors.items()}, quant=msg.quant,
                           flat=msg.flat.cpu() if msg.flat is not None else None, layout=msg.layout)
@@ -1012,12 +1034,12 @@ class WorkerBase:
         if msg.kind == MessageKind.PUSH:
             self.pushes_sent += 1
         if meanwhile is not None:
-            t = time.perf_counter()
+            t = self.clock.perf_counter()
             meanwhile()
-            t0 += time.perf_counter() - t  # not communication
-        t1 = time.perf_counter()
+            t0 += self.clock.perf_counter() - t  # not communication
+        t1 = self.clock.perf_counter()
         reply, typed = self.receive(timeout)
-        t2 = time.perf_counter()
+        t2 = self.clock.perf_counter()
         held = typed.held_s if isinstance(typed, messages.StepDone) else 0.0
         self.comm_s += (t1 - t0) + max(0.0, (t2 - t1) - held)
         self.wait_s += min(held, t2 - t1)
@@ -1032,7 +1054,7 @@ class WorkerBase:
         self.ctx.metrics.write("step", step=step, loss=loss, version=self.version,
                                compute_s=round(self.compute_s, 6), comm_s=round(self.comm_s, 6),
                                wait_s=round(self.wait_s, 6), **fields)
-        now, (t, steps, samples) = time.perf_counter(), self._since_record
+        now, (t, steps, samples) = self.clock.perf_counter(), self._since_record
         span, steps = max(now - t, 1e-9), max(self.steps_done - steps, 1)
         self.ctx.wandb.log({"train/loss": loss, "version": self.version, "perf/samples_per_s": (self.samples_done - samples) / span,
                             "perf/step_time_s": span / steps, "perf/compute_s": self.compute_s / steps,
@@ -1069,8 +1091,8 @@ class WorkerBase:
                 # A lost connection, or one bad frame from the server (corrupted, spoofed, cut off): both
                 # pass with a new connection. Through a proxy the TCP connect always succeeds and the
                 # handshake fails instead, so connect()'s own deadline never trips: bound the outage here.
-                lost_since = lost_since or time.monotonic()
-                outage = time.monotonic() - lost_since
+                lost_since = lost_since or self.clock.monotonic()
+                outage = self.clock.monotonic() - lost_since
                 if outage > self.reconnect_deadline():
                     raise ConnectFailed(f"server {self.host}:{self.port} unreachable for {outage:.0f}s "
                                         f"(last error: {e})", peer=f"{self.host}:{self.port}") from None
@@ -1079,7 +1101,7 @@ class WorkerBase:
                 self.ctx.metrics.write("disconnect", reason=str(e))
                 if self.conn is not None:
                     self.conn.close(str(e))
-                time.sleep(0.5)
+                self.clock.sleep(0.5)
                 if self.interrupted:
                     raise WorkerInterrupted from None
         self.say_bye(finished=True)
@@ -1102,7 +1124,7 @@ class WorkerBase:
 
     def say_bye(self, *, finished: bool, server_ended: bool = False, reason: str = "epochs done",
                 end_reason: str | None = None) -> None:
-        elapsed = max(1e-9, time.monotonic() - self.started)
+        elapsed = max(1e-9, self.clock.monotonic() - self.started)
         sps = self.samples_done / elapsed
         if self.conn is not None and not server_ended:
             try:
@@ -1114,6 +1136,6 @@ class WorkerBase:
             self.conn.close("bye")
         self.ctx.metrics.write("end", steps=self.steps_done, samples=self.samples_done, samples_per_s=sps,
                                pushes_sent=self.pushes_sent, pushes_answered=self.pushes_answered,
-                               peak_rss_mb=peak_rss_mb(), stop_reason=end_reason or reason)
+                               peak_rss_mb=self.ctx.peak_rss_mb(), stop_reason=end_reason or reason)
         self.log.info(f"{'finished' if finished else 'stopped'}: {self.steps_done} steps, {sps:.1f} samples/s, "
                       f"last loss {self.last_loss:.4f}")

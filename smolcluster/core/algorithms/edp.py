@@ -11,8 +11,6 @@ Workers join and leave at any time; a joiner gets the current weights first.
 
 from __future__ import annotations
 
-import math
-import time
 
 import torch
 
@@ -90,7 +88,7 @@ class Server(ServerBase):
         self.version += 1
         self.step = self.version
         self.count_applied(peer.rank)
-        st.record_push(push.samples, tau, time.monotonic())
+        st.record_push(push.samples, tau, self.clock.monotonic())
         st.reported_steps = push.worker_step
         self.worker_progress[str(peer.rank)] = st.reported_steps
         self.after_update(source=peer.rank, staleness=tau, loss=push.loss, grad_norms=norms)

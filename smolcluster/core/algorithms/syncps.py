@@ -5,18 +5,19 @@ worker has pushed, or when `timeout` seconds have passed and at least `min_worke
 arrived. It averages the gradients weighted by samples, clips, steps the optimizer once and bumps the
 version. A push for a closed step is late: counted, discarded, and the sender is told the current
 step and given the current weights. Workers take the server weights every `worker_update_interval`
-steps, blended as polyak_alpha * server + (1 - polyak_alpha) * local.
+steps, blended as polyak_alpha * server + (1 - polyak_alpha) * local. With `timeout: auto` the deadline
+adapts to the recent arrival delays (deadline.py); every update records the deadline its step had.
 """
 
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
 from smolcluster.common.errors import BadField
 from smolcluster.core.algorithms.base import Peer, ServerBase, WorkerBase
+from smolcluster.core.algorithms.deadline import AdaptiveDeadline
 from smolcluster.core.net import messages
 from smolcluster.core.training.flat import fold_, scale_, total_norm
 from smolcluster.core.net.wire import Message, MessageKind
@@ -24,6 +25,21 @@ from smolcluster.core.net.wire import Message, MessageKind
 
 class Server(ServerBase):
     algorithm = "syncps"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        c = self.cluster
+        self.adaptive = AdaptiveDeadline(c.timeout_k, c.timeout_window, c.timeout_min, c.timeout_max) \
+            if c.timeout == "auto" else None
+        self.opened: dict[int, float] = {}  # step -> when it opened, for the delays of late pushes
+
+    def step_deadline(self) -> float:
+        """Seconds a step that opens now waits for stragglers."""
+        return self.adaptive.next_step() if self.adaptive else self.cluster.timeout
+
+    def summary_fields(self) -> dict:
+        c = self.cluster
+        return {"deadline": self.adaptive.summary() if self.adaptive else {"mode": "fixed", "seconds": c.timeout}}
 
     def total_steps(self) -> int:
         total = self.nn.num_epochs * self.ctx.steps_per_epoch()
@@ -37,9 +53,10 @@ class Server(ServerBase):
             self.stop_idle()
             self.log.warning(f"stopping before the first step: {self.stop_reason}")
             return
-        self.deadline = time.monotonic() + self.cluster.timeout
+        self.opened_at = self.opened[self.step] = self.clock.monotonic()  # the first step opens once everyone is here
+        self.deadline = self.opened_at + self.deadline_s
         while self.step < total:
-            wait = self.deadline - time.monotonic() if self.contribs else 0.5
+            wait = self.deadline - self.clock.monotonic() if self.contribs else 0.5
             self.next_event(timeout=min(0.5, wait))
             if self.step_can_close():
                 self.close_step()
@@ -55,12 +72,12 @@ class Server(ServerBase):
     def wait_for_workers(self) -> bool:
         """Start when every configured worker joined, or after idle_timeout with at least min_workers.
         False when workers joined and all of them left again for idle_timeout: nobody is coming."""
-        t0 = time.monotonic()
+        t0 = self.clock.monotonic()
         while True:
             present = len(self.peers) + int(self.cluster.server_trains)
             if len(self.peers) == self.cluster.num_workers:
                 return True
-            if present >= self.cluster.min_workers and time.monotonic() - t0 > self.cluster.idle_timeout:
+            if present >= self.cluster.min_workers and self.clock.monotonic() - t0 > self.cluster.idle_timeout:
                 self.log.warning(f"starting with {len(self.peers)} of {self.cluster.num_workers} workers")
                 return True
             if self.idle_too_long():
@@ -72,8 +89,10 @@ class Server(ServerBase):
         self.grad_sum.zero_()
         self.settled: set[int] = set()  # ranks whose push for this step was rejected: not waited for
         self.arrived: dict[int, float] = {}
-        self.opened_at = time.monotonic()
-        self.deadline = self.opened_at + self.cluster.timeout
+        self.opened_at = self.opened[self.step] = self.clock.monotonic()
+        self.opened.pop(self.step - 1000, None)
+        self.deadline_s = self.step_deadline()
+        self.deadline = self.opened_at + self.deadline_s
         if self.cluster.server_trains and not self.done_training_data():
             grads, samples, loss = self.own_gradients()
             self.fold(0, grads, samples, loss)
@@ -85,7 +104,7 @@ class Server(ServerBase):
         if len(self.contribs) < self.cluster.min_workers:
             return False
         everyone = self.live_ranks() <= set(self.contribs) | self.settled
-        return everyone or time.monotonic() >= self.deadline
+        return everyone or self.clock.monotonic() >= self.deadline
 
     def close_step(self) -> None:
         s = self.step
@@ -96,7 +115,7 @@ class Server(ServerBase):
         loss = sum(l * n for n, l in self.contribs.values()) / total_samples
         self.version += 1
         self.step += 1
-        now = time.monotonic()
+        now = self.clock.monotonic()
         send_weights = self.step % self.cluster.worker_update_interval == 0
         for rank in self.contribs:
             self.count_applied(rank)
@@ -106,7 +125,8 @@ class Server(ServerBase):
             fields = {"step": s, "next_step": self.step, "version": self.version, "held_s": now - self.arrived.get(rank, now)}
             peer.send(self.weights_for(peer, MessageKind.STEP_DONE, fields) if send_weights else Message(MessageKind.STEP_DONE, fields))
         self.after_update(contributors=sorted(self.contribs), missing=missing, loss=loss,
-                          step_time_s=now - self.opened_at, grad_norms=norms)
+                          step_time_s=now - self.opened_at, grad_norms=norms, deadline_s=round(self.deadline_s, 6),
+                          arrival_s={r: round(t - self.opened_at, 6) for r, t in self.arrived.items()})
         self.ctx.wandb.log({"train/loss": loss, "step_time_s": now - self.opened_at, "contributors": len(self.contribs),
                             **{f"grad_norm/{k}": v for k, v in norms.items()}}, step=self.version)
 
@@ -125,6 +145,7 @@ class Server(ServerBase):
         except BadField as e:
             return self._rejected(peer, e.reason, e.problem, weights=False)
         if push.step < self.step:
+            self.observe_arrival(push.step)
             self.count_late(peer.rank, "its step had closed", step=push.step)
             return self._reply_current(peer, "late")
         if push.step > self.step or peer.rank in self.contribs:
@@ -138,14 +159,20 @@ class Server(ServerBase):
         if self.robust is not None:
             self.robust.accept(peer.rank, size)
         self.fold(peer.rank, grads, push.samples, push.loss if push.loss is not None else math.nan)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         self.arrived[peer.rank] = now
+        self.observe_arrival(push.step)
         st.record_push(push.samples, staleness=self.version - push.base_version, now=now)
 
     def fold(self, rank: int, grads: torch.Tensor, samples: int, loss: float) -> None:
         """Add a contribution to the step's weighted sum now (its buffer may be reused for the next frame)."""
         fold_(self.flat.layout.segments(self.grad_sum), self.flat.layout.segments(grads), float(samples))
         self.contribs[rank] = (samples, loss)
+
+    def observe_arrival(self, step: int) -> None:
+        """A push for `step` (open or closed) arrived now: its delay feeds the adaptive deadline."""
+        if self.adaptive and step in self.opened:
+            self.adaptive.observe(self.clock.monotonic() - self.opened[step])
 
     def _rejected(self, peer: Peer, reason: str, detail: str, weights: bool = True) -> None:
         self.reject(peer.rank, reason, detail)
@@ -170,7 +197,8 @@ class Worker(WorkerBase):
     def train(self, welcome: Message) -> None:
         step = messages.parse(MessageKind.WELCOME, welcome.fields).step
         alpha = self.nn.polyak_alpha
-        reply_timeout = self.cluster.timeout + self.ctx.transport.io_timeout
+        deadline = self.cluster.timeout_max if self.cluster.timeout == "auto" else self.cluster.timeout
+        reply_timeout = deadline + self.ctx.transport.io_timeout
         while step < self.total_steps:
             loss, samples = self.compute_gradients(step)
             grads = self.gradients()  # unclipped: the server clips the average, as one big batch would

@@ -107,7 +107,13 @@ class ClusterConfig:
     workers: tuple[str, ...] = ()
     worker_update_interval: int = checked(1, min=1, fix="use e.g. 1 (every step)")
     use_quantization: bool = False
-    timeout: float = checked(1.0, **_SECONDS, fix="use e.g. 1.0")  # SyncPS straggler deadline (s)
+    # SyncPS straggler deadline (s), or auto: median + timeout_k MAD of the recent arrival delays (core/algorithms/deadline.py)
+    timeout: float | Literal["auto"] = checked(1.0, **_SECONDS, fix="use e.g. 1.0 (seconds), or auto")
+    timeout_k: float = checked(3.0, above=0, max=1000, fix="use e.g. 3 (MADs above the median arrival delay)")
+    timeout_window: int = checked(64, min=4, max=100_000, fix="use e.g. 64 (arrivals)")
+    timeout_min: float = checked(0.001, min=0, max=MAX_SECONDS, unit="seconds", fix="use e.g. 0.001")
+    timeout_max: float = checked(10.0, **_SECONDS, fix="use e.g. 10.0")
+    ddp_routes: bool = False  # DDP: gloo's connections go through the routes the rendezvous store names (the local sim's proxies)
     seed: int = checked(42, min=0, max=INT64_MAX - (1 << 20), fix="use e.g. 42")
     min_workers: int = checked(1, min=1, fix="use e.g. 1")  # SyncPS: contributions needed to close a step at the deadline
     server_trains: bool = False  # the server is also training rank 0
@@ -225,6 +231,8 @@ def parse_cluster_config(raw: dict, file: Path, algorithm: str) -> ClusterConfig
         _expect(file, "host_ip", w in cfg.host_ip, f"has no entry for worker {w!r}", f"add '{w}: <server address as seen from {w}>'")
     _expect(file, "min_workers", cfg.min_workers <= cfg.num_workers + int(cfg.server_trains),
             f"got {cfg.min_workers}, must be between 1 and the number of training ranks", "use e.g. 1")
+    _expect(file, "timeout_min", cfg.timeout_min <= cfg.timeout_max, f"{cfg.timeout_min:g} is above timeout_max ({cfg.timeout_max:g})",
+            "bound the adaptive deadline with timeout_min <= timeout_max")
     _expect(file, "heartbeat_timeout", cfg.heartbeat_timeout > cfg.heartbeat_interval,
             "heartbeat_timeout must exceed heartbeat_interval, both > 0", "e.g. heartbeat_interval: 1, heartbeat_timeout: 10")
     return cfg

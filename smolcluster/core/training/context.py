@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -12,12 +11,13 @@ from typing import Any
 
 import torch
 
+from smolcluster.core.training.clock import WallClock
 from smolcluster.core.training.config import RunConfig, training_ranks
 from smolcluster.core.training.data import resolve_data_dir
 from smolcluster.core.training.tasks import Batches, Task, build_task
 from smolcluster.core.training.models import build_model
 from smolcluster.core.training.optim import LRSchedule, build_optimizer
-from smolcluster.core.training.telemetry import MetricsWriter, WandbRun
+from smolcluster.core.training.telemetry import MetricsWriter, WandbRun, peak_rss_mb
 from smolcluster.core.net.transport import TransportConfig
 
 
@@ -37,6 +37,7 @@ class NodeContext:
     device: torch.device = torch.device("cpu")  # where the model computes; tensors on the wire stay on the CPU
     torch: dict = field(default_factory=dict)  # which torch build runs and the process's RSS once imported (torch_info)
     shipper: Any = None  # a LokiPusher when the node ships its lines to Loki
+    clock: Any = field(default_factory=WallClock)  # real time; the virtual sim backend passes simulated time
 
     def close(self) -> None:
         """At the end of the node: W&B, the metrics file, then what is left to ship (bounded wait)."""
@@ -105,7 +106,12 @@ class NodeContext:
         """The same on every rank (shards are equal up to the remainder we drop)."""
         return self.task.steps_per_epoch
 
-    def stretch(self, compute_seconds: float) -> None:
-        """Sleep so that compute takes `slowdown` times as long, as on a slower device."""
+    def stretch(self, compute_seconds: float, samples: int = 0) -> None:
+        """Sleep so that compute (`samples` forward/backward passes) takes `slowdown` times as long, as on a
+        slower device. The virtual backend's context charges a modelled duration for `samples` instead."""
         if self.slowdown > 1.0 and compute_seconds > 0:
-            time.sleep(compute_seconds * (self.slowdown - 1.0))
+            self.clock.sleep(compute_seconds * (self.slowdown - 1.0))
+
+    def peak_rss_mb(self) -> float | None:
+        """This node's peak memory for its `end` line (the virtual backend's nodes share one process: None)."""
+        return peak_rss_mb()

@@ -12,6 +12,8 @@ from typing import Any, Iterable
 
 import torch
 
+from smolcluster.core.training.models import loss_fn
+
 
 def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
                     weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -114,3 +116,16 @@ def clip_grads_(model: torch.nn.Module, max_norm: float) -> dict[str, float]:
     if max_norm:
         clip_(grads.values(), norms, max_norm)
     return norms
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               max_norm: float | None) -> float:
+    """One training step as a worker takes it: gradients, clipping, one optimizer step. Returns the loss.
+    The DDP arm (where `model` is the DistributedDataParallel wrapper, which all-reduces the gradients
+    inside backward) and the single-process references take exactly this step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model, x, y)
+    loss.backward()
+    clip_grads_(model, max_norm or 0.0)
+    optimizer.step()
+    return float(loss.detach())

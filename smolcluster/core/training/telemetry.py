@@ -61,17 +61,19 @@ def jsonable(v: Any) -> Any:
 
 class MetricsWriter:
     """Append-only metrics.jsonl. Thread-safe; line-buffered so a crash loses at most the current line.
-    `ship(line)`, when given, also gets every line (e.g. a Loki pusher; it must not block)."""
+    `ship(line)`, when given, also gets every line (e.g. a Loki pusher; it must not block). `now` stamps
+    each line (unix time; the virtual sim backend passes its simulated clock)."""
 
-    def __init__(self, path: Path, ship: Callable[[str], None] | None = None):
+    def __init__(self, path: Path, ship: Callable[[str], None] | None = None, now: Callable[[], float] = time.time):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", buffering=1, encoding="utf-8")
         self._lock = threading.Lock()
         self._ship = ship
+        self._now = now
 
     def write(self, event: str, **fields: Any) -> None:
-        record = {"time": time.time(), "event": event, **{k: jsonable(v) for k, v in fields.items()}}
+        record = {"time": self._now(), "event": event, **{k: jsonable(v) for k, v in fields.items()}}
         line = json.dumps(record, allow_nan=False, separators=(",", ":"))
         with self._lock:
             if not self._f.closed:

@@ -41,7 +41,7 @@ class _Active:
 class FaultInjector:
     def __init__(self, schedule: FaultSchedule | Sequence[Fault], cluster: ClusterControl, seed: int = 0,
                  poll_s: float = 0.1, logger: logging.Logger | None = None,
-                 ship: Callable[[str], None] | None = None):
+                 ship: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time):
         # `seed` draws random: entries that do not name their own seed (the run's seed, typically)
         self.seed = seed
         self.faults: list[Fault] = schedule.expand(seed) if isinstance(schedule, FaultSchedule) else list(schedule)
@@ -53,6 +53,7 @@ class FaultInjector:
         self.active: list[_Active] = []
         self.events: list[dict[str, Any]] = []  # what was written to faults.jsonl
         self._ship = ship  # also gets every faults.jsonl line (e.g. to Loki); must not block
+        self._clock = clock  # unix time for the lines (the virtual backend's is simulated)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -117,7 +118,7 @@ class FaultInjector:
             return None
 
     def _fire(self, fault: Fault, now: float) -> None:
-        started = time.time()  # the line's time is when the fault began, so reactions are never "before" it
+        started = self._clock()  # the line's time is when the fault began, so reactions are never "before" it
         try:
             touched = actions.fire(fault, self.cluster)
         except (SmolclusterError, OSError, KeyError, RuntimeError) as e:
@@ -136,7 +137,7 @@ class FaultInjector:
             self.active.append(_Active(fault, now + fault.duration if fault.duration is not None else None))
 
     def _heal(self, fault: Fault, reason: str) -> None:
-        started = time.time()
+        started = self._clock()
         try:
             actions.heal(fault, self.cluster)
         except (SmolclusterError, OSError, KeyError, RuntimeError) as e:
@@ -148,10 +149,10 @@ class FaultInjector:
 
     def _write(self, fault: Fault, what: str, at: float, **extra: Any) -> None:
         """One faults.jsonl line; `at` (unix time) is when the action started (a restart can take seconds)."""
-        elapsed = self.cluster.elapsed() - (time.time() - at)
+        elapsed = self.cluster.elapsed() - (self._clock() - at)
         record = {"time": at, "elapsed": round(elapsed, 3), "fault": fault.name, "action": what,
                   "target": fault.target, "target_kind": fault.target_kind, "kind": fault.action,
-                  "version": self._version(), "took_s": round(time.time() - at, 3)} | extra
+                  "version": self._version(), "took_s": round(self._clock() - at, 3)} | extra
         self.events.append(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record, default=str)

@@ -4,8 +4,10 @@
 check_run(), so the table a user prints and what CI asserts are the same thing.
 
 Each run is `smolcluster sim topologies/faults-small.yaml --faults <scenario>.yaml` in a subprocess (the
-real command, with a hard time bound: a hang is killed and reported, never waited out). A run
-passes when:
+real command, with a hard time bound: a hang is killed and reported, never waited out). Another
+topology works too (`--topology FILE`): the scenarios name roles, not nodes — the server, the worker
+every fault hits (the first worker that routes for nobody) and that worker's first hop (Roles). A
+run passes when:
 - it ends by itself within the bound, exit code 0;
 - final test accuracy >= the scenario's floor;
 - accounting is consistent: for every worker, each push it got an answer for (applied, late,
@@ -18,6 +20,7 @@ passes when:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -30,12 +33,14 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from smolcluster.common.errors import ConfigError
 from smolcluster.common.jsonl import read_jsonl
 from smolcluster.common.text import table
 from smolcluster.core import algorithms
 from smolcluster.core.training.checkpoint import load_checkpoint
 from smolcluster.resources import resource_path
 from smolcluster.testbed.faults.injector import read_fault_log
+from smolcluster.testbed.topology import load_topology, path_to_server
 from smolcluster.common.files import write_atomic
 
 SMALL_TOPOLOGY = resource_path("topologies", "faults-small.yaml")
@@ -45,41 +50,65 @@ SMALL_TOPOLOGY = resource_path("topologies", "faults-small.yaml")
 # waiting on the links, so little CPU): faults fire ~3 s in, after the first checkpoint, and a 3 s
 # fault leaves ~5 s to recover before max_steps. Without faults both built-ins reach ~0.92 there.
 BOUND_S = 120.0  # a run takes ~25 s here; four times that, and a bit, means it hung
+COMPOSE_EXTRA_S = 120.0  # --backend compose: bringing the containers up and down on top of that
+BACKENDS = ("local", "compose")
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The nodes of the matrix's topology that the scenarios' `{server}`, `{worker}` and `{link}` stand for."""
+
+    server: str
+    worker: str  # every fault hits this worker; the others keep training
+    link: str  # that worker's first hop towards the server, "A->B"
+
+
+def roles_for(topology: Path | str) -> Roles:
+    """The server, the first worker that routes for nobody (else the first worker) and its first hop."""
+    topo = load_topology(topology)
+    if len(topo.workers) < 2:
+        raise ConfigError(topo.file, "nodes", f"the fault matrix needs at least two workers (one to break, one that keeps "
+                          f"training); this topology has {len(topo.workers)}", "add a worker, or use topologies/faults-small.yaml")
+    worker = next((w for w in topo.workers if not w.forwarding), topo.workers[0])
+    hop = path_to_server(topo, worker.name)[0]
+    return Roles(server=topo.server.name, worker=worker.name, link=f"{hop.src}->{hop.dst}")
 
 
 @dataclass(frozen=True)
 class Scenario:
     fault: str  # the matrix row
-    entries: tuple[dict[str, Any], ...]  # fault entries without trigger; `step_offset` shifts one
+    entries: tuple[dict[str, Any], ...]  # fault entries without trigger; `step_offset` shifts one; {worker} etc.: Roles
     bound_s: float = BOUND_S
 
     def floor(self, algo: str) -> float:
         return algorithms.get(algo).fault_matrix.floor
 
-    def faults(self, algo: str) -> list[dict[str, Any]]:
+    def faults(self, algo: str, roles: Roles | None = None) -> list[dict[str, Any]]:
+        """The scenario's fault entries for `algo` on a topology (default: faults-small.yaml's srv, w1, w2)."""
+        names = dataclasses.asdict(roles or roles_for(SMALL_TOPOLOGY))
         out = []
         for e in self.entries:
-            e = dict(e)
+            e = {k: v.format(**names) if isinstance(v, str) else v for k, v in e.items()}
             e["at_step"] = algorithms.get(algo).fault_matrix.trigger_step + e.pop("step_offset", 0)
             out.append(e)
         return out
 
 
 SCENARIOS: tuple[Scenario, ...] = (
-    Scenario("kill", ({"name": "kill-w1", "node": "w1", "action": "kill", "duration": 3},)),
-    Scenario("pause", ({"name": "pause-w1", "node": "w1", "action": "pause", "duration": 3},)),
-    Scenario("restart", ({"name": "restart-w1", "node": "w1", "action": "restart"},)),
-    Scenario("server_crash", ({"name": "crash-srv", "action": "server_crash", "duration": 1},)),
-    Scenario("partition", ({"name": "cut-w1", "link": "w1->srv", "action": "partition"},
-                           {"name": "heal-w1", "link": "w1->srv", "action": "heal", "step_offset": 20})),
-    Scenario("latency_spike", ({"name": "slow-w1", "link": "w1->srv", "action": "latency_spike",
+    Scenario("kill", ({"name": "kill-{worker}", "node": "{worker}", "action": "kill", "duration": 3},)),
+    Scenario("pause", ({"name": "pause-{worker}", "node": "{worker}", "action": "pause", "duration": 3},)),
+    Scenario("restart", ({"name": "restart-{worker}", "node": "{worker}", "action": "restart"},)),
+    Scenario("server_crash", ({"name": "crash-{server}", "action": "server_crash", "duration": 1},)),
+    Scenario("partition", ({"name": "cut-{worker}", "link": "{link}", "action": "partition"},
+                           {"name": "heal-{worker}", "link": "{link}", "action": "heal", "step_offset": 20})),
+    Scenario("latency_spike", ({"name": "slow-{worker}", "link": "{link}", "action": "latency_spike",
                                 "latency_ms": 300, "jitter_ms": 50, "duration": 3},)),
-    Scenario("bandwidth_collapse", ({"name": "thin-w1", "link": "w1->srv", "action": "bandwidth_collapse",
+    Scenario("bandwidth_collapse", ({"name": "thin-{worker}", "link": "{link}", "action": "bandwidth_collapse",
                                      "rate_kbps": 200, "duration": 3},)),
-    Scenario("connection_reset", ({"name": "reset-w1", "link": "w1->srv", "action": "connection_reset"},)),
-    Scenario("slow_close", ({"name": "slowclose-w1", "link": "w1->srv", "action": "slow_close",
+    Scenario("connection_reset", ({"name": "reset-{worker}", "link": "{link}", "action": "connection_reset"},)),
+    Scenario("slow_close", ({"name": "slowclose-{worker}", "link": "{link}", "action": "slow_close",
                              "delay_ms": 2000, "duration": 3},)),
-    Scenario("data_limit", ({"name": "limit-w1", "link": "w1->srv", "action": "data_limit",
+    Scenario("data_limit", ({"name": "limit-{worker}", "link": "{link}", "action": "data_limit",
                              "bytes": 2_000_000, "duration": 3},)),
 )
 SCENARIO_NAMES = tuple(s.fault for s in SCENARIOS)
@@ -113,22 +142,24 @@ class Outcome:
 
 
 def run_scenario(sc: Scenario, algo: str, run_dir: Path, topology: Path = SMALL_TOPOLOGY,
-                 env: dict[str, str] | None = None) -> Outcome:
+                 env: dict[str, str] | None = None, backend: str = "local") -> Outcome:
     """One real `smolcluster sim` run with the scenario's faults, then check_run()."""
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+    roles = roles_for(topology)
     faults_file = run_dir.parent / f"{run_dir.name}.faults.yaml"
-    write_atomic(faults_file, yaml.safe_dump({"faults": sc.faults(algo)}, sort_keys=False))
+    write_atomic(faults_file, yaml.safe_dump({"faults": sc.faults(algo, roles)}, sort_keys=False))
     max_steps = algorithms.get(algo).fault_matrix.max_steps
     argv = [sys.executable, "-m", "smolcluster", "sim", str(topology), "--algo", algo, "--max-steps", str(max_steps),
-            "--run-dir", str(run_dir), "--faults", str(faults_file)]
+            "--run-dir", str(run_dir), "--faults", str(faults_file), "--backend", backend]
+    bound = sc.bound_s + (COMPOSE_EXTRA_S if backend == "compose" else 0.0)
     log_path = run_dir.parent / f"{run_dir.name}.sim.log"
     t0 = time.time()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **(env or {})}, start_new_session=(os.name != "nt"))
         try:
-            code: int | None = proc.wait(timeout=sc.bound_s)
+            code: int | None = proc.wait(timeout=bound)
         except subprocess.TimeoutExpired:
             code = None
             _stop(proc)
@@ -136,10 +167,10 @@ def run_scenario(sc: Scenario, algo: str, run_dir: Path, topology: Path = SMALL_
             _stop(proc)
             raise
     wall = time.time() - t0
-    problems = [f"did not finish within {sc.bound_s:.0f} s (hang); killed"] if code is None else []
+    problems = [f"did not finish within {bound:.0f} s (hang); killed"] if code is None else []
     if code not in (0, None):
         problems.append(f"smolcluster sim exited with {code}: {_tail(log_path)}")
-    return check_run(sc, algo, run_dir, wall, problems)
+    return check_run(sc, algo, run_dir, wall, problems, roles)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -159,13 +190,14 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 def run_matrix(faults: Iterable[str] = SCENARIO_NAMES, algos: Iterable[str] | None = None,
                out_dir: Path = Path("runs/faults-matrix"), topology: Path = SMALL_TOPOLOGY,
-               progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+               progress: Callable[[Outcome], None] | None = None, backend: str = "local") -> list[Outcome]:
     """Every fault scenario x algorithm (default: every registered one)."""
+    roles_for(topology)  # a topology the matrix cannot use fails here, before any run
     results = []
     for name in faults:
         sc = scenario(name)
-        for algo in algos if algos is not None else algorithms.names():
-            outcome = run_scenario(sc, algo, Path(out_dir) / f"{name}-{algo}", topology)
+        for algo in algos if algos is not None else algorithms.in_fault_matrix():
+            outcome = run_scenario(sc, algo, Path(out_dir) / f"{name}-{algo}", topology, backend=backend)
             results.append(outcome)
             if progress is not None:
                 progress(outcome)
@@ -175,7 +207,8 @@ def run_matrix(faults: Iterable[str] = SCENARIO_NAMES, algos: Iterable[str] | No
 # --------------------------------------------------------------------------- checks
 
 
-def check_run(sc: Scenario, algo: str, run_dir: Path, wall_s: float, problems: list[str] | None = None) -> Outcome:
+def check_run(sc: Scenario, algo: str, run_dir: Path, wall_s: float, problems: list[str] | None = None,
+              roles: Roles | None = None) -> Outcome:
     problems = list(problems or [])
     summary: dict[str, Any] = {}
     if (run_dir / "summary.json").exists():
@@ -186,7 +219,7 @@ def check_run(sc: Scenario, algo: str, run_dir: Path, wall_s: float, problems: l
     if acc is not None and acc < sc.floor(algo):
         problems.append(f"final test accuracy {acc:.4f} below the floor {sc.floor(algo)}")
     log = read_fault_log(run_dir)
-    problems += fault_log_problems(sc, algo, log, summary)
+    problems += fault_log_problems(sc, algo, log, summary, roles)
     if summary:
         problems += accounting_problems(run_dir, algo, summary, log)
         problems += checkpoint_problems(run_dir, algo, summary)
@@ -195,10 +228,11 @@ def check_run(sc: Scenario, algo: str, run_dir: Path, wall_s: float, problems: l
     return Outcome(sc.fault, algo, not problems, acc, recovery, wall_s, run_dir, problems)
 
 
-def fault_log_problems(sc: Scenario, algo: str, log: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
+def fault_log_problems(sc: Scenario, algo: str, log: list[dict[str, Any]], summary: dict[str, Any],
+                       roles: Roles | None = None) -> list[str]:
     out = []
     reacted = {r.get("fault") for r in summary.get("faults") or []}
-    for entry in sc.faults(algo):
+    for entry in sc.faults(algo, roles):
         name = entry["name"]
         mine = [e for e in log if e.get("fault") == name]
         if not any(e["action"] == "fired" for e in mine):
@@ -272,14 +306,11 @@ def accounting_problems(run_dir: Path, algo: str, summary: dict[str, Any], log: 
 
 
 def _cut_off_at_end(worker_events: list[dict[str, Any]], server_events: list[dict[str, Any]]) -> bool:
-    """The worker's last events are reconnect attempts that began before the server's final `end`."""
+    """The worker's last events are reconnect attempts and the server has ended: they began before its final
+    `end` (cut off), or after it (a killed or restarted worker whose new process came up, on a loaded
+    machine, only once the server had finished: it could not join any more)."""
     server_end = max((e["time"] for e in server_events if e["event"] == "end"), default=None)
-    streak = []
-    for e in reversed(worker_events):
-        if e["event"] != "disconnect":
-            break
-        streak.append(e)
-    return bool(streak) and server_end is not None and streak[-1]["time"] <= server_end
+    return server_end is not None and bool(worker_events) and worker_events[-1]["event"] == "disconnect"
 
 
 def checkpoint_problems(run_dir: Path, algo: str, summary: dict[str, Any]) -> list[str]:

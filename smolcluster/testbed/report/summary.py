@@ -110,6 +110,8 @@ class LinkSummary(_Record):
     profile: dict[str, Any] = field(default_factory=dict)  # name, delay_ms, jitter_ms, loss_pct, up_mbit, down_mbit
     mechanism: Optional[str] = None  # "proxy", "tbf+proxy", "netem", ...
     kernel: Optional[dict[str, str]] = _omit_if_none()  # "node/network" -> qdisc, where the kernel shapes
+    loss: Optional[dict[str, str]] = _omit_if_none()  # "node/network" -> iptables / netem / "none: why", where loss is due
+    ingress: Optional[dict[str, str]] = _omit_if_none()  # "node/network" -> ifb / "none: why", where what arrives is shaped
     toxics: Optional[list[dict[str, Any]]] = _omit_if_none()  # Toxiproxy toxics carrying the profile
     rate_shaped: Optional[bool] = None
     loss_emulated: Optional[bool] = None
@@ -152,6 +154,7 @@ class RunSummary(_Record):
     wall_time_s: Optional[float] = _omit_if_none()  # the server's, from its start to its end
     final_test_accuracy: Optional[float] = _omit_if_none()
     final_test_loss: Optional[float] = _omit_if_none()
+    model_sha256: Optional[str] = _omit_if_none()  # SHA-256 of the final parameters (names sorted): equal = bit-identical
     pushes_applied: Optional[int] = _omit_if_none()
     pushes_late: Optional[int] = _omit_if_none()
     pushes_rejected: Optional[int] = _omit_if_none()
@@ -168,6 +171,7 @@ class RunSummary(_Record):
     checkpoint_failures: Optional[int] = _omit_if_none()  # checkpoints that could not be written (a full disk)
     final_checkpoint: Optional[str] = _omit_if_none()  # its path (None: it could not be written)
     per_worker: list[WorkerStats] = field(default_factory=list)
+    deadline: Optional[dict[str, Any]] = _omit_if_none()  # SyncPS: mode fixed (seconds) or auto (k, window, bounds, median_s, ...)
     torch: Optional[dict[str, Any]] = _omit_if_none()  # version, build, import_rss_mb: what the nodes ran
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -189,6 +193,7 @@ class RunSummary(_Record):
     compose_project: Optional[str] = _omit_if_none()
     compose_file: Optional[str] = _omit_if_none()
     shaping: Optional[dict[str, str]] = _omit_if_none()  # compose: "node/network" -> qdisc
+    ddp_links: Optional[dict[str, Any]] = _omit_if_none()  # DDP, local: mode routed | partly routed | direct (unshaped), pairs
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -119,7 +119,11 @@ class Progress:
         self.last = now
         t = cluster.tail
         acc = t.latest_accuracy()
-        steps = " ".join(f"{w} {t.steps[w]}" + ("✓" if w in t.ended else "") for w in t.workers)
+        if len(t.workers) <= 8:
+            steps = " ".join(f"{w} {t.steps[w]}" + ("✓" if w in t.ended else "") for w in t.workers)
+        else:  # a rack of workers: the range, not a line per node
+            counts = [t.steps[w] for w in t.workers]
+            steps = f"{min(counts)}..{max(counts)} over {len(counts)} workers, {len(t.ended)} done"
         line = (f"[{cluster.elapsed():6.1f}s] version {t.version:5d} | acc {acc:.4f}" if acc is not None
                 else f"[{cluster.elapsed():6.1f}s] version {t.version:5d} | acc   -   ") + f" | steps {steps}"
         if self.tty:

@@ -9,8 +9,11 @@ What gets rendered (into RUN_DIR/compose/, readable and usable by hand with `doc
 - an entrypoint script per node (entrypoints/NAME.sh) that drops docker's default route,
   adds the topology's static routes (return routes included), shapes every interface with
   tc, then execs the node's command. Dropping the default route matters: otherwise traffic
-  the topology does not route would leak through the docker host;
-- NET_ADMIN for `ip route` / `tc`; cpu and memory limits from the device profiles;
+  the topology does not route would leak through the docker host. Without netem, loss is
+  dropped by iptables as packets arrive, and an interface whose senders could outpace its own
+  receive rate (a Wi-Fi laptop's down rate on a cabled LAN) gets its ingress shaped on an IFB
+  device (smolcluster.testbed.linkemu.netem); each probe's outcome goes into the ready file;
+- NET_ADMIN for `ip route` / `tc` / `iptables`; cpu and memory limits from the device profiles;
 - a Toxiproxy service standing in for the server on the networks workers dial: each worker
   dials its own proxy there, whose upstream is the server. Latency and jitter toxics go on
   these proxies when the kernel has no netem; network faults always go through them.
@@ -21,6 +24,7 @@ IPAM gateways; compose v2 reads it too (it ignores the version key).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import yaml
 
@@ -42,7 +46,7 @@ from smolcluster.testbed.profiles import LinkProfile
 from smolcluster.testbed.sim.cluster import node_slowdown
 from smolcluster.testbed.sim.docker_env import DockerEnv
 from smolcluster.testbed.sim.image import BindMount, container_python, offline_mounts, repo_root
-from smolcluster.testbed.topology import Node, Topology, path_to_server, server_address_for
+from smolcluster.testbed.topology import Topology, path_to_server, server_address_for
 from smolcluster.common.files import write_atomic
 
 COMPOSE_FORMAT = "2.4"
@@ -86,7 +90,8 @@ def user_image_spec(tag: str, data_dir: str | Path | None = None) -> ImageSpec:
 
 @dataclass(frozen=True)
 class LinkShaping:
-    """How one interface (node, network) is shaped."""
+    """How one interface (node, network) is emulated: what it sends (a qdisc), what it receives
+    (IFB shaping where the senders could outpace it) and which of its arriving packets are lost."""
 
     node: str
     network: str
@@ -94,6 +99,30 @@ class LinkShaping:
     profile: LinkProfile
     rate_mbit: float  # egress rate of this interface (up towards the server, down away from it)
     commands: dict[str, list[list[str]]]  # mechanism -> tc commands
+    index: int = 0  # this interface's number on its node (names its IFB device and iptables chain)
+    ingress_mbit: Optional[float] = None  # what it receives, shaped on an IFB device; None: the senders' egress suffices
+    loss_pct: float = 0.0  # of what it receives (without netem; netem drops on egress instead)
+    loss_by_source: tuple[tuple[str, float], ...] = ()  # neighbours whose hop here has another loss
+    exempt: tuple[str, ...] = ()  # sources neither dropped nor ingress-shaped (the toxiproxy <-> server leg)
+    unsegmented: bool = False  # one TCP segment per packet: an end of a lossy hop (netem.unsegmented_commands)
+
+    @property
+    def ifb(self) -> str:
+        return f"ifb{self.index}"
+
+    @property
+    def loss_chain(self) -> str:
+        return f"smolcluster-loss{self.index}"
+
+    @property
+    def lossy(self) -> bool:
+        return self.loss_pct > 0 or any(pct > 0 for _, pct in self.loss_by_source)
+
+    def ingress(self) -> list[list[str]]:
+        return netem.ingress_commands(self.ifb, self.ingress_mbit, self.exempt) if self.ingress_mbit else []
+
+    def loss(self) -> list[list[str]]:
+        return netem.loss_commands(self.loss_chain, self.loss_pct, self.loss_by_source, self.exempt)
 
 
 @dataclass(frozen=True)
@@ -124,6 +153,19 @@ class ComposeProject:
     toxiproxy_address: dict[str, str]  # network -> address of the toxiproxy service there
     services: list[str]
     mechanisms: dict[str, str] = field(default_factory=dict)  # "node/network" -> mechanism actually applied
+    # "node/network" -> how loss / ingress shaping was applied there ("iptables", "netem", "ifb", or
+    # "none: <why>"), for the interfaces that needed it; filled in from the containers like `mechanisms`
+    loss: dict[str, str] = field(default_factory=dict)
+    ingress: dict[str, str] = field(default_factory=dict)
+    toxiproxy_links: list[LinkShaping] = field(default_factory=list)  # the Toxiproxy service's interfaces
+
+    def path_links(self) -> dict[str, LinkShaping]:
+        """"node/network" -> shaping of the interfaces the proxied training traffic crosses: every node's,
+        with the Toxiproxy service's in place of the server's on the networks it stands in for the server."""
+        server = self.topology.server.name
+        out = {f"{l.node}/{l.network}": l for l in self.links
+               if not (l.node == server and l.network in self.toxiproxy_address)}
+        return out | {f"{l.node}/{l.network}": l for l in self.toxiproxy_links}
 
     @property
     def ready_dir(self) -> Path:
@@ -163,20 +205,69 @@ def _free_address(topo: Topology, network: str, taken: set[IPv4Address]) -> IPv4
                       "use a larger subnet (one address more than the nodes and the gateway need)")
 
 
-def _egress_rate(topo: Topology, node: Node, network: str) -> float:
-    """Workers send towards the server at the up rate; the server and routers send down."""
-    p = topo.link_profile(node.name, network)
-    return p.up_mbit if node.role == "worker" else p.down_mbit
+def towards_server(topo: Topology, node: str, network: str) -> bool:
+    """Whether `node` reaches the server through `network` (its first hop's network): then it sends up
+    and receives down there. The server, and a router on the networks it routes for, send down."""
+    if node == topo.server.name:
+        return False
+    return path_to_server(topo, node)[0].network == network
 
 
-def plan_links(topo: Topology) -> list[LinkShaping]:
+def _rates(topo: Topology, node: str, network: str) -> tuple[float, float]:
+    """(send, receive) rate of a node's attachment to a network, from its link profile."""
+    p = topo.link_profile(node, network)
+    return (p.up_mbit, p.down_mbit) if towards_server(topo, node, network) else (p.down_mbit, p.up_mbit)
+
+
+def plan_links(topo: Topology, toxi_addr: dict[str, str] | None = None) -> list[LinkShaping]:
+    """Every node's interfaces. `toxi_addr` (network -> address of the Toxiproxy service there): the
+    service stands in for the server, so its leg to the server is exempt from loss and ingress shaping."""
+    toxi_addr = toxi_addr or {}
+    server = topo.server
     out: list[LinkShaping] = []
     for node in topo.nodes.values():
-        for net, addr in node.addresses.items():
+        for index, (net, addr) in enumerate(node.addresses.items()):
             p = topo.link_profile(node.name, net)
-            rate = _egress_rate(topo, node, net)
+            rate, receive = _rates(topo, node.name, net)
             cmds = {m: netem.shaping_commands(p, m, "$DEV", rate_mbit=rate) for m in netem.MECHANISMS}
-            out.append(LinkShaping(node=node.name, network=net, address=str(addr), profile=p, rate_mbit=rate, commands=cmds))
+            peers = [n for n in topo.nodes.values() if n.name != node.name and net in n.addresses]
+            # the fastest a neighbour (or the toxiproxy, sending as the server) can send towards this interface
+            fastest = max((_rates(topo, n.name, net)[0] for n in peers), default=0.0)
+            by_source: list[tuple[str, float]] = []
+            for n in peers:
+                hop_loss = topo.hop_profile(n.name, node.name, net).loss_pct
+                if hop_loss != p.loss_pct:
+                    by_source.append((str(n.addresses[net]), hop_loss))
+                    if n.name == server.name and net in toxi_addr:
+                        by_source.append((toxi_addr[net], hop_loss))
+            exempt = (toxi_addr[net],) if node.name == server.name and net in toxi_addr else ()
+            out.append(LinkShaping(node=node.name, network=net, address=str(addr), profile=p, rate_mbit=rate, commands=cmds,
+                                   index=index, ingress_mbit=receive if receive < fastest else None, loss_pct=p.loss_pct,
+                                   loss_by_source=tuple(by_source), exempt=exempt))
+    # An interface sends one segment per packet where every hop of the workers' paths through it is lossy: its
+    # drops are then per segment. Where a lossless path shares it (a server on a LAN with a cabled Pi), GSO
+    # stays on: segmenting in software would cap that path far below its rate, and drops of what this end
+    # sends to the lossy neighbour land on GSO packets (netem.py says what that costs).
+    carried: dict[tuple[str, str], list[float]] = {}
+    for w in topo.workers:
+        for hop in path_to_server(topo, w.name):
+            for node in (hop.src, hop.dst):
+                carried.setdefault((node, hop.network), []).append(hop.profile.loss_pct)
+    lossy_only = {end for end, losses in carried.items() if all(pct > 0 for pct in losses)}
+    return [dataclasses.replace(l, unsegmented=True) if (l.node, l.network) in lossy_only else l for l in out]
+
+
+def toxiproxy_links(topo: Topology, links: Sequence[LinkShaping], toxi_addr: dict[str, str]) -> list[LinkShaping]:
+    """The Toxiproxy service's interfaces: the server's shaping on each network it stands in for the server.
+    Its leg to the server is not a link of the topology: packets from the server (and from the server's
+    other subnets, routed through the server) are neither dropped nor shaped on arrival."""
+    server = topo.server
+    behind_server = [str(topo.networks[n].subnet) for n in server.addresses if n not in toxi_addr]
+    out = []
+    for index, (net, addr) in enumerate(sorted(toxi_addr.items())):
+        l = next(l for l in links if l.node == server.name and l.network == net)
+        out.append(dataclasses.replace(l, node=TOXIPROXY_SERVICE, address=addr, index=index,
+                                       exempt=(str(server.addresses[net]), *behind_server)))
     return out
 
 
@@ -221,23 +312,62 @@ ip route del default 2>/dev/null || true
 """
 
 
+# Loss where the kernel has no netem: iptables' statistic match in the raw table, probed like tc (a
+# rule that matches nothing, added and removed). Debian's iptables (nft or legacy backend) is tried.
+_LOSS_PROBE = r"""LOSS=netem; LOSS_WHY=""
+if [ "$MECH" != netem ]; then
+  LOSS=none; LOSS_WHY="no iptables command in the container (install Debian's iptables)"
+  export XTABLES_LOCKFILE=/tmp/xtables.lock  # not /run: that is the run dir, shared by every container
+  for IPT in iptables iptables-legacy; do
+    command -v "$IPT" >/dev/null 2>&1 || continue
+    if OUT=$("$IPT" -w -t raw -A PREROUTING -i lo -s 192.0.2.1 -m statistic --mode random --probability 0.5 -j DROP 2>&1); then
+      "$IPT" -w -t raw -D PREROUTING -i lo -s 192.0.2.1 -m statistic --mode random --probability 0.5 -j DROP
+      LOSS=iptables; LOSS_WHY=""; break
+    fi
+    LOSS_WHY="$IPT failed: $(echo "$OUT" | head -n 1 | tr -d ';')"
+  done
+fi
+"""
+
+
+def _shell(cmds: Sequence[Sequence[str]], what: str) -> str:
+    """Commands joined with `;`, each failing the setup with `what` in the message; $DEV/$IPT stay variables."""
+    return "; ".join(shlex.join(c).replace("'$DEV'", '"$DEV"').replace("'$IPT'", '"$IPT"') + f" || fail '{what}'"
+                     for c in cmds) or ":"
+
+
 def _entrypoint(name: str, mechanism: str, routes: Sequence[tuple[str, str]], links: Sequence[LinkShaping],
                 ready_file: str) -> str:
     lines = [_ENTRY_HEAD.format(name=name, mechanism=mechanism, ready=shlex.quote(ready_file))]
     for dest, via in routes:
         lines.append(f"ip route replace {dest} via {via} || fail 'cannot add route {dest} via {via}'")
+    if any(l.lossy for l in links):
+        lines.append(_LOSS_PROBE)
     lines.append('STATUS="mechanism $MECH"')
     for link in links:
-        lines.append(f"# {link.network}: {link.profile.name} (egress {link.rate_mbit:g} Mbit/s)")
+        lines.append(f"# {link.network}: {link.profile.name} (egress {link.rate_mbit:g} Mbit/s"
+                     + (f", ingress {link.ingress_mbit:g} Mbit/s" if link.ingress_mbit else "")
+                     + (f", loss {link.loss_pct:g}% of what arrives" if link.loss_pct else "")
+                     + (", loss from " + ", ".join(f"{a} {pct:g}%" for a, pct in link.loss_by_source) if link.loss_by_source else "")
+                     + ")")
         lines.append(f"DEV=$(dev_of {link.address}); [ -n \"$DEV\" ] || fail 'no interface has {link.address}'")
+        if link.unsegmented:
+            lines.append(_shell(netem.unsegmented_commands(), f"ip link (gso) failed on {link.network}"))
         lines.append('case "$MECH" in')
         for mech in netem.MECHANISMS:
-            cmds = link.commands[mech]
-            body = "; ".join(shlex.join(c).replace("'$DEV'", '"$DEV"') + f" || fail 'tc ({mech}) failed on {link.network}'"
-                             for c in cmds) or ":"
-            lines.append(f"  {mech}) {body} ;;")
+            lines.append(f"  {mech}) {_shell(link.commands[mech], f'tc ({mech}) failed on {link.network}')} ;;")
         lines.append("esac")
         lines.append(f'STATUS="$STATUS;link {link.network} $MECH"')
+        if link.ingress_mbit:
+            # what this interface receives: its senders may be faster than its own down rate
+            lines.append('if [ "$MECH" = none ]; then ING="none: no tc qdisc"')
+            lines.append(f'elif OUT=$(ip link add {link.ifb} type ifb 2>&1); then')
+            lines.append(f"  {_shell(link.ingress(), f'ingress shaping failed on {link.network}')}; ING={netem.INGRESS_IFB}")
+            lines.append(f'else ING="none: ip link add {link.ifb} type ifb failed: $(echo "$OUT" | head -n 1 | tr -d \';\')"; fi')
+            lines.append(f'STATUS="$STATUS;ingress {link.network} $ING"')
+        if link.lossy:
+            lines.append(f'if [ "$LOSS" = {netem.LOSS_IPTABLES} ]; then {_shell(link.loss(), f"iptables failed on {link.network}")}; fi')
+            lines.append(f'STATUS="$STATUS;loss {link.network} $LOSS${{LOSS_WHY:+: $LOSS_WHY}}"')
     lines.append('echo "$STATUS" | tr ";" "\\n" > "$READY.tmp" && mv "$READY.tmp" "$READY"')
     lines.append('echo "smolcluster[' + name + ']: ready (mechanism $MECH)"')
     lines.append('exec "$@"')
@@ -272,12 +402,13 @@ def _toxiproxy_routes(topo: Topology, toxi_nets: set[str]) -> list[tuple[str, st
 def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
                    commands: dict[str, list[str]] | None = None, mechanism: str = AUTO,
                    toxiproxy: str = "embedded", server_port: int = 65432,
-                   project: str | None = None) -> ComposeProject:
+                   project: str | None = None, node_env: dict[str, dict[str, str]] | None = None) -> ComposeProject:
     """Write RUN_DIR/compose/{docker-compose.yml, entrypoints/*.sh} and return what was rendered.
 
     commands: node name -> argv run after setup (default: the training command for the node).
     toxiproxy: "embedded" (smolcluster's own, in the node image), "official" (Shopify's image,
     needs a registry) or "none".
+    node_env: node name -> extra environment variables of its container.
     """
     if mechanism not in (AUTO, *netem.MECHANISMS):
         raise ValueError(f"mechanism must be one of auto, {', '.join(netem.MECHANISMS)}")
@@ -291,7 +422,6 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
     for stale in ready_dir.iterdir():
         stale.unlink()
     project = project or project_name(topo.name)
-    links = plan_links(topo)
     cpu_cap = float(os.cpu_count() or 1)
 
     # toxiproxy on the networks workers dial the server on
@@ -302,6 +432,7 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
             toxi_nets.add(next(n for n, a in topo.server.addresses.items() if a == dial))
     toxi_addr = {n: str(_free_address(topo, n, set())) for n in sorted(toxi_nets)}
     proxies = plan_proxies(topo, toxi_addr, server_port) if toxi_nets else []
+    links = plan_links(topo, toxi_addr)
     commands = commands if commands is not None else default_commands(topo, image, proxies)
 
     def volumes() -> list[str]:
@@ -331,7 +462,7 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
             "cpus": round(min(float(node.device.cores), cpu_cap), 2),
             "mem_limit": f"{node.device.memory_mb}m",
             "volumes": volumes(),
-            "environment": environment(),
+            "environment": environment((node_env or {}).get(node.name)),
             "working_dir": CONTAINER_RUN_DIR,
             # PID 1 ignores SIGTERM unless it handles it; Python turns SIGINT into a clean exit
             "stop_signal": "SIGINT",
@@ -339,11 +470,8 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
             "labels": {"smolcluster.core.training.node": node.name, "smolcluster.role": node.role},
         }
 
+    toxi_links = toxiproxy_links(topo, links, toxi_addr)
     if toxi_nets:
-        server = topo.server
-        toxi_links = [LinkShaping(node=TOXIPROXY_SERVICE, network=l.network, address=toxi_addr[l.network], profile=l.profile,
-                                  rate_mbit=l.rate_mbit, commands=l.commands)
-                      for l in links if l.node == server.name and l.network in toxi_nets]
         script = compose_dir / "entrypoints" / f"{TOXIPROXY_SERVICE}.sh"
         write_atomic(script, _entrypoint(TOXIPROXY_SERVICE, mechanism, _toxiproxy_routes(topo, toxi_nets), toxi_links,
                                       f"{CONTAINER_RUN_DIR}/compose/ready/{TOXIPROXY_SERVICE}"))
@@ -401,7 +529,7 @@ def render_compose(topo: Topology, run_dir: str | Path, image: ImageSpec, *,
         [{"name": p.name, "listen": p.listen, "upstream": p.upstream, "enabled": True} for p in proxies], indent=2) + "\n")
     return ComposeProject(project=project, run_dir=run_dir, compose_dir=compose_dir, compose_file=compose_file,
                           topology=topo, image=image, mechanism=mechanism, links=links, proxies=proxies,
-                          toxiproxy_address=toxi_addr, services=list(services))
+                          toxiproxy_address=toxi_addr, services=list(services), toxiproxy_links=toxi_links)
 
 
 RESUME_MARKER = "resume"  # RUN_DIR/nodes/<server>/resume: the next start of the server container passes --resume
@@ -461,8 +589,15 @@ def exec_in(env: DockerEnv, cp: ComposeProject, service: str, cmd: Sequence[str]
     return env.run(["exec", container_id(env, cp, service), *cmd], timeout=timeout, check=check)
 
 
-def up(env: DockerEnv, cp: ComposeProject, timeout: float = 300.0) -> None:
-    """`compose up -d`, then wait until every node's entrypoint finished its setup."""
+def up(env: DockerEnv, cp: ComposeProject, timeout: float = 300.0,
+       before_start: Callable[[], None] | None = None) -> None:
+    """`compose up -d`, then wait until every node's entrypoint finished its setup.
+
+    before_start: called once the networks exist (their gateways are on the host's bridges) and
+    before any container starts, e.g. to listen on a gateway address the nodes dial from the start."""
+    if before_start is not None:
+        env.compose_run(cp.project, cp.compose_file, ["up", "--no-start", "--no-build"], timeout=timeout)
+        before_start()
     env.compose_run(cp.project, cp.compose_file, ["up", "-d", "--no-build"], timeout=timeout)
     wait_ready(env, cp, timeout=min(timeout, 120.0))
 
@@ -484,9 +619,9 @@ def wait_ready(env: DockerEnv, cp: ComposeProject, timeout: float = 120.0) -> di
     for s in expected:
         node = next((n for n in cp.topology.nodes if service_name(n) == s), s)
         for line in (cp.ready_dir / s).read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[0] == "link":
-                cp.mechanisms[f"{node}/{parts[1]}"] = parts[2]
+            parts = line.split(maxsplit=2)
+            if len(parts) == 3 and parts[0] in ("link", "loss", "ingress"):
+                {"link": cp.mechanisms, "loss": cp.loss, "ingress": cp.ingress}[parts[0]][f"{node}/{parts[1]}"] = parts[2]
     return cp.mechanisms
 
 
@@ -519,9 +654,38 @@ def leftovers(env: DockerEnv, project: str) -> tuple[list[str], list[str]]:
             env.run(["network", "ls", "-q", "--filter", label], timeout=60, check=False).stdout.split())
 
 
+def netns_service(cp: ComposeProject, node: str) -> str:
+    """The service whose container holds `node`'s network setup (Shopify's image joins a holder's namespace)."""
+    if node == TOXIPROXY_SERVICE and f"{TOXIPROXY_SERVICE}-net" in cp.services:
+        return f"{TOXIPROXY_SERVICE}-net"
+    return service_name(node)
+
+
+# Insert (or delete) a RETURN at the top of an interface's loss chain, with whichever iptables set it up.
+_LOSS_SWITCH = ('export XTABLES_LOCKFILE=/tmp/xtables.lock; for c in iptables iptables-legacy; do '
+                '"$c" -w -t raw "$0" "$1" 1 $2 2>/dev/null && exit 0; done; echo "no iptables holds chain $1" >&2; exit 1')
+
+
+@contextmanager
+def loss_paused(env: DockerEnv, cp: ComposeProject, interfaces: Sequence[str]) -> Iterator[None]:
+    """The iptables loss of these interfaces ("node/network") off for the `with` body, so shaping can be
+    measured on its own; back on afterwards, whatever happens."""
+    links = cp.path_links()
+    chains = [(netns_service(cp, key.split("/")[0]), links[key].loss_chain) for key in interfaces]
+    paused = []
+    try:
+        for service, chain in chains:
+            exec_in(env, cp, service, ["/bin/sh", "-c", _LOSS_SWITCH, "-I", chain, "-j RETURN"], timeout=30)
+            paused.append((service, chain))
+        yield
+    finally:
+        for service, chain in paused:
+            exec_in(env, cp, service, ["/bin/sh", "-c", _LOSS_SWITCH, "-D", chain, ""], timeout=30)
+
+
 def toxiproxy_api_url(env: DockerEnv, cp: ComposeProject) -> str:
     """http://127.0.0.1:PORT of the toxiproxy service's API (published on the host's loopback only)."""
-    holder = f"{TOXIPROXY_SERVICE}-net" if f"{TOXIPROXY_SERVICE}-net" in cp.services else TOXIPROXY_SERVICE
+    holder = netns_service(cp, TOXIPROXY_SERVICE)
     out = env.run(["port", container_id(env, cp, holder), f"{TOXIPROXY_API_PORT}/tcp"], timeout=30).stdout.strip()
     host_port = out.splitlines()[0].rsplit(":", 1)[-1]
     return f"http://127.0.0.1:{int(host_port)}"

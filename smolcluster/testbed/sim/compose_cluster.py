@@ -12,20 +12,22 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from smolcluster.common.errors import ProxyError, SimError
 from smolcluster.common.files import write_atomic
 from smolcluster.common.wait import wait_until
 from smolcluster.core.training.data import DATA_DIR_ENV, default_cache_dir
 from smolcluster.testbed.control import LinkHandle
+from smolcluster.testbed.linkemu import netem
 from smolcluster.testbed.linkemu.client import ToxiproxyClient
 from smolcluster.testbed.report import LinkSummary
 from smolcluster.testbed.sim import compose as cmp
 from smolcluster.testbed.sim.cluster import SimCluster
+from smolcluster.testbed.sim.compose_logging import LokiRelay
 from smolcluster.testbed.sim.docker_env import DockerEnv, DockerUnavailable
 from smolcluster.testbed.sim.image import USER_IMAGE, build_offline_image, build_user_image, check_offline_host, image_exists
-from smolcluster.testbed.topology import path_expectation, path_to_server, server_address_for
+from smolcluster.testbed.topology import path_down_mbit, path_expectation, path_loss_pct, path_to_server, server_address_for
 
 SERVER_PORT = 65432
 RUNNING_STATES = ("running", "paused", "restarting", "created")  # docker states of a node not yet done
@@ -60,13 +62,22 @@ def image_for(env: DockerEnv, data_dir: Optional[Path]) -> tuple[cmp.ImageSpec, 
 # --------------------------------------------------------------------------- the cluster
 
 
-def path_mechanism(kernel: set[str]) -> str:
-    """How a worker's path is emulated, from the qdiscs its interfaces got."""
+def path_mechanism(kernel: set[str], loss: Iterable[str] = (), ingress: Iterable[str] = ()) -> str:
+    """How a worker's path is emulated: the qdiscs its interfaces got (`kernel`), and how loss and
+    ingress shaping were applied where its profiles need them (iptables / netem / ifb / "none: why")."""
     if kernel == {"netem"}:
-        return "netem"
-    if kernel <= {"tbf", "netem"}:
-        return "tbf+proxy"  # rate by tbf, latency/jitter by the Toxiproxy proxy
-    return "proxy (rate unshaped: no tc qdisc)"
+        parts = ["netem"]
+    elif kernel <= {"tbf", "netem"}:
+        parts = ["tbf"]  # rate by tbf, latency/jitter by the Toxiproxy proxy
+    else:
+        return "proxy (rate unshaped: no tc qdisc)"
+    if netem.INGRESS_IFB in set(ingress):
+        parts.append("ifb")  # what the worker receives, shaped to its down rate
+    if netem.LOSS_IPTABLES in set(loss):
+        parts.append("iptables-loss")
+    if parts[0] != "netem":
+        parts.append("proxy")
+    return "+".join(parts)
 
 
 @dataclass
@@ -77,6 +88,7 @@ class ComposeCluster(SimCluster):
     env: DockerEnv
     cp: cmp.ComposeProject
     seed: Optional[int] = None
+    loki_relay: Optional[LokiRelay] = None  # with --logging: the nodes' pushes relayed to the host's Loki
 
     backend = "compose"
 
@@ -88,6 +100,8 @@ class ComposeCluster(SimCluster):
         self.toxics: dict[str, list[dict]] = {}
         self._ids: dict[str, str] = {}
         self._up = False
+        self._lossy = {k for k, l in self.cp.path_links().items() if l.lossy}
+        self._ingress = {k for k, l in self.cp.path_links().items() if l.ingress_mbit}
 
     @property
     def teardown_note(self) -> str:  # type: ignore[override]
@@ -98,7 +112,7 @@ class ComposeCluster(SimCluster):
     def start(self, add_toxics: bool = True) -> None:
         """Bring the project up (routes, shaping), find the Toxiproxy API, add latency toxics where needed."""
         self._up = True  # from here on stop() must tear down, whatever fails next
-        cmp.up(self.env, self.cp)
+        cmp.up(self.env, self.cp, before_start=self.loki_relay.start if self.loki_relay else None)
         self._t0 = time.time()
         # one `docker ps` for every container (compose v1's `ps -q SERVICE` takes ~1 s each)
         r = self.env.run(["ps", "-a", "--no-trunc", "--filter", f"label=com.docker.compose.project={self.cp.project}",
@@ -131,19 +145,43 @@ class ComposeCluster(SimCluster):
 
     def kernel_mechanisms(self, worker: str) -> set[str]:
         """The qdisc kinds applied on every interface the worker's traffic leaves through."""
-        out = set()
-        for hop in path_to_server(self.topology, worker):
-            for node in (hop.src, hop.dst):
-                m = self.cp.mechanisms.get(f"{node}/{hop.network}")
-                if m:
-                    out.add(m)
+        out = {m for key in self.path_interfaces(worker) if (m := self.cp.mechanisms.get(key))}
         return out or {"none"}
+
+    def path_interfaces(self, worker: str, lossy_hops_only: bool = False) -> list[str]:
+        """"node/network" of both ends of every hop of the worker's path (the server's end on the networks
+        the Toxiproxy service stands in for it is the service's interface: that is where packets arrive)."""
+        out = []
+        for hop in path_to_server(self.topology, worker):
+            if lossy_hops_only and not hop.profile.loss_pct:
+                continue
+            for node in (hop.src, hop.dst):
+                if node == self.server and hop.network in self.cp.toxiproxy_address:
+                    out.append(f"{cmp.TOXIPROXY_SERVICE}/{hop.network}")
+                out.append(f"{node}/{hop.network}")
+        return list(dict.fromkeys(out))
+
+    def path_loss(self, worker: str) -> dict[str, str]:
+        """Interface -> how its loss was applied, for the interfaces that drop packets of the path's lossy hops."""
+        return {k: self.cp.loss.get(k, "none: not set up") for k in self.path_interfaces(worker, lossy_hops_only=True)
+                if k in self._lossy}
+
+    def path_ingress(self, worker: str) -> dict[str, str]:
+        """Interface -> how what it receives was shaped, for the path's interfaces that needed it."""
+        return {k: self.cp.ingress.get(k, "none: not set up") for k in self.path_interfaces(worker) if k in self._ingress}
+
+    def path_mechanism(self, worker: str) -> str:
+        return path_mechanism(self.kernel_mechanisms(worker), self.path_loss(worker).values(), self.path_ingress(worker).values())
+
+    def loss_applied(self, worker: str) -> bool:
+        """Every interface of the path that should drop packets does (vacuously true on a lossless path)."""
+        return all(m in (netem.LOSS_IPTABLES, netem.NETEM) for m in self.path_loss(worker).values())
 
     def _add_latency_toxics(self) -> None:
         """Latency/jitter of the whole path on each worker's proxy, both directions, unless netem delays in the kernel."""
         for p in self.cp.proxies:
             self.toxics[p.name] = []
-            if path_mechanism(self.kernel_mechanisms(p.worker)) == "netem":
+            if self.kernel_mechanisms(p.worker) == {"netem"}:
                 continue
             delay, jitter = round(p.latency_ms), round(p.jitter_ms)
             if not (delay or jitter):
@@ -166,7 +204,14 @@ class ComposeCluster(SimCluster):
                 pass
             self.save_logs()
         finally:
-            cmp.down(self.env, self.cp)
+            try:
+                cmp.down(self.env, self.cp)
+            finally:
+                if self.loki_relay is not None:
+                    self.loki_relay.stop()
+
+    def loki_url(self) -> Optional[str]:
+        return self.loki_relay.upstream if self.loki_relay else None  # fault events: straight from the host
 
     def save_logs(self) -> None:
         for node in self.topology.nodes:
@@ -225,7 +270,7 @@ class ComposeCluster(SimCluster):
         """
         out = []
         for p in self.cp.proxies:
-            mechanism = path_mechanism(self.kernel_mechanisms(p.worker))
+            mechanism = self.path_mechanism(p.worker)
             for hop in path_to_server(self.topology, p.worker):
                 out.append(LinkHandle(name=p.name, src=hop.src, dst=hop.dst, network=hop.network, mechanism=mechanism))
         return out
@@ -281,16 +326,17 @@ class ComposeCluster(SimCluster):
             hops = path_to_server(self.topology, p.worker)
             rtt, mbps = path_expectation(hops)
             kernel = {f"{n}/{h.network}": self.cp.mechanisms.get(f"{n}/{h.network}", "none") for h in hops for n in (h.src, h.dst)}
+            loss, ingress = self.path_loss(p.worker), self.path_ingress(p.worker)
             s = self.final_link_stats.get(p.name)
             rows.append(LinkSummary(
                 name=p.name, src=p.worker, dst=self.server, network=self.links_network(p.worker),
                 hops=[f"{h.src}->{h.dst}" for h in hops],
                 profile={"name": " | ".join(h.profile.name for h in hops), "delay_ms": round(p.latency_ms, 3),
-                         "jitter_ms": round(p.jitter_ms, 3), "loss_pct": max((h.profile.loss_pct for h in hops), default=0.0),
-                         "up_mbit": mbps, "down_mbit": min(h.profile.down_mbit for h in hops), "rtt_ms": round(rtt, 3)},
-                mechanism=path_mechanism(self.kernel_mechanisms(p.worker)), kernel=kernel,
+                         "jitter_ms": round(p.jitter_ms, 3), "loss_pct": round(path_loss_pct(hops), 4),
+                         "up_mbit": mbps, "down_mbit": path_down_mbit(hops), "rtt_ms": round(rtt, 3)},
+                mechanism=self.path_mechanism(p.worker), kernel=kernel, loss=loss or None, ingress=ingress or None,
                 toxics=self.toxics.get(p.name, []), rate_shaped=all(m in ("tbf", "netem") for m in kernel.values()),
-                loss_emulated=all(m == "netem" for m in kernel.values()), notes=_link_notes(kernel, p),
+                loss_emulated=self.loss_applied(p.worker), notes=_link_notes(kernel, p, loss, ingress),
                 bytes_up=s.get("upstream_bytes") if s else None, bytes_down=s.get("downstream_bytes") if s else None,
                 connections=s.get("connections_total") if s else None))
         return rows
@@ -307,12 +353,19 @@ class ComposeCluster(SimCluster):
         return next(n for n, a in self.topology.server.addresses.items() if a == dial)
 
 
-def _link_notes(kernel: dict[str, str], p: cmp.ProxyRoute) -> list[str]:
+def _link_notes(kernel: dict[str, str], p: cmp.ProxyRoute, loss: dict[str, str], ingress: dict[str, str]) -> list[str]:
     kinds = set(kernel.values())
     out = []
     if kinds != {"netem"}:
         out.append(f"latency {p.latency_ms:g}±{p.jitter_ms:g} ms one way by the Toxiproxy proxy "
-                   f"(whole ms: {round(p.latency_ms)}±{round(p.jitter_ms)}); loss not emulated (needs netem)")
+                   f"(whole ms: {round(p.latency_ms)}±{round(p.jitter_ms)})")
     if "none" in kinds:
         out.append("rate not shaped on " + ", ".join(k for k, m in kernel.items() if m == "none") + " (no tc qdisc)")
+    dropped = [k for k, m in loss.items() if m == netem.LOSS_IPTABLES]
+    if dropped:
+        out.append("loss by iptables (random drops of arriving packets) on " + ", ".join(dropped))
+    out += [f"loss not applied on {k} ({m.removeprefix('none: ')})" for k, m in loss.items()
+            if m not in (netem.LOSS_IPTABLES, netem.NETEM)]
+    out += [f"down rate not shaped on arrival at {k} ({m.removeprefix('none: ')})" for k, m in ingress.items()
+            if m != netem.INGRESS_IFB]
     return out

@@ -87,6 +87,12 @@ def worker_paths(topo: Topology) -> dict[str, list[str]]:
     return {w.name: [hop_name(h) for h in path_to_server(topo, w.name)] for w in topo.workers}
 
 
+def profile_json(p: LinkProfile) -> dict[str, Any]:
+    """A link profile as a summary's `links` entry gives it."""
+    return {"name": p.name, "delay_ms": p.delay_ms, "jitter_ms": p.jitter_ms, "loss_pct": p.loss_pct,
+            "up_mbit": p.up_mbit, "down_mbit": p.down_mbit}
+
+
 def toxics_for(profile: LinkProfile, shape_rate: bool) -> list[dict[str, Any]]:
     """Toxiproxy toxic bodies for one hop's profile."""
     out: list[dict[str, Any]] = []

@@ -4,21 +4,30 @@ Starts the same proxy chain a local sim run uses (one proxy per hop, same toxics
 echo/sink server (smolcluster.testbed.linkemu.measure's protocol) standing where the training server
 would be. Then, one worker path at a time (paths share hops, so never concurrently):
 - RTT: median of RTT_SAMPLES one-byte ping-pongs over one TCP connection (TCP_NODELAY);
-- throughput: a bulk upload sized to ~BULK_SECONDS at the path's expected rate, measured by the
-  receiver from its first to its last byte (goodput, what the profiles' rates mean).
+- throughput up: a bulk upload sized to ~BULK_SECONDS at the path's expected up rate, measured
+  by the receiver from its first to its last byte (goodput, what the profiles' rates mean);
+- throughput down: the same towards the worker (the server end sends for BULK_SECONDS), against
+  the path's down rate.
 
 Pass criterion: measured within ±TOLERANCE of expected, for RTT where the expected RTT is at
 least MIN_CHECKABLE_RTT_MS and for throughput where the expected rate is at most
 MAX_CHECKABLE_MBIT. Faster or shorter links cannot be emulated on loopback (the proxy's own
 overhead is ~0.1-0.5 ms and it moves a few Gbit/s at best); they are still measured and
 reported, marked "not emulable on loopback", and do not fail the check (`rtt_checked` /
-`mbps_checked` say which parts were judged). Packet loss is never emulated by a TCP proxy.
+`mbps_checked` / `mbps_down_checked` say which parts were judged).
+
+Packet loss is never emulated by a TCP proxy, so here it is not measured either (the notes say so).
+Under the compose backend it is applied in the kernel and measured (compose_check.py): a paced UDP
+echo probe along the worker's routed path, each direction judged by `loss_ok` — within
+±TOLERANCE of the profile's loss, or within LOSS_SIGMAS binomial standard errors of it when the
+probe's sample is too small for that (the larger of the two).
 Exit code 1 when any checked value is out of tolerance.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import socket
 import sys
 from dataclasses import asdict, dataclass, field
@@ -30,8 +39,9 @@ from smolcluster.testbed.linkemu import measure
 from smolcluster.testbed.linkemu.api import ToxiproxyServer
 from smolcluster.testbed.linkemu.client import ToxiproxyClient
 from smolcluster.testbed.linkemu.proxy import split_hostport
+from smolcluster.testbed.profiles import mathis_mbit
 from smolcluster.testbed.sim.hops import EMULABLE_MBIT, create_link_proxies, plan_hops, worker_paths
-from smolcluster.testbed.topology import Topology, path_expectation, path_to_server
+from smolcluster.testbed.topology import Topology, path_down_mbit, path_expectation, path_loss_pct, path_to_server
 
 TOLERANCE = 0.15
 MIN_CHECKABLE_RTT_MS = 5.0
@@ -40,6 +50,7 @@ RTT_SAMPLES = 101  # the median of jittered RTTs: ~0.6 ms spread at Wi-Fi's ±6 
 BULK_SECONDS = 1.5
 MIN_BULK_BYTES = 1 << 20
 MAX_BULK_BYTES = 64 << 20
+LOSS_SIGMAS = 3.0  # a loss measurement may be off by this many binomial standard errors
 
 
 @dataclass
@@ -55,6 +66,17 @@ class PathResult:
     mbps_checked: bool
     ok: bool
     notes: list[str] = field(default_factory=list)
+    # the down direction (towards the worker): measured by the sim's checks, not by every caller
+    mbps_down_expected: Optional[float] = None
+    mbps_down_measured: Optional[float] = None
+    mbps_down_checked: bool = False
+    # loss per direction, percent: expected from the profiles, measured where the backend applies it
+    loss_pct_expected: float = 0.0
+    loss_up_pct_measured: Optional[float] = None
+    loss_down_pct_measured: Optional[float] = None
+    loss_tolerance_pct: Optional[float] = None  # the absolute margin each direction was judged with
+    loss_checked: bool = False
+    tcp_retrans_pct: Optional[float] = None  # the sender's TCP retransmissions during the upload (compose)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -89,6 +111,27 @@ def within_tolerance(measured: float, expected: float) -> bool:
     return abs(measured - expected) <= TOLERANCE * expected
 
 
+def loss_margin_pct(expected_pct: float, samples: int) -> float:
+    """How far a loss measured over `samples` packets may be from `expected_pct`: ±TOLERANCE of it, or
+    LOSS_SIGMAS binomial standard errors when the sample is too small for that (the larger)."""
+    p = expected_pct / 100.0
+    sigma = math.sqrt(p * (1 - p) / samples) if samples > 0 else 1.0
+    return max(TOLERANCE * expected_pct, 100.0 * LOSS_SIGMAS * sigma)
+
+
+def loss_cost_note(path: list) -> str:
+    """What the path's loss might cost TCP, by the Mathis et al. model, as a note (a model, not a measurement)."""
+    rtt, mbps = path_expectation(path)
+    loss = path_loss_pct(path)
+    return (f"one long Reno flow at {loss:g}% loss and {rtt:g} ms RTT would get ~{mathis_mbit(rtt, loss):.3g} of the {mbps:g} "
+            "Mbit/s by the Mathis et al. model; Linux's CUBIC gets more on short paths")
+
+
+def download(host: str, port: int, seconds: float, timeout: float = 60.0) -> dict:
+    """measure.py's download mode: the far end sends for `seconds`, this end times what arrives."""
+    return measure.recv(host, port, seconds, timeout=timeout)
+
+
 def check_path(topo: Topology, worker: str, first_hop: str, hops: list[str]) -> PathResult:
     path = path_to_server(topo, worker)
     rtt_exp, mbps_exp = path_expectation(path)
@@ -98,19 +141,27 @@ def check_path(topo: Topology, worker: str, first_hop: str, hops: list[str]) -> 
     nbytes = int(mbps_exp * 1e6 / 8 * BULK_SECONDS) if shaped else MAX_BULK_BYTES
     mbps = bulk_upload(host, port, max(MIN_BULK_BYTES, min(MAX_BULK_BYTES, nbytes)))["mbit"]
 
+    down_exp = path_down_mbit(path)
+    down = download(host, port, BULK_SECONDS)["mbit"]
+
     rtt_checked, mbps_checked = rtt_exp >= MIN_CHECKABLE_RTT_MS, mbps_exp <= MAX_CHECKABLE_MBIT
+    down_checked = down_exp <= MAX_CHECKABLE_MBIT
     notes = []
     if not rtt_checked:
         notes.append(f"RTT {rtt_exp:g} ms < {MIN_CHECKABLE_RTT_MS:g} ms: not emulable on loopback (proxy overhead), not judged")
-    if not mbps_checked:
-        notes.append(f"rate {mbps_exp:g} Mbit/s > {MAX_CHECKABLE_MBIT:g} Mbit/s: not emulable on loopback, not judged")
+    for what, rate, checked in (("rate", mbps_exp, mbps_checked), ("down rate", down_exp, down_checked)):
+        if not checked:
+            notes.append(f"{what} {rate:g} Mbit/s > {MAX_CHECKABLE_MBIT:g} Mbit/s: not emulable on loopback, not judged")
     loss = [h for h in path if h.profile.loss_pct]
     if loss:
-        notes.append("loss " + ", ".join(f"{h.profile.loss_pct:g}% on {h.src}->{h.dst}" for h in loss) + ": not emulated by the proxy")
-    ok = (not rtt_checked or within_tolerance(rtt, rtt_exp)) and (not mbps_checked or within_tolerance(mbps, mbps_exp))
+        notes.append("loss " + ", ".join(f"{h.profile.loss_pct:g}% on {h.src}->{h.dst}" for h in loss)
+                     + ": not emulated by the proxy, not measured (" + loss_cost_note(path) + "; --backend compose applies it)")
+    ok = ((not rtt_checked or within_tolerance(rtt, rtt_exp)) and (not mbps_checked or within_tolerance(mbps, mbps_exp))
+          and (not down_checked or within_tolerance(down, down_exp)))
     return PathResult(src=worker, dst=topo.server.name, hops=hops, rtt_ms_expected=round(rtt_exp, 3), rtt_ms_measured=round(rtt, 3),
                       mbps_expected=round(mbps_exp, 2), mbps_measured=round(mbps, 2), rtt_checked=rtt_checked,
-                      mbps_checked=mbps_checked, ok=ok, notes=notes)
+                      mbps_checked=mbps_checked, ok=ok, notes=notes, mbps_down_expected=round(down_exp, 2),
+                      mbps_down_measured=round(down, 2), mbps_down_checked=down_checked, loss_pct_expected=round(path_loss_pct(path), 4))
 
 
 def check_links(topo: Topology, toxiproxy_url: Optional[str] = None, seed: Optional[int] = None) -> list[PathResult]:
@@ -142,23 +193,45 @@ def check_links(topo: Topology, toxiproxy_url: Optional[str] = None, seed: Optio
         sink.close()
 
 
+def _mark(checked: bool, ok: bool) -> str:
+    return ("ok" if ok else "FAIL") if checked else "n/e"
+
+
+def loss_ok(r: PathResult) -> bool:
+    """Both directions' measured loss within the margin they were judged with (true when not judged)."""
+    if not r.loss_checked:
+        return True
+    margin = r.loss_tolerance_pct or 0.0
+    return all(m is not None and abs(m - r.loss_pct_expected) <= margin
+               for m in (r.loss_up_pct_measured, r.loss_down_pct_measured))
+
+
 def format_check(topo: Topology, results: list[PathResult], unjudged: str = "") -> str:
     """The link check's table; `unjudged` explains the n/e marks (default: what loopback cannot emulate)."""
     rows = []
     for r in results:
-        rtt_mark = ("ok" if within_tolerance(r.rtt_ms_measured, r.rtt_ms_expected) else "FAIL") if r.rtt_checked else "n/e"
-        bw_mark = ("ok" if within_tolerance(r.mbps_measured, r.mbps_expected) else "FAIL") if r.mbps_checked else "n/e"
-        rows.append([f"{r.src}->{r.dst}", " | ".join(r.hops), f"{r.rtt_ms_expected:g}", f"{r.rtt_ms_measured:.2f}", rtt_mark,
-                     f"{r.mbps_expected:g}", f"{r.mbps_measured:.1f}", bw_mark, _verdict(r)])
+        down = r.mbps_down_measured is not None
+        lossy = r.loss_up_pct_measured is not None
+        rows.append([f"{r.src}->{r.dst}", " | ".join(r.hops), f"{r.rtt_ms_expected:g}", f"{r.rtt_ms_measured:.2f}",
+                     _mark(r.rtt_checked, within_tolerance(r.rtt_ms_measured, r.rtt_ms_expected)),
+                     f"{r.mbps_expected:g}", f"{r.mbps_measured:.1f}",
+                     _mark(r.mbps_checked, within_tolerance(r.mbps_measured, r.mbps_expected)),
+                     f"{r.mbps_down_expected:g}" if down else "-", f"{r.mbps_down_measured:.1f}" if down else "-",
+                     _mark(r.mbps_down_checked, down and within_tolerance(r.mbps_down_measured, r.mbps_down_expected)),
+                     f"{r.loss_pct_expected:g}", f"{r.loss_up_pct_measured:.2f}/{r.loss_down_pct_measured:.2f}" if lossy else "-",
+                     _mark(r.loss_checked, loss_ok(r)) if r.loss_pct_expected or lossy else "",
+                     _verdict(r)])
     unjudged = unjudged or (f"not emulable on loopback (RTT < {MIN_CHECKABLE_RTT_MS:g} ms or rate > {MAX_CHECKABLE_MBIT:g} "
-                            "Mbit/s): measured, not judged")
-    lines = [f"link check: {topo.name} ({topo.file}); tolerance ±{TOLERANCE:.0%}; n/e = {unjudged}",
-             table(["path", "hops", "RTT exp ms", "RTT ms", "", "Mbit/s exp", "Mbit/s", "", "result"], rows)]
+                            "Mbit/s, or loss): measured, not judged")
+    lines = [f"link check: {topo.name} ({topo.file}); tolerance ±{TOLERANCE:.0%} (loss: ±{TOLERANCE:.0%} or "
+             f"{LOSS_SIGMAS:g} standard errors of the probe); n/e = {unjudged}",
+             table(["path", "hops", "RTT exp ms", "RTT ms", "", "up exp Mbit/s", "up Mbit/s", "",
+                    "down exp", "down", "", "loss exp %", "loss up/down %", "", "result"], rows)]
     notes = [f"  {r.src}: {n}" for r in results for n in r.notes]
     if notes:
         lines += ["notes:", *notes]
     failed = [r for r in results if not r.ok]
-    judged = [r for r in results if r.rtt_checked or r.mbps_checked]
+    judged = [r for r in results if r.rtt_checked or r.mbps_checked or r.mbps_down_checked or r.loss_checked]
     lines.append(f"{len(judged) - len(failed)}/{len(judged)} judged paths pass"
                  + (f"; {len(results) - len(judged)} measured only" if len(judged) < len(results) else "")
                  + (f"; FAILED: {', '.join(r.src for r in failed)}" if failed else ""))
@@ -168,7 +241,7 @@ def format_check(topo: Topology, results: list[PathResult], unjudged: str = "") 
 def _verdict(r: PathResult) -> str:
     if not r.ok:
         return "FAIL"
-    return "PASS" if r.rtt_checked or r.mbps_checked else "not judged"
+    return "PASS" if r.rtt_checked or r.mbps_checked or r.mbps_down_checked or r.loss_checked else "not judged"
 
 
 def run_check(topo: Topology, toxiproxy_url: Optional[str] = None, as_json: bool = False, out: TextIO = sys.stdout,

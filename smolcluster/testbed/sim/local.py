@@ -10,6 +10,7 @@ at --toxiproxy URL), so fault injection works the same on either.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -23,13 +24,16 @@ import yaml
 
 from smolcluster.common.errors import ProxyError, SimError
 from smolcluster.common.files import write_atomic
+from smolcluster.common.wait import wait_until
+from smolcluster.core import algorithms
 from smolcluster.testbed.control import LinkHandle
 from smolcluster.testbed.faults import schedule_for
 from smolcluster.testbed.linkemu.api import ToxiproxyServer
 from smolcluster.testbed.linkemu.client import ToxiproxyClient
 from smolcluster.testbed.report import LinkSummary
 from smolcluster.testbed.sim.cluster import SimCluster
-from smolcluster.testbed.sim.hops import create_link_proxies, plan_hops, worker_paths
+from smolcluster.testbed.sim.ddp_routes import GlooRouter
+from smolcluster.testbed.sim.hops import create_link_proxies, plan_hops, profile_json, worker_paths
 from smolcluster.testbed.logstack import loki_for_run
 from smolcluster.testbed.sim.options import SimOptions, default_run_dir, overrides_for
 from smolcluster.testbed.sim.plan import RunOverrides, write_run_configs
@@ -61,6 +65,12 @@ class LocalCluster(SimCluster):
         if self.toxiproxy_url:
             self.toxiproxy = ToxiproxyClient(self.toxiproxy_url)
         self.config_dir = self.run_dir / "config"
+        self.router: Optional[GlooRouter] = None  # an all-reduce's worker-to-worker links (DDP)
+        # an all-reduce's links go through the router's proxies unless the run says `ddp_routes: false`
+        self.routes = algorithms.get(self.algorithm).collective and \
+            {**self.topology.training.extra, **self.overrides.extra}.get("ddp_routes", True)
+        if self.routes:  # gloo dials the routes the router publishes
+            self.overrides = dataclasses.replace(self.overrides, extra={**self.overrides.extra, "ddp_routes": True})
 
     def loki_url(self) -> Optional[str]:
         return self.overrides.extra.get("loki_url") or self.topology.training.extra.get("loki_url")
@@ -78,6 +88,8 @@ class LocalCluster(SimCluster):
         self._created = [p.name for p in self.plans]  # before creating: a failure half-way still cleans up
         self.listen = create_link_proxies(self.toxiproxy, self.plans, f"127.0.0.1:{self.server_port}")
         self._write_proxies_file()
+        if self.routes:
+            self._start_router()
         for w in self.topology.workers:
             self._start_worker(w.name)
 
@@ -99,6 +111,17 @@ class LocalCluster(SimCluster):
                 "proxies": [{"name": p.name, "listen": self.listen[p.name],
                              "upstream": self.listen[p.next] if p.next else f"127.0.0.1:{self.server_port}"} for p in self.plans]}
         write_atomic(self.run_dir / "proxies.json", json.dumps(info, indent=2))
+
+    def _start_router(self) -> None:
+        from smolcluster.core.algorithms.ddp import RENDEZVOUS_FILE  # imports torch: only in a DDP run
+
+        path = self.nodes_dir / self.server / RENDEZVOUS_FILE
+        info = wait_until(lambda: json.loads(path.read_text()) if path.exists() else None, 10.0)
+        if not info:
+            raise SimError(f"the DDP server wrote no {path}; see {path.parent / 'stdout.log'}")
+        self.router = GlooRouter(self.topology, self.toxiproxy, int(info["store_port"]))
+        self.router.created = self._created  # its proxies are cleaned up and counted with the others
+        self.router.start()
 
     def _start_server(self, resume: bool) -> None:
         d = self.nodes_dir / self.server
@@ -131,6 +154,8 @@ class LocalCluster(SimCluster):
                 signal.signal(signal.SIGINT, restore)
 
     def _stop(self) -> None:
+        if self.router is not None:
+            self.router.stop()
         try:
             self.procs.stop_all()
         finally:
@@ -205,15 +230,28 @@ class LocalCluster(SimCluster):
         rows = []
         for p in self.plans:
             s = self.final_link_stats.get(p.name)
-            prof = p.profile
             rows.append(LinkSummary(
-                name=p.name, src=p.hop.src, dst=p.hop.dst, network=p.hop.network,
-                profile={"name": prof.name, "delay_ms": prof.delay_ms, "jitter_ms": prof.jitter_ms, "loss_pct": prof.loss_pct,
-                         "up_mbit": prof.up_mbit, "down_mbit": prof.down_mbit},
+                name=p.name, src=p.hop.src, dst=p.hop.dst, network=p.hop.network, profile=profile_json(p.profile),
                 mechanism=p.mechanism(), rate_shaped=p.rate_shaped(), loss_emulated=False, notes=p.notes(),
                 bytes_up=s.get("upstream_bytes") if s else None, bytes_down=s.get("downstream_bytes") if s else None,
                 connections=s.get("connections_total") if s else None))
+        if self.router is not None:
+            rows += self.router.summary_links(self.final_link_stats)
         return rows
+
+    def node_bytes(self) -> dict[str, tuple[int, int]]:
+        own = super().node_bytes()
+        if self.router is None:
+            return own
+        gloo = self.router.node_bytes(self.final_link_stats)
+        return {w: tuple(a + b for a, b in zip(own.get(w, (0, 0)), gloo.get(w, (0, 0)))) for w in set(own) | set(gloo)}
+
+    def summary_fields(self) -> dict[str, Any]:
+        if self.router is not None:
+            return {"ddp_links": self.router.summary()}
+        if algorithms.get(self.algorithm).collective:
+            return {"ddp_links": {"mode": "direct", "note": "ddp_routes: false: gloo's links are unshaped"}}
+        return {}
 
     def toxiproxy_label(self) -> str:
         return self.toxiproxy_url or "embedded"

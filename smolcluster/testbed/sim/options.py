@@ -31,6 +31,7 @@ class SimOptions:
     logging: bool = False  # ship every node's lines to Loki (the logging/ stack, or loki_url)
     loki_url: Optional[str] = None  # an existing Loki instead of starting the stack
     gpt_config: Optional[Path] = None  # train this gpt_config.yaml's GPT instead of the topology's model
+    calibrate: bool = False  # virtual: measure this machine's training step into the reference device profile
 
 
 def default_run_dir(topo: Topology, algo: str, now: Optional[float] = None) -> Path:

@@ -21,13 +21,15 @@ from smolcluster.testbed.sim.compose_run import run_compose
 from smolcluster.testbed.sim.linkcheck import run_check
 from smolcluster.testbed.sim.local import run_local
 from smolcluster.testbed.sim.options import SimOptions
+from smolcluster.testbed.sim.virtual.cluster import run_virtual
 from smolcluster.testbed.topology import load_topology
 
 
 def run_sim(opts: SimOptions, out: TextIO = sys.stdout) -> int:
     """The `smolcluster sim` command. Returns the process exit code."""
-    if opts.backend not in ("local", "compose"):
-        raise SimError(f"unknown backend {opts.backend!r}: use local (processes + proxies) or compose (docker)")
+    if opts.backend not in ("local", "compose", "virtual"):
+        raise SimError(f"unknown backend {opts.backend!r}: use local (processes + proxies), compose (docker) "
+                       "or virtual (one process, virtual time)")
     if opts.algo is not None and opts.algo not in algorithms.names():
         raise SimError(f"unknown algorithm {opts.algo!r}: use {algorithms.choices()}")
     if opts.as_json and not opts.check:
@@ -35,11 +37,18 @@ def run_sim(opts: SimOptions, out: TextIO = sys.stdout) -> int:
     if opts.backend == "compose" and opts.gpt_config is not None:
         raise SimError("--gpt-config runs on the local backend (the compose image mounts MNIST, not WikiText-2): "
                        "drop --backend compose")
+    if opts.calibrate and opts.backend != "virtual":
+        raise SimError("--calibrate measures the virtual backend's compute reference: add --backend virtual")
     if opts.backend == "compose":
         return run_compose(opts, out)
     topo = load_topology(opts.file)
     if opts.check:
         return run_check(topo, toxiproxy_url=opts.toxiproxy, as_json=opts.as_json, out=out, seed=opts.seed)
+    if opts.backend == "virtual":
+        if algorithms.get(opts.algo or topo.training.algorithm).collective:
+            raise SimError("DDP runs real torch.distributed process groups, which virtual time cannot schedule: "
+                           "use --backend local")
+        return run_virtual(topo, opts, out=out)
     return run_local(topo, opts, out=out)
 
 
