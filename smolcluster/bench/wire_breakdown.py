@@ -7,7 +7,7 @@ both ends (the echo runs in a child process, so every variant crosses the kernel
   flat frame  + the 28-byte preamble and the 94-byte binary header, one sendmsg; header and payload
               received together into a preallocated buffer (the format, without its checks)
   wire.py     encode_frame / send_frame / read_frame on a blocking socket (every check, the agreed layout)
-  Connection  the full transport: deadlines on every wait, non-blocking socket, locks, byte counts
+  Connection  the full transport: deadlines on every wait (kernel socket timeouts, or poll), locks, byte counts
 
 Runs are interleaved round-robin so machine noise hits all of them alike.
 """
