@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from smolcluster.core.training.robust import NormFilter
+from smolcluster.core.training.robust import MovementLedger, NormFilter
 
 
 def _honest(f: NormFilter, rank: int, n: int, rng: random.Random) -> int:
@@ -46,3 +46,14 @@ def test_a_flood_of_large_pushes_from_one_rank_does_not_raise_the_bar_for_it():
     _honest(f, 3, 50, rng)
     refused = sum(1 for _ in range(200) if f.check(2, 1e3, prior=1e4) or f.accept(2, 1e3))
     assert refused == 200 - f.min_history  # only its warm-up passes, under the prior
+
+
+def test_the_movement_ledger_bounds_the_progress_since_a_version():
+    ledger = MovementLedger(window=4)
+    assert ledger.since(0) == 0.0  # nothing recorded yet
+    for version, moved in enumerate([1.0, 2.0, 0.5, 0.25, 4.0], start=1):
+        ledger.record(version, moved)
+    assert ledger.since(5) == 0.0 and ledger.since(4) == 4.0 and ledger.since(3) == 4.25
+    assert ledger.since(0) == ledger.since(1) == 4.75  # older than the window: from the oldest kept version
+    ledger.record(9, 1.0)  # a gap (a resume from a checkpoint): the history starts afresh
+    assert ledger.since(8) == 1.0 and ledger.since(1) == 1.0

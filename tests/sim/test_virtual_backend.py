@@ -23,8 +23,8 @@ FLOOR = {"edp": 0.90, "syncps": 0.92}  # one epoch of MNIST, as on the local bac
 COMPARED = ("summary.json", "faults.jsonl", "nodes/{node}/metrics.jsonl", "nodes/{server}/summary.json")
 
 
-def run_virtual(run_dir: Path, data_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "smolcluster", "sim", "topologies/hybrid.yaml", "--backend", "virtual",
+def run_virtual(run_dir: Path, data_dir: Path, *args: str, topology: str = "topologies/hybrid.yaml") -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "smolcluster", "sim", topology, "--backend", "virtual",
                         "--run-dir", str(run_dir), *args], cwd=REPO, env={**os.environ, "SMOLCLUSTER_DATA_DIR": str(data_dir)},
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -100,3 +100,21 @@ def test_virtual_faults_fire_in_virtual_time_and_reruns_match(tmp_path, mnist_di
     assert any(m["event"] == "resume" for m in server_metrics)  # back from its checkpoint
     pi4_joins = [m for m in read_jsonl(tmp_path / "first" / "nodes" / "pi4" / "metrics.jsonl") if m["event"] == "join"]
     assert len(pi4_joins) >= 2  # joined again after the server came back, and when restarted after its kill
+
+
+def test_a_stalled_edp_worker_is_not_an_outlier_when_it_comes_back(tmp_path, mnist_dir):
+    """A worker starved for 8 s (a paused process; on a loaded machine, the scheduler) comes back with weights
+    that differ from the server's by everyone's progress since: robust aggregation judges the move the push
+    makes after its staleness damping, so the honest straggler is applied, not rejected as an outlier."""
+    topology = tmp_path / "small.yaml"
+    text = (REPO / "topologies" / "faults-small.yaml").read_text()
+    topology.write_text(text.replace("  algorithm: edp\n", "  algorithm: edp\n  use_quantization: true\n", 1))
+    faults = tmp_path / "faults.yaml"
+    faults.write_text("faults:\n  - {at: 3, node: w1, action: pause, duration: 8}\n")
+    run_virtual(tmp_path / "run", mnist_dir, "--algo", "edp", "--faults", str(faults), topology=str(topology))
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["robust_aggregation"]["enabled"]
+    assert s["pushes_rejected"] == 0, s["rejected_reasons"]
+    assert max(m.get("staleness", 0) for m in read_jsonl(tmp_path / "run" / "nodes" / "srv" / "metrics.jsonl")
+               if m["event"] == "update" and m.get("source") == 1) >= 20  # it did come back far behind
+    assert s["final_test_accuracy"] >= 0.9

@@ -143,7 +143,7 @@ def test_edp_with_int8_quantization_trains_and_sends_a_quarter(local_cluster):
     assert c.wait_server(timeout=240) == 0, c.log("server")
     s = c.summary()
     assert s["final_test_accuracy"] >= FLOOR["edp"], s
-    assert s["pushes_rejected"] == 0
+    assert s["pushes_rejected"] == 0, (s["rejected_reasons"], [m for m in c.metrics() if m["event"] == "reject"])
     full = 101_770 * 4  # float32 bytes of the model
     per_push = s["bytes_received"] / s["pushes_applied"]
     assert per_push < 0.3 * full, per_push  # int8 values + per-row scale and zero point

@@ -11,6 +11,7 @@ Workers join and leave at any time; a joiner gets the current weights first.
 
 from __future__ import annotations
 
+import math
 
 import torch
 
@@ -18,11 +19,16 @@ from smolcluster.common.errors import BadField
 from smolcluster.core.algorithms.base import Peer, ServerBase, WorkerBase
 from smolcluster.core.net import messages
 from smolcluster.core.training.flat import fold_, layer_norms, norm_of, scale_, total_norm
+from smolcluster.core.training.robust import MovementLedger
 from smolcluster.core.net.wire import Message, MessageKind
 
 
 class Server(ServerBase):
     algorithm = "edp"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.moved = MovementLedger()  # for judging stale weights pushes by the worker's own progress
 
     def loop(self) -> None:
         while True:
@@ -49,6 +55,7 @@ class Server(ServerBase):
         norms = self.apply_gradients(grads)
         self.version += 1
         self.step = self.version
+        self.moved.record(self.version, 0.0)  # an optimizer step's movement is not measured
         self.after_update(source=0, staleness=0, loss=loss, grad_norms=norms)
 
     def on_push(self, peer: Peer, push: messages.Push, msg: Message) -> None:
@@ -68,7 +75,14 @@ class Server(ServerBase):
         else:
             norms = layer_norms(layout, tensors)
             size = norm_of(norms)
-        problem = self.robust_problem(peer.rank, size, weights_mode)
+        tau = self.version - push.base_version
+        # A weights push differs from our weights by everyone's progress since its base as well as its own:
+        # judge only what the worker itself can have done, so an honest straggler is no outlier. (The history
+        # keeps the plain norms: the lower bound of a stale push would drag the median towards 0. A liar that
+        # claims an old base to widen the bound gets damped by the same staleness: what it can move the model
+        # stays within the bar plus the average movement per version since.)
+        own = max(0.0, size - self.moved.since(push.base_version)) if weights_mode else size
+        problem = self.robust_problem(peer.rank, own if math.isfinite(size) else size, weights_mode)
         if problem:
             reason = "non-finite" if problem == "non-finite" else "outlier"
             detail = f"{push.mode} contain NaN or Inf" if reason == "non-finite" else problem
@@ -76,7 +90,6 @@ class Server(ServerBase):
             return self._ack(peer, "rejected", push, tau=0)
         if self.robust is not None:
             self.robust.accept(peer.rank, size)
-        tau = self.version - push.base_version
         if weights_mode:
             alpha = 1.0 / (1 + tau)
             with torch.no_grad():
@@ -87,6 +100,7 @@ class Server(ServerBase):
             norms = self.apply_gradients(tensors, lr_scale=1.0 / (1 + tau), norms=norms)
         self.version += 1
         self.step = self.version
+        self.moved.record(self.version, size / (1 + tau) if weights_mode else 0.0)
         self.count_applied(peer.rank)
         st.record_push(push.samples, tau, self.clock.monotonic())
         st.reported_steps = push.worker_step

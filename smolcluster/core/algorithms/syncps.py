@@ -32,6 +32,7 @@ class Server(ServerBase):
         self.adaptive = AdaptiveDeadline(c.timeout_k, c.timeout_window, c.timeout_min, c.timeout_max) \
             if c.timeout == "auto" else None
         self.opened: dict[int, float] = {}  # step -> when it opened, for the delays of late pushes
+        self.parked: set[int] = set()  # late ranks that start again with everyone when the open step closes
 
     def step_deadline(self) -> float:
         """Seconds a step that opens now waits for stragglers."""
@@ -124,6 +125,10 @@ class Server(ServerBase):
                 continue
             fields = {"step": s, "next_step": self.step, "version": self.version, "held_s": now - self.arrived.get(rank, now)}
             peer.send(self.weights_for(peer, MessageKind.STEP_DONE, fields) if send_weights else Message(MessageKind.STEP_DONE, fields))
+        for rank in sorted(self.parked):  # the late ones, up to date at the same moment as the others
+            if rank in self.peers:
+                self._reply_current(self.peers[rank], "late")
+        self.parked.clear()
         self.after_update(contributors=sorted(self.contribs), missing=missing, loss=loss,
                           step_time_s=now - self.opened_at, grad_norms=norms, deadline_s=round(self.deadline_s, 6),
                           arrival_s={r: round(t - self.opened_at, 6) for r, t in self.arrived.items()})
@@ -147,6 +152,12 @@ class Server(ServerBase):
         if push.step < self.step:
             self.observe_arrival(push.step)
             self.count_late(peer.rank, "its step had closed", step=push.step)
+            if len(self.contribs) >= self.cluster.min_workers and peer.rank not in self.contribs:
+                # The open step can close without it, and joining it mid-way would make it late again (and
+                # again): it waits for the step to close and starts the next one with everyone.
+                self.parked.add(peer.rank)
+                self.settled.add(peer.rank)
+                return None
             return self._reply_current(peer, "late")
         if push.step > self.step or peer.rank in self.contribs:
             return self._rejected(peer, "wrong-step", f"push for step {push.step} while step {self.step} is open")

@@ -57,3 +57,31 @@ class NormFilter:
         limit = self.threshold()
         return {"enabled": True, "k": self.k, "per_rank": self.per_rank, "rejected": self.rejected,
                 "threshold": None if limit is None else round(limit, 6)}
+
+
+class MovementLedger:
+    """How far the model has moved since each recent version: the running sum of the norms of the updates
+    applied, one entry per version. A weights push is the worker's own progress minus everyone's since its
+    base version, so its norm minus the movement since that base is a lower bound on what the worker itself
+    did (the triangle inequality) — a number staleness does not inflate. Updates whose movement is not
+    known are recorded as 0, which only makes the bound looser, never unsafe. Keeps the last `window`
+    versions; a base older than that is measured from the oldest one kept."""
+
+    def __init__(self, window: int = 4096):
+        self.window = window
+        self._sums: deque[float] = deque(maxlen=window)
+        self._last = 0  # the version of the newest entry
+
+    def record(self, version: int, moved: float) -> None:
+        """The model reached `version` by moving `moved` (an L2 norm) from the version before."""
+        if not self._sums or version != self._last + 1:  # first entry, or a gap (a resume): start afresh
+            self._sums = deque([0.0], maxlen=self.window)
+        self._sums.append(self._sums[-1] + moved)
+        self._last = version
+
+    def since(self, version: int) -> float:
+        """The movement from `version` to now (at most: the sum of the norms, not the norm of the sum)."""
+        if not self._sums:
+            return 0.0
+        first = self._last - len(self._sums) + 1
+        return self._sums[-1] - self._sums[max(0, min(version - first, len(self._sums) - 1))]
