@@ -1,6 +1,7 @@
 """`smolcluster bench wire`: a model state over real loopback TCP and back, three ways.
 
-- smolwire: Connection.send / Connection.recv (the wire format, no copies), keyless and keyed (HMAC);
+- smolwire: Connection.send / Connection.recv (the wire format, no copies), keyless and keyed (HMAC): the
+            state as one flat buffer in a layout both ends agreed on first, as training sends it;
 - raw:      the same bytes as one memoryview behind an 8-byte length, received with recv_into (the limit);
 - pickle:   pickle.dumps behind a 4-byte length, received by appending 1 MB chunks to a bytes object
             (what the original project did; the only place pickle appears, and only as a baseline).
@@ -24,7 +25,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from smolcluster.core.net.transport import Connection, Listener, RetryPolicy, TransportConfig, connect
-from smolcluster.core.net.wire import Message, MessageKind
+from smolcluster.core.net.wire import DTYPES, Message, MessageKind, TensorSpec
+from smolcluster.core.training.flat import FlatLayout
 
 BENCH_KEY = b"smolcluster-bench-key-0123456789"
 
@@ -110,9 +112,25 @@ def _pickle_recv(sock: socket.socket) -> Any:
 # --------------------------------------------------------------------------- echo server (child process)
 
 
+def layout_from(description: list) -> FlatLayout:
+    """The layout a peer described (FlatLayout.describe()): what the echo side agrees on."""
+    return FlatLayout({name: TensorSpec(tuple(shape), DTYPES[dtype]) for name, dtype, shape, _ in description})
+
+
+def agree(conn: Connection, layout: FlatLayout) -> None:
+    """The client's half of the agreement (the training HELLO sends the digest; here the echo side has no
+    model, so it is told the whole layout)."""
+    conn.agree(layout)
+    conn.send(Message(MessageKind.HELLO, {"layout": layout.describe()}))
+    conn.recv()
+
+
 def _echo_smolwire(conn: Connection) -> None:
     while True:
-        conn.send(conn.recv())
+        msg = conn.recv()
+        if msg.kind == MessageKind.HELLO:
+            conn.agree(layout_from(msg.fields["layout"]))
+        conn.send(msg)
 
 
 def _serve(ready: Any, stop: Any) -> None:
@@ -216,15 +234,18 @@ def run(min_seconds: float = 3.0, include_large: bool = True) -> dict[str, Any]:
         try:
             for name, state in cases:
                 params = sum(t.numel() for t in state.values())
-                msg = Message(MessageKind.ECHO, {"version": 1}, state)
-                flat = torch.cat([t.reshape(-1) for t in state.values()])
-                flat_view = memoryview(flat.view(torch.uint8).numpy())
+                layout = FlatLayout.of(state)
+                for conn in conns.values():
+                    agree(conn, layout)
+                buffer = layout.pack(state)
+                msg = Message(MessageKind.ECHO, {"version": 1}, flat=buffer, layout=layout)
+                flat_view = memoryview(buffer.numpy())
                 payload = flat_view.nbytes
                 def smol(conn: Connection) -> Callable[[], None]:
                     def fn() -> None:
                         conn.send(msg)
                         back = conn.recv()
-                        assert back.tensors.keys() == state.keys()
+                        assert back.flat is not None and back.flat.numel() == payload
                     return fn
 
                 def rawfn() -> None:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,6 +27,9 @@ from smolcluster.core.net.wire import PREAMBLE
 
 FIXTURE = Path(__file__).parent / "fixtures" / "main-edp-hidden8.smcl"  # see fixtures/make_main_fixture.py
 FIXTURE_DIGEST = "f0a2aca6f8599da3e21cff7210db1eed52bf73507bde015453b501fcb2458f0b"
+# written by main at wire version 1, before flat buffers (whole-file digest): see fixtures/make_main_v1_fixture.py
+V1_FIXTURE = Path(__file__).parent / "fixtures" / "main-v1-syncps-hidden8.smcl"
+V1_FIXTURE_DIGEST = "c0f3b71bba6f9d9a0cf2cb4411a74b592d535b3939a9b6a04d0e5c18084b0dc4"
 
 
 def _trained_state(version: int, hidden: int = 8) -> ckpt.ServerState:
@@ -101,6 +105,13 @@ def test_a_checkpoint_written_by_main_still_loads():
     assert {"exp_avg", "exp_avg_sq", "step"} <= set(state.optimizer["state"][0])
 
 
+def test_a_checkpoint_written_at_wire_version_1_loads():
+    assert V1_FIXTURE.read_bytes()[4] == 1  # the file is a version 1 frame
+    state = ckpt.read_checkpoint(V1_FIXTURE)
+    assert not state.legacy and state.algorithm == "syncps" and state.version == 9
+    assert ckpt.state_digest(state.model) == V1_FIXTURE_DIGEST and state.counters["applied"] == 18
+
+
 def test_an_implausible_old_checkpoint_is_corrupt_too(tmp_path):
     """An old-format file has only a model digest: a negative second moment is still caught on load."""
     raw = bytearray(FIXTURE.read_bytes())
@@ -130,20 +141,35 @@ def _nn_hidden8() -> dict:
     return {"model": {"type": "SimpleNN", "hidden": 8}}
 
 
-@pytest.mark.slow
-def test_a_server_resumes_from_mains_checkpoint_and_trains(local_cluster):
-    c = local_cluster("edp", nn=_nn_hidden8(), cluster={"max_steps": 60}, workers=["w1"])
+def _resume_from(local_cluster, algo: str, fixture: Path) -> tuple[Any, dict, dict]:
+    """A one-worker run of 60 steps resumed from `fixture`: the cluster, its resume line and summary."""
+    c = local_cluster(algo, nn=_nn_hidden8(), cluster={"max_steps": 60}, workers=["w1"])
     (c.server_dir / "checkpoints").mkdir(parents=True)
-    shutil.copy(FIXTURE, c.server_dir / "checkpoints" / ckpt.CHECKPOINT_NAME)
+    shutil.copy(fixture, c.server_dir / "checkpoints" / ckpt.CHECKPOINT_NAME)
     c.start_server("--resume")
     c.start_worker(1)
     assert c.wait_server(timeout=120) == 0, c.log("server")
     [resume] = [m for m in c.metrics() if m["event"] == "resume"]
+    return c, resume, c.summary()
+
+
+@pytest.mark.slow
+def test_a_server_resumes_from_mains_checkpoint_and_trains(local_cluster):
+    c, resume, s = _resume_from(local_cluster, "edp", FIXTURE)
     assert resume["version"] == 7 and resume["model_digest"] == FIXTURE_DIGEST
-    s = c.summary()
     assert s["steps"] == 60 and s["final_test_accuracy"] > 0.5, s
     assert "older checkpoint" in (c.server_dir / "server.log").read_text()
     assert not ckpt.read_checkpoint(c.server_dir / "checkpoints" / ckpt.CHECKPOINT_NAME).legacy  # rewritten
+
+
+@pytest.mark.slow
+def test_a_syncps_server_resumes_from_a_wire_version_1_checkpoint_and_trains(local_cluster):
+    """Main's checkpoint (per-tensor state) resumes into the flat-buffer model: same digest, then training."""
+    c, resume, s = _resume_from(local_cluster, "syncps", V1_FIXTURE)
+    assert resume["version"] == 9 and resume["model_digest"] == V1_FIXTURE_DIGEST
+    assert s["steps"] == 60 and s["final_test_accuracy"] > 0.5 and s["pushes_applied"] >= 18 + 51, s
+    rewritten = c.server_dir / "checkpoints" / ckpt.CHECKPOINT_NAME
+    assert rewritten.read_bytes()[4] == 2 and ckpt.read_checkpoint(rewritten).version == 60
 
 
 @pytest.mark.slow

@@ -169,3 +169,68 @@ def test_a_peer_that_never_reads_is_dropped_with_bounded_memory(local_cluster):
     assert "not reading" in leave["reason"] or "send failed" in leave["reason"], leave
     assert grew < 60, grew
     assert c.summary()["final_test_accuracy"] >= FLOOR
+
+
+def test_a_peer_on_the_flat_path_is_checked_like_any_other(local_cluster):
+    """Pushes as one flat buffer (the layout agreed in the HELLO) get the same checks: a HELLO naming another
+    layout is refused saying so, a NaN buffer is rejected and counted, a frame in another layout or of
+    another size closes that connection before its payload is read; the honest worker trains throughout."""
+    from attack import PATIENT, lines
+    from smolcluster.common.errors import RemoteError
+    from smolcluster.core.net.transport import connect
+    from smolcluster.core.net.wire import FLAG_BINARY, FLAG_FLAT, binary_header, encode_frame, send_frame
+    from smolcluster.core.training.flat import FlatLayout
+
+    c = local_cluster("syncps", cluster={"max_steps": 200}, workers=["w1", "w2"])
+    c.start_server()
+    c.start_worker(1)
+    conn, welcome = join(c.port, 2, "syncps")  # no layout named: the WELCOME comes by name
+    assert welcome.tensors and welcome.flat is None
+    layout = FlatLayout.of(welcome.tensors)
+    conn.close()
+
+    other = FlatLayout.of({k: v[:1] for k, v in welcome.tensors.items()})
+    bad = connect("127.0.0.1", c.port, key=None, config=PATIENT, retry=None)
+    bad.send(Message(MessageKind.HELLO, {"rank": 2, "hostname": "w2", "algorithm": "syncps", "layout": other.digest.hex()}))
+    with pytest.raises(RemoteError, match="layout"):
+        bad.recv(timeout=30)
+    bad.close()
+
+    flat = connect("127.0.0.1", c.port, key=None, config=PATIENT, retry=None)
+    flat.agree(layout)
+    flat.send(Message(MessageKind.HELLO, {"rank": 2, "hostname": "w2", "algorithm": "syncps", "layout": layout.digest.hex()}))
+    welcome = flat.recv(timeout=30)
+    assert welcome.kind == MessageKind.WELCOME and welcome.flat is not None and not welcome.tensors
+    grads = layout.pack({k: v.new_full(v.shape, float("nan")) for k, v in layout.views(welcome.flat).items()})
+    step = welcome.fields["step"]
+    flat.send(Message(MessageKind.PUSH, {"step": step, "base_version": welcome.fields["version"], "samples": 32,
+                                         "loss": 0.5, "worker_step": 1}, flat=grads, layout=layout))
+    reply = flat.recv(timeout=30)
+    while reply.kind != MessageKind.ACK:
+        reply = flat.recv(timeout=30)
+    assert reply.fields["status"] == "rejected" and reply.flat is not None  # with the weights, as one buffer
+    # another layout's digest, then a payload of the wrong size (refused from the preamble, before any
+    # payload byte is read): each closes its connection with that error
+    for digest, size, payload, error in ((other.digest, layout.nbytes, bytes(layout.nbytes), "SchemaMismatch"),
+                                         (layout.digest, layout.nbytes + 4, b"", "ShapeMismatch")):
+        s = raw_socket(c.port)
+        send_frame(s, encode_frame(Message(MessageKind.HELLO, {"rank": 2, "hostname": "w2", "algorithm": "syncps",
+                                                               "layout": layout.digest.hex()})))
+        head = binary_header({"step": 0, "samples": 32, "base_version": 0, "worker_step": 1}, digest)
+        pre = PREAMBLE.pack(MAGIC, VERSION, int(MessageKind.PUSH), FLAG_BINARY | FLAG_FLAT, len(head), size, 1)
+        s.sendall(pre + head + payload)
+        s.settimeout(30)
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except OSError:
+            pass
+        s.close()
+        assert error.encode() in got, (error, got[-300:])
+    flat.close()
+    assert c.wait_server(timeout=180) == 0, c.log("server")
+    s = c.summary()
+    assert s["rejected_reasons"].get("non-finite") == 1, s["rejected_reasons"]
+    assert s["final_test_accuracy"] >= FLOOR and s["stop_status"] == "finished", s
+    assert "layout" in lines(c.server_dir / "server.log", "SchemaMismatch")[0]

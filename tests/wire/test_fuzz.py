@@ -17,7 +17,7 @@ import torch
 from smolcluster.common import errors
 from smolcluster.common.wait import wait_until
 from smolcluster.core.net import auth, messages
-from smolcluster.core.net.wire import PREAMBLE, Message, MessageKind, encode_frame, read_frame
+from smolcluster.core.net.wire import BINARY, FLAG_BINARY, PREAMBLE, Message, MessageKind, encode_frame, read_frame
 from wire_helpers import SCHEMA, good_message, roundtrip
 
 JUNK = [-1, 0, 2**31, 2**64, 1e308, -0.0, "x", "", None, True, [], {}, [[1]], [-1], [2**40, 2**40], "float32",
@@ -31,12 +31,32 @@ def _seeds() -> list[bytes]:
         Message(MessageKind.HEARTBEAT),
         Message(MessageKind.WEIGHTS, {}, {"w": torch.randn(4, 3), "b": torch.randn(3)}),
         Message(MessageKind.ECHO, {}, {"b": torch.ones(3, dtype=torch.bfloat16), "s": torch.tensor(1.0), "e": torch.zeros(0)}),
+        # binary headers (the push/pull path): fixed slots only, and slots plus a JSON tail
+        Message(MessageKind.ACK, {"status": "late", "version": 3, "tau": 1, "finished": False, "next_step": 4}),
+        Message(MessageKind.PUSH, {"step": 1, "base_version": 4, "samples": 32, "loss": 0.5, "mode": "gradients",
+                                   "want_weights": True, "grad_norms": {"w": 0.1}, "reason": "r"}),
     ]
     return [b"".join(bytes(b) for b in encode_frame(m)) for m in msgs]
 
 
+def _mutate_binary_header(frame: bytes, rng: random.Random) -> bytes:
+    """A binary header: a byte of a slot, the presence bits or codes, or a JSON tail of junk fields."""
+    magic, ver, kind, flags, hlen, plen, seq = PREAMBLE.unpack_from(frame)
+    head = bytearray(frame[PREAMBLE.size : PREAMBLE.size + hlen])
+    payload = frame[PREAMBLE.size + hlen :]
+    if rng.random() < 0.5:
+        for _ in range(rng.randint(1, 3)):
+            head[rng.randrange(BINARY.size)] = rng.randrange(256)
+    else:
+        tail = {rng.choice(["step", "reason", "grad_norms", "samples", "extra"]): rng.choice(JUNK)}
+        head = head[:BINARY.size] + (json.dumps(tail) if rng.random() < 0.8 else rng.choice(['[1]', '{"a":', '"x"'])).encode()
+    return PREAMBLE.pack(magic, ver, kind, flags, len(head), plen, seq) + bytes(head) + payload
+
+
 def _mutate_header(frame: bytes, rng: random.Random) -> bytes:
     magic, ver, kind, flags, hlen, plen, seq = PREAMBLE.unpack_from(frame)
+    if flags & FLAG_BINARY:
+        return _mutate_binary_header(frame, rng)
     header = json.loads(frame[PREAMBLE.size : PREAMBLE.size + hlen])
     payload = frame[PREAMBLE.size + hlen :]
     if header["tensors"] and rng.random() < 0.8:

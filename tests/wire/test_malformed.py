@@ -14,7 +14,7 @@ import torch
 
 from smolcluster.core.net import auth
 from smolcluster.common import errors
-from smolcluster.core.net.wire import MessageKind, encode_frame, read_frame
+from smolcluster.core.net.wire import VERSION, MessageKind, encode_frame, read_frame
 
 from wire_helpers import KEY, build_frame, entry, good_message, read_error, roundtrip
 
@@ -130,7 +130,7 @@ def test_oversize_payload_is_refused_before_allocation() -> None:
     """A 4 GB length must not be allocated: read_frame fails fast, with no payload bytes sent at all."""
     a, b = socket.socketpair()
     with a, b:
-        a.sendall(struct.pack("!4sBHBIQQ", b"SMCL", 1, int(MessageKind.PUSH), 0, 2, 2**32, 0) + b"{}")
+        a.sendall(struct.pack("!4sBHBIQQ", b"SMCL", VERSION, int(MessageKind.PUSH), 0, 2, 2**32, 0) + b"{}")
         b.settimeout(2)
         with pytest.raises(errors.FrameTooLarge):
             read_frame(b)

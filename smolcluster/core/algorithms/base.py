@@ -32,8 +32,9 @@ from smolcluster.core.training import checkpoint as ckpt
 from smolcluster.core.training.config import rank_of, to_dict
 from smolcluster.core.training.context import NodeContext
 from smolcluster.core.training.models import loss_fn
-from smolcluster.core.training.optim import clip_, clip_grads_, tensor_norms
-from smolcluster.core.training.quantization import dequantize_state, quantize_state, quantized_schema
+from smolcluster.core.training.flat import FlatModel, layer_norms, total_norm
+from smolcluster.core.training.optim import clip_, tensor_norms
+from smolcluster.core.training.quantization import QuantizedLayout, dequantize_state, quantized_schema
 from smolcluster.core.training.robust import NormFilter
 from smolcluster.core.training.tasks import Batches
 from smolcluster.core.training.telemetry import jsonable
@@ -67,6 +68,11 @@ def _signals_set_flag(node: Any, signals: tuple[int, ...] = (signal.SIGINT, sign
 
 
 # --------------------------------------------------------------------------- server side
+
+
+def wire_layouts(flat: FlatModel, quantized: QuantizedLayout | None) -> tuple[Any, ...]:
+    """The flat layouts a connection agrees on: the model's and, with use_quantization, its int8 form."""
+    return (flat.layout,) if quantized is None else (flat.layout, quantized)
 
 # A HELLO is a few short fields: before a peer has joined it cannot make the server allocate more.
 HELLO_LIMITS = WireLimits(max_header_bytes=4096, max_payload_bytes=0, max_tensors=0)
@@ -149,7 +155,8 @@ class WorkerStats:
 
 
 def message_bytes(msg: Message) -> int:
-    return sum(t.nbytes for t in msg.tensors.values()) + 256  # + header, roughly
+    flat = msg.flat.nbytes if msg.flat is not None else 0
+    return flat + sum(t.nbytes for t in msg.tensors.values()) + 256  # + header, roughly
 
 
 class Peer:
@@ -261,6 +268,8 @@ class ServerBase:
         torch.manual_seed(self.cluster.seed)
         self.model = ctx.build_model()
         self.optimizer = ctx.build_optimizer(self.model)
+        self.flat = FlatModel(self.model)  # weights and gradients in one buffer each
+        self.quantized = QuantizedLayout(self.flat.layout) if self.cluster.use_quantization else None
         self.schema: Schema = schema_of(self.model)
         self.push_schema: Schema = {**self.schema, **quantized_schema(self.schema)} if self.cluster.use_quantization else self.schema
         self.model_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
@@ -276,7 +285,7 @@ class ServerBase:
         self.own_loader: Batches | None = None
         if self.cluster.server_trains:
             self.own_loader = ctx.batches(rank=0)
-        self._snapshot: tuple[int, dict[str, torch.Tensor], dict[str, dict]] | None = None
+        self._snapshot: tuple[int, torch.Tensor, Any] | None = None  # (version, flat buffer, its layout)
         self.checkpoint_dir = Path(self.cluster.checkpoint_dir) if self.cluster.checkpoint_dir else ctx.run_dir / "checkpoints"
         self.started = self.clock.monotonic()
         self.training_started: float | None = None
@@ -398,6 +407,8 @@ class ServerBase:
             conn.close(problem)
             return
         conn.admit()
+        if hello.layout:  # the schema, agreed once: pushes and weights travel as one flat buffer
+            conn.agree(*wire_layouts(self.flat, self.quantized), buffers=IN_FLIGHT + 1)
         slots = threading.BoundedSemaphore(IN_FLIGHT)
         self.events.put(Join(conn, hello.rank, hello.hostname))
         conn.start_heartbeats()
@@ -436,6 +447,8 @@ class ServerBase:
             return f"rank {hello.rank!r} is not a worker rank (1..{self.cluster.num_workers})", None
         if hello.hostname not in self.cluster.workers or rank_of(self.cluster, hello.hostname) != hello.rank:
             return f"hostname {hello.hostname!r} with rank {hello.rank} does not match 'workers' in the cluster config", None
+        if hello.layout and hello.layout != self.flat.layout.digest.hex():
+            return f"SchemaMismatch: {self.flat.layout.mismatch(hello.layout)}", None
         return "", hello
 
     # ------------------------------------------------------------------ events
@@ -611,12 +624,12 @@ class ServerBase:
     def weights_message(self, kind: MessageKind, fields: dict[str, Any]) -> Message:
         """Current weights, snapshotted once per version (quantized when configured)."""
         if self._snapshot is None or self._snapshot[0] != self.version:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}  # the wire is CPU
-            quant: dict[str, dict] = {}
-            if self.cluster.use_quantization:
-                state, quant = quantize_state(state)
-            self._snapshot = (self.version, state, quant)
-        return Message(kind, fields, tensors=self._snapshot[1], quant=self._snapshot[2])
+            flat = self.flat.snapshot()  # one copy; the wire is CPU and the model goes on changing
+            if self.quantized is not None:
+                self._snapshot = (self.version, self.quantized.quantize(flat), self.quantized)
+            else:
+                self._snapshot = (self.version, flat, self.flat.layout)
+        return Message(kind, fields, flat=self._snapshot[1], layout=self._snapshot[2])
 
     def weights_for(self, peer: Peer, kind: MessageKind, fields: dict[str, Any]) -> Message:
         """A reply with the current weights, when this peer may have them: an authenticated worker always
@@ -630,8 +643,16 @@ class ServerBase:
         self.say.warning("reply-budget", f"{peer.hostname} asks for more weights than it sends; replying without them")
         return Message(kind, fields)
 
-    def decode_push(self, msg: Message) -> dict[str, torch.Tensor]:
-        """The pushed tensors as the model's dtypes, every one of them; BadField when they are not."""
+    def decode_push(self, msg: Message) -> torch.Tensor:
+        """The pushed tensors as one flat buffer in the model's layout; BadField when they are not all there
+        in the model's dtypes and shapes. A flat push was checked against the layout by the wire."""
+        if msg.flat is not None and msg.layout is self.quantized:
+            try:
+                return self.quantized.dequantize(msg.flat)
+            except QuantizationError as e:
+                raise BadField("PUSH", "quant", str(e)) from None
+        if msg.flat is not None:
+            return msg.flat
         if msg.quant and not self.cluster.use_quantization:
             raise BadField("PUSH", "quant", "quantized tensors, but this server does not use quantization")
         try:
@@ -645,7 +666,7 @@ class ServerBase:
             if tensors[name].dtype != spec.dtype or tuple(tensors[name].shape) != spec.shape:
                 raise BadField("PUSH", "tensors", f"tensor {name!r} is {tensors[name].dtype}{list(tensors[name].shape)}, "
                                                    f"the model has {spec.dtype}{list(spec.shape)}")
-        return tensors
+        return self.flat.layout.pack(tensors)
 
     def check_push(self, push: messages.Push, max_samples: int, max_worker_step: int) -> None:
         messages.check_push(push, version=self.version, max_samples=max_samples, max_worker_step=max_worker_step,
@@ -688,43 +709,37 @@ class ServerBase:
             self.applied += 1
             self.stats[rank].applied += 1
 
-    def apply_gradients(self, grads: dict[str, torch.Tensor], lr_scale: float = 1.0,
+    def apply_gradients(self, grads: torch.Tensor, lr_scale: float = 1.0,
                         norms: dict[str, float] | None = None) -> dict[str, float]:
-        """Set .grad, clip, step the optimizer once. Returns per-layer gradient norms.
-
-        `grads` become the parameters' .grad as they are (the caller hands over tensors it owns, e.g.
-        views of a receive buffer); `norms`, when the caller already computed them, are reused."""
-        params = dict(self.model.named_parameters())
-        for name, p in params.items():
-            g = grads[name]
-            g = g.to(p.device)  # pushes arrive on the CPU; a no-op when the model is there too
-            p.grad = g.view(p.shape) if g.dtype == p.dtype and g.is_contiguous() else g.to(p.dtype).reshape(p.shape)
+        """Take a flat gradient buffer as the model's gradients, clip, step the optimizer once. Returns
+        per-layer gradient norms (when tracked). `norms`, when the caller already computed them, are reused."""
+        if grads is not self.flat.grad:
+            self.flat.grad.copy_(grads)  # one copy (pushes arrive on the CPU; the model may not be there)
         if norms is None:
-            norms = tensor_norms({n: p.grad for n, p in params.items()})
+            tracked = self.nn.track_gradients
+            norms = layer_norms(self.flat.layout, self.flat.grad) if tracked else {"all": total_norm(self.flat.grads())}
         if self.nn.gradient_clipping:
-            clip_([p.grad for p in params.values()], norms, self.nn.gradient_clipping)
+            clip_(self.flat.grads(), norms, self.nn.gradient_clipping)
         base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         for g in self.optimizer.param_groups:
             g["lr"] = g["lr"] * lr_scale
         self.optimizer.step()
         for g, lr in zip(self.optimizer.param_groups, base_lrs):
             g["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
         return norms if self.nn.track_gradients else {}
 
-    def own_gradients(self) -> tuple[dict[str, torch.Tensor], int, float]:
-        """The server's own contribution (server_trains): gradients on its shard at the next batch."""
+    def own_gradients(self) -> tuple[torch.Tensor, int, float]:
+        """The server's own contribution (server_trains): gradients on its shard at the next batch, as the
+        model's flat gradient buffer (valid until the next update: fold or apply it at once)."""
         assert self.own_loader is not None
         x, y = self.own_loader.batch_at(self.server_data_step)
         self.server_data_step += 1
         t0 = self.clock.perf_counter()
-        self.model.zero_grad(set_to_none=True)
+        self.flat.zero_grad()
         loss = loss_fn(self.model, x, y)
         loss.backward()
-        grads = {n: p.grad.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}  # beside the pushes
-        self.model.zero_grad(set_to_none=True)
         self.ctx.stretch(self.clock.perf_counter() - t0, samples=int(y.shape[0]))
-        return grads, int(y.shape[0]), float(loss)
+        return self.flat.grad, int(y.shape[0]), float(loss)
 
     def after_update(self, **fields: Any) -> None:
         """Bookkeeping after every model update: metrics, periodic eval and checkpoint."""
@@ -889,6 +904,8 @@ class WorkerBase:
         torch.manual_seed(self.cluster.seed + self.rank)
         self.model = ctx.build_model()
         self.optimizer = ctx.build_optimizer(self.model)
+        self.flat = FlatModel(self.model)  # weights and gradients in one buffer each
+        self.quantized = QuantizedLayout(self.flat.layout) if self.cluster.use_quantization else None
         self.schema = schema_of(self.model)
         self.recv_schema = {**self.schema, **quantized_schema(self.schema)} if self.cluster.use_quantization else self.schema
         self.loader = ctx.batches(rank=self.rank)
@@ -899,6 +916,7 @@ class WorkerBase:
         self.samples_done = 0
         self.pushes_sent = self.pushes_answered = 0
         self.grad_norms: dict[str, float] = {}  # per-layer norms of the last local step, before clipping
+        self._prefetched: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # (step, batch)
         self.compute_s = self.comm_s = self.wait_s = 0.0
         self._since_record = (self.clock.perf_counter(), 0, 0)  # (time, steps, samples) at the last record(): W&B rates
         self.last_loss = float("nan")
@@ -917,7 +935,9 @@ class WorkerBase:
             self.conn = self.dial(retry, on_retry)
         except AuthError as e:  # connect() retried: the same failure every time is a key mismatch, not a bad frame
             raise ConnectFailed(f"authentication keeps failing: {e.problem}", peer=f"{self.host}:{self.port}") from None
-        self.conn.send(Message(MessageKind.HELLO, {"rank": self.rank, "hostname": self.ctx.hostname, "algorithm": self.algorithm}))
+        self.conn.agree(*wire_layouts(self.flat, self.quantized))  # offered in the HELLO; a server with another model says so
+        self.conn.send(Message(MessageKind.HELLO, {"rank": self.rank, "hostname": self.ctx.hostname, "algorithm": self.algorithm,
+                                                   "layout": self.flat.layout.digest.hex()}))
         welcome, typed = self.receive(self.ctx.transport.io_timeout)
         if welcome.kind == MessageKind.BYE:
             raise ServerFinished(typed.reason, typed.status)
@@ -946,6 +966,15 @@ class WorkerBase:
     def load_weights(self, msg: Message, alpha: float, version: int | None = None) -> None:
         """Take the server weights: w = alpha * server + (1 - alpha) * local. `version` is theirs: it becomes
         this worker's base version when weights came (a reply may come without them)."""
+        if msg.flat is not None:
+            try:
+                flat = msg.layout.dequantize(msg.flat) if isinstance(msg.layout, QuantizedLayout) else msg.flat
+            except QuantizationError as e:
+                raise BadField(msg.kind.name, "quant", str(e)) from None
+            self.flat.load(flat, alpha)
+            if version is not None:
+                self.version = version
+            return
         if not msg.tensors:
             return
         try:
@@ -965,9 +994,10 @@ class WorkerBase:
         """Forward/backward on the batch for `step`; leaves grads in .grad. Compute stretched to the device."""
         if self.interrupted:
             raise WorkerInterrupted
-        x, y = self.loader.batch_at(step)
+        ready, self._prefetched = self._prefetched, None
+        x, y = ready[1] if ready is not None and ready[0] == step else self.loader.batch_at(step)
         t0 = self.clock.perf_counter()
-        self.model.zero_grad(set_to_none=True)
+        self.flat.zero_grad()
         loss = loss_fn(self.model, x, y)
         loss.backward()
         elapsed = self.clock.perf_counter() - t0
@@ -975,23 +1005,38 @@ class WorkerBase:
         self.compute_s += self.clock.perf_counter() - t0
         return float(loss), int(y.shape[0])
 
-    def gradients(self) -> dict[str, torch.Tensor]:
-        return {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
+    def gradients(self) -> torch.Tensor:
+        """The flat gradient buffer as the wire takes it (the buffer itself on the CPU: send it before the
+        local step changes it)."""
+        return self.flat.grad if self.flat.grad.is_cpu else self.flat.grad.cpu()
+
+    def prefetch(self, step: int) -> None:
+        """Load the batch for `step` now (while the server works), for the next compute_gradients."""
+        if step < self.total_steps:
+            self._prefetched = (step, self.loader.batch_at(step))
 
     def local_step(self) -> None:
         """Clip (as the server does) and step the local optimizer; keeps the per-layer norms from before clipping."""
-        self.grad_norms = clip_grads_(self.model, self.nn.gradient_clipping)
+        self.grad_norms = layer_norms(self.flat.layout, self.flat.grad)
+        if self.nn.gradient_clipping:
+            clip_(self.flat.grads(), self.grad_norms, self.nn.gradient_clipping)
         self.optimizer.step()
 
-    def exchange(self, msg: Message, timeout: float) -> tuple[Message, Any]:
-        """Send one request and wait for its reply; reply time counts as communication + waiting."""
+    def exchange(self, msg: Message, timeout: float, meanwhile: Callable[[], None] | None = None) -> tuple[Message, Any]:
+        """Send one request and wait for its reply; reply time counts as communication + waiting.
+        `meanwhile` runs after the send, while the server works on the request (e.g. the local step)."""
         assert self.conn is not None
         t0 = self.clock.perf_counter()
         if self.ctx.device.type != "cpu":  # the wire carries CPU tensors
-            msg = Message(msg.kind, msg.fields, tensors={k: v.cpu() for k, v in msg.tensors.items()}, quant=msg.quant)
+            msg = Message(msg.kind, msg.fields, tensors={k: v.cpu() for k, v in msg.tensors.items()}, quant=msg.quant,
+                          flat=msg.flat.cpu() if msg.flat is not None else None, layout=msg.layout)
         self.conn.send(msg, timeout=self.ctx.transport.io_timeout)
         if msg.kind == MessageKind.PUSH:
             self.pushes_sent += 1
+        if meanwhile is not None:
+            t = self.clock.perf_counter()
+            meanwhile()
+            t0 += self.clock.perf_counter() - t  # not communication
         t1 = self.clock.perf_counter()
         reply, typed = self.receive(timeout)
         t2 = self.clock.perf_counter()

@@ -29,7 +29,6 @@ import socket
 import time
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
@@ -99,9 +98,7 @@ class Server(ServerBase):
         except BadField as e:
             self.reject(peer.rank, e.reason, e.problem)
             return self.reply_rejected(peer, e.problem)
-        with torch.no_grad():
-            for name, w in self.model.state_dict().items():
-                w.copy_(weights[name])
+        self.flat.load(weights)  # rank 0's model, as one buffer
         self.version = self.step = push.worker_step
         self.count_applied(peer.rank)
         st.record_push(push.samples, staleness=0, now=self.clock.monotonic())
@@ -185,9 +182,8 @@ class Worker(WorkerBase):
 
     def push_weights(self, loss: float, samples: int) -> None:
         """Rank 0: the model after this step to the server, which evaluates it before replying."""
-        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         push = Message(MessageKind.PUSH, {"base_version": self.server_version, "worker_step": self.version, "samples": samples,
-                                          "loss": loss, "mode": "weights"}, tensors=state)
+                                          "loss": loss, "mode": "weights"}, flat=self.flat.snapshot(), layout=self.flat.layout)
         _, typed = self.exchange(push, timeout=self.reconnect_deadline())
         if isinstance(typed, messages.Ack):
             self.server_version = typed.version

@@ -18,8 +18,7 @@ import torch
 from smolcluster.common.errors import BadField
 from smolcluster.core.algorithms.base import Peer, ServerBase, WorkerBase
 from smolcluster.core.net import messages
-from smolcluster.core.training.optim import tensor_norms
-from smolcluster.core.training.quantization import quantize_state
+from smolcluster.core.training.flat import fold_, layer_norms, norm_of, scale_, total_norm
 from smolcluster.core.training.robust import MovementLedger
 from smolcluster.core.net.wire import Message, MessageKind
 
@@ -69,13 +68,13 @@ class Server(ServerBase):
             self.reject(peer.rank, e.reason, e.problem)
             return self._ack(peer, "rejected", None, tau=0)
         weights_mode = push.mode != "gradients"
-        if weights_mode:  # the update is the step from our weights to the worker's
-            state = self.model.state_dict()
-            update = {name: tensors[name].to(w.device, w.dtype) - w for name, w in state.items()}
+        layout = self.flat.layout
+        if weights_mode:  # the update is the step from our weights to the worker's, one op per dtype segment
+            update = [s.to(w.device, w.dtype) - w for w, s in zip(self.flat.weights(), layout.segments(tensors))]
+            size = total_norm(update)
         else:
-            update = tensors
-        norms = tensor_norms(update)
-        size = math.sqrt(sum(v * v for v in norms.values()))
+            norms = layer_norms(layout, tensors)
+            size = norm_of(norms)
         tau = self.version - push.base_version
         # A weights push differs from our weights by everyone's progress since its base as well as its own:
         # judge only what the worker itself can have done, so an honest straggler is no outlier. (The history
@@ -94,8 +93,7 @@ class Server(ServerBase):
         if weights_mode:
             alpha = 1.0 / (1 + tau)
             with torch.no_grad():
-                for name, w in state.items():
-                    w.add_(update[name], alpha=alpha)
+                fold_(self.flat.weights(), update, alpha)
             # the worker's own per-layer gradient norms, from before its local step
             norms = dict(push.grad_norms) if self.nn.track_gradients else {}
         else:
@@ -136,15 +134,17 @@ class Worker(WorkerBase):
         step = messages.parse(MessageKind.WELCOME, welcome.fields).worker_step  # a restarted worker resumes its data position
         push_every, pull_every = self.cluster.push_interval, self.cluster.worker_update_interval
         grad_mode = self.cluster.push_mode == "gradients"
-        grad_sum: dict[str, torch.Tensor] = {}
+        grad_sum: torch.Tensor | None = None  # flat: the gradients since the last push
         since_push = 0
         reply_timeout = self.ctx.transport.io_timeout
         loss = float("nan")
         while step < self.total_steps:
             loss, samples = self.compute_gradients(step)
             if grad_mode:
-                for n, p in self.model.named_parameters():
-                    grad_sum[n] = grad_sum[n] + p.grad if n in grad_sum else p.grad.detach().clone()
+                if grad_sum is None:
+                    grad_sum = self.flat.grad.clone()
+                else:
+                    fold_(self.flat.layout.segments(grad_sum), self.flat.grads(), 1.0)
             want_weights = (step + 1) % pull_every == 0
             pushing = (step + 1) % push_every == 0 or step + 1 == self.total_steps
             # A local step whose result the pull is about to overwrite (and no pushed weights carry) is wasted.
@@ -159,7 +159,7 @@ class Worker(WorkerBase):
                 reply, ack = self.exchange(push, timeout=reply_timeout)
                 if not isinstance(ack, messages.Ack):
                     raise BadField(reply.kind.name, "kind", "expected ACK for a push")
-                grad_sum, since_push = {}, 0
+                grad_sum, since_push = None, 0
                 self.record(step, loss, status=ack.status, tau=ack.tau)
                 if ack.finished:
                     return
@@ -175,17 +175,19 @@ class Worker(WorkerBase):
             if want_weights:  # 1.0 (default): take the server's weights
                 self.load_weights(reply, alpha=self.nn.polyak_alpha, version=version)
 
-    def push_message(self, step: int, loss: float, samples: int, grad_sum: dict[str, torch.Tensor],
+    def push_message(self, step: int, loss: float, samples: int, grad_sum: torch.Tensor | None,
                      steps: int, want_weights: bool) -> Message:
+        layout = self.flat.layout
         if self.cluster.push_mode == "gradients":
-            tensors = {k: v / max(1, steps) for k, v in grad_sum.items()}  # mean gradient since the last push
+            assert grad_sum is not None
+            scale_(layout.segments(grad_sum), 1.0 / max(1, steps))  # mean gradient since the last push
+            flat = grad_sum.cpu()
         else:
-            tensors = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        quant: dict[str, dict] = {}
-        if self.cluster.use_quantization:
-            tensors, quant = quantize_state(tensors)
+            flat = self.flat.snapshot()
+        if self.quantized is not None:
+            flat, layout = self.quantized.quantize(flat), self.quantized
         fields = {"base_version": self.version, "worker_step": step, "samples": samples, "loss": loss,
                   "mode": self.cluster.push_mode, "want_weights": want_weights}
         if self.cluster.push_mode == "weights" and self.nn.track_gradients and self.grad_norms:
             fields["grad_norms"] = self.grad_norms  # the server sees weights only: tell it the gradient norms
-        return Message(MessageKind.PUSH, fields, tensors=tensors, quant=quant)
+        return Message(MessageKind.PUSH, fields, flat=flat, layout=layout)

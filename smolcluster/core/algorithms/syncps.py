@@ -19,7 +19,7 @@ from smolcluster.common.errors import BadField
 from smolcluster.core.algorithms.base import Peer, ServerBase, WorkerBase
 from smolcluster.core.algorithms.deadline import AdaptiveDeadline
 from smolcluster.core.net import messages
-from smolcluster.core.training.optim import tensor_norms
+from smolcluster.core.training.flat import fold_, scale_, total_norm
 from smolcluster.core.net.wire import Message, MessageKind
 
 
@@ -48,6 +48,7 @@ class Server(ServerBase):
 
     def loop(self) -> None:
         total = self.total_steps()
+        self.grad_sum = self.flat.layout.empty()  # the step's sample-weighted gradient sum, folded as pushes arrive
         self.open_step()  # pushes for step 0 may arrive while we wait for the others
         if not self.wait_for_workers():
             self.stop_idle()
@@ -85,7 +86,8 @@ class Server(ServerBase):
             self.next_event(timeout=0.2)
 
     def open_step(self) -> None:
-        self.contribs: dict[int, tuple[dict[str, torch.Tensor], int, float]] = {}
+        self.contribs: dict[int, tuple[int, float]] = {}  # rank -> (samples, loss); gradients are in grad_sum
+        self.grad_sum.zero_()
         self.settled: set[int] = set()  # ranks whose push for this step was rejected: not waited for
         self.arrived: dict[int, float] = {}
         self.opened_at = self.opened[self.step] = self.clock.monotonic()
@@ -93,7 +95,8 @@ class Server(ServerBase):
         self.deadline_s = self.step_deadline()
         self.deadline = self.opened_at + self.deadline_s
         if self.cluster.server_trains and not self.done_training_data():
-            self.contribs[0] = self.own_gradients()
+            grads, samples, loss = self.own_gradients()
+            self.fold(0, grads, samples, loss)
 
     def live_ranks(self) -> set[int]:
         return {r for r in self.peers if not self.stats[r].finished}
@@ -106,11 +109,11 @@ class Server(ServerBase):
 
     def close_step(self) -> None:
         s = self.step
-        total_samples = sum(n for _, n, _ in self.contribs.values())
-        avg = {name: sum(g[name] * (n / total_samples) for g, n, _ in self.contribs.values()) for name in self.schema}
-        norms = self.apply_gradients(avg)
+        total_samples = sum(n for n, _ in self.contribs.values())
+        scale_(self.flat.layout.segments(self.grad_sum), 1.0 / total_samples)  # the sum becomes the mean
+        norms = self.apply_gradients(self.grad_sum)
         missing = sorted(self.live_ranks() - set(self.contribs))
-        loss = sum(l * n for _, n, l in self.contribs.values()) / total_samples
+        loss = sum(l * n for n, l in self.contribs.values()) / total_samples
         self.version += 1
         self.step += 1
         now = self.clock.monotonic()
@@ -158,8 +161,7 @@ class Server(ServerBase):
             return self._reply_current(peer, "late")
         if push.step > self.step or peer.rank in self.contribs:
             return self._rejected(peer, "wrong-step", f"push for step {push.step} while step {self.step} is open")
-        norms = tensor_norms(grads)
-        size = math.sqrt(sum(v * v for v in norms.values()))
+        size = total_norm(self.flat.layout.segments(grads))
         problem = self.robust_problem(peer.rank, size, weights_mode=False)
         if problem == "non-finite":
             return self._rejected(peer, problem, "gradients contain NaN or Inf")
@@ -167,11 +169,16 @@ class Server(ServerBase):
             return self._rejected(peer, "outlier", problem)
         if self.robust is not None:
             self.robust.accept(peer.rank, size)
-        self.contribs[peer.rank] = (grads, push.samples, push.loss if push.loss is not None else math.nan)
+        self.fold(peer.rank, grads, push.samples, push.loss if push.loss is not None else math.nan)
         now = self.clock.monotonic()
         self.arrived[peer.rank] = now
         self.observe_arrival(push.step)
         st.record_push(push.samples, staleness=self.version - push.base_version, now=now)
+
+    def fold(self, rank: int, grads: torch.Tensor, samples: int, loss: float) -> None:
+        """Add a contribution to the step's weighted sum now (its buffer may be reused for the next frame)."""
+        fold_(self.flat.layout.segments(self.grad_sum), self.flat.layout.segments(grads), float(samples))
+        self.contribs[rank] = (samples, loss)
 
     def observe_arrival(self, step: int) -> None:
         """A push for `step` (open or closed) arrived now: its delay feeds the adaptive deadline."""
@@ -206,10 +213,11 @@ class Worker(WorkerBase):
         while step < self.total_steps:
             loss, samples = self.compute_gradients(step)
             grads = self.gradients()  # unclipped: the server clips the average, as one big batch would
-            self.local_step()  # local progress between syncs; replaced or blended when weights arrive
             push = Message(MessageKind.PUSH, {"step": step, "base_version": self.version, "samples": samples,
-                                              "loss": loss, "worker_step": self.steps_done + 1}, tensors=grads)
-            reply, typed = self.exchange(push, timeout=reply_timeout)
+                                              "loss": loss, "worker_step": self.steps_done + 1}, flat=grads, layout=self.flat.layout)
+            # while the server averages: local progress between syncs (replaced or blended when weights
+            # arrive) and the next batch
+            reply, typed = self.exchange(push, timeout=reply_timeout, meanwhile=lambda: (self.local_step(), self.prefetch(step + 1)))
             self.steps_done += 1
             self.samples_done += samples
             if isinstance(typed, messages.StepDone):

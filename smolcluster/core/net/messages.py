@@ -108,6 +108,7 @@ class Hello:
     rank: int = _spec(_int(0, 1 << 16))
     hostname: str = _spec(_str(MAX_NAME, nonempty=True))
     algorithm: str = _spec(_str(MAX_NAME))
+    layout: str = _spec(_str(64), "")  # hex digest of the sender's flat layout: flat frames from then on
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """TCP transport: connect with retry, listen, authenticated framed connections, heartbeats, deadlines.
 
-Sockets are non-blocking and every wait goes through poll() (select() on Windows, which has no poll)
-with its own deadline, so a send in one thread and a recv in another never fight over one shared socket
-timeout, no wait is unbounded, and there is no ceiling on descriptor numbers (select() fails past 1024).
-Every deadline is on the monotonic clock.
+Every wait has its own deadline, so a send in one thread and a recv in another never fight over one
+shared socket timeout and no wait is unbounded: where the kernel has per-direction socket timeouts
+(SO_RCVTIMEO / SO_SNDTIMEO: Linux, macOS) the socket blocks in each syscall under its direction's timeout;
+elsewhere it is non-blocking and every wait goes through poll() (select() on Windows, which has no poll;
+no ceiling on descriptor numbers where poll exists: select() fails past 1024). Every deadline is on the
+monotonic clock.
 
 The listener bounds what strangers can cost: at most `max_connections` at once, at most `max_pending`
 that have not been admitted yet (handshake or HELLO still to come; the oldest is closed to make room,
@@ -37,8 +39,8 @@ from smolcluster.common.errors import (
     TransportError,
     WireError,
 )
-from smolcluster.core.net.wire import (LayoutCache, Message, MessageKind, Schema, WireLimits, encode_frame, frame_mac, read_frame,
-                              send_frame)
+from smolcluster.core.net.wire import (FlatBuffer, LayoutCache, Message, MessageKind, Schema, WireLimits, encode_frame,
+                                      frame_mac, read_frame, send_frame)
 
 # Large kernel buffers let a whole chunk of a model move per syscall; the kernel caps them at its maximum.
 SOCKET_BUFFER_BYTES = 4 << 20
@@ -73,12 +75,14 @@ class TransportConfig:
     auth_attempts: int = 3  # connect() gives up after this many authentication failures in a row
 
 
-def _ready(sock: socket.socket, readable: bool, timeout: float | None) -> bool:
-    """Wait until `sock` is readable (or writable), at most `timeout` s (None: no limit). Raises OSError or
+def _ready(sock: socket.socket, readable: bool, timeout: float | None, poller: Any = None) -> bool:
+    """Wait until `sock` is readable (or writable), at most `timeout` s (None: no limit). `poller` is a
+    poll object with `sock` registered for that direction (made here when not given). Raises OSError or
     ValueError when the socket was closed by another thread."""
     if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(sock, select.POLLIN if readable else select.POLLOUT)
+        if poller is None:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN if readable else select.POLLOUT)
         return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
     r, w, _ = select.select([sock] if readable else [], [] if readable else [sock], [], timeout)
     return bool(r or w)
@@ -99,12 +103,45 @@ def _peer_name(addr: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _timeval(seconds: float) -> bytes:
+    """A struct timeval for SO_RCVTIMEO / SO_SNDTIMEO; 0 is no limit, so a positive wait is at least 1 us."""
+    if seconds == float("inf"):
+        return struct.pack("ll", 0, 0)
+    usec = max(1, int(seconds * 1e6 + 0.999))
+    return struct.pack("ll", usec // 1_000_000, usec % 1_000_000)
+
+
+def _kernel_timeouts(sock: socket.socket) -> bool:
+    """Put `sock` in blocking mode with kernel timeouts per direction (SO_RCVTIMEO / SO_SNDTIMEO), when the
+    platform takes and reports back a struct timeval as packed here; else leave it non-blocking (poll)."""
+    if not hasattr(select, "poll") or not hasattr(socket, "SO_RCVTIMEO"):
+        return False
+    probe = _timeval(1.5)
+    try:
+        for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            sock.setsockopt(socket.SOL_SOCKET, opt, probe)
+            if sock.getsockopt(socket.SOL_SOCKET, opt, len(probe)) != probe:
+                return False
+    except (OSError, struct.error):
+        return False
+    sock.setblocking(True)
+    return True
+
+
+TIMEOUT_SLACK = 0.002  # s: a kernel timeout within this of a deadline counts as reaching it
+
+
 class _Stream:
-    """recv_into / sendmsg / sendall over a non-blocking socket, with deadlines chosen by the caller.
+    """recv_into / sendmsg / sendall over a socket, with deadlines chosen by the caller.
 
     Receive rules (set by Connection.recv): until the first byte of a frame arrives, wait at most `rx_gap`
     (silence -> PeerTimeout) and at most until `rx_deadline` (-> RecvTimeout, stream still in sync);
     once a frame started, it must finish within `rx_frame_timeout` and never pause longer than `rx_gap`.
+
+    Where the platform has them, each direction waits inside its own syscall, bounded by its own kernel
+    timeout (SO_RCVTIMEO for the reader, SO_SNDTIMEO for the sender, re-set only when the wait allowed
+    changes), so a frame costs no poll() and no exception per chunk; elsewhere the socket is
+    non-blocking and every wait is a poll().
     """
 
     def __init__(self, sock: socket.socket, peer: str):
@@ -118,41 +155,83 @@ class _Stream:
         self.rx_frame_deadline: float | None = None  # set when a frame's first byte arrives
         self.tx_deadline: float | None = None
         self.tx_timeout = 60.0
+        self._pollers: dict[bool, Any] = {}  # readable -> poll object, made once (a send and a recv may wait at once)
+        self.kernel_timeouts = _kernel_timeouts(sock)
+        self._armed = {True: 1.5, False: 1.5}  # readable -> the kernel timeout set now (as _kernel_timeouts left it)
+
+    def _poller(self, readable: bool) -> Any:
+        if not hasattr(select, "poll"):
+            return None
+        poller = self._pollers.get(readable)
+        if poller is None:
+            poller = self._pollers[readable] = select.poll()
+            poller.register(self.sock, select.POLLIN if readable else select.POLLOUT)
+        return poller
 
     def start_frame(self) -> None:
         self.rx_frame_deadline = None
 
-    def _wait(self, readable: bool) -> None:
-        now = time.monotonic()
+    def _allowed(self, readable: bool, now: float) -> float:
+        """How long this direction may wait for the socket now (inf: no limit)."""
         if readable:
-            started = self.rx_frame_deadline is not None
-            limit = self.rx_frame_deadline if started else self.rx_deadline
-            wait = self.rx_gap if limit is None else min(self.rx_gap, limit - now)
-        else:
-            wait = float("inf") if self.tx_deadline is None else self.tx_deadline - now
-        if wait > 0:
-            if self.sock.fileno() < 0:
-                raise ConnectionClosed("connection was closed", peer=self.peer)
+            limit = self.rx_frame_deadline if self.rx_frame_deadline is not None else self.rx_deadline
+            return self.rx_gap if limit is None else min(self.rx_gap, limit - now)
+        return float("inf") if self.tx_deadline is None else self.tx_deadline - now
+
+    def _arm(self, readable: bool) -> int:
+        """Kernel timeouts: set this direction's to the wait allowed now. Returns the flags for the call
+        (MSG_DONTWAIT when no wait is left: the call takes what is there, then the deadline is reported)."""
+        wait = self._allowed(readable, time.monotonic())
+        if wait <= 0:
+            return socket.MSG_DONTWAIT
+        armed = self._armed[readable]
+        if abs(wait - armed) > TIMEOUT_SLACK and not (wait == armed == float("inf")):
             try:
-                if _ready(self.sock, readable, None if wait == float("inf") else wait):
-                    return
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO if readable else socket.SO_SNDTIMEO, _timeval(wait))
             except (OSError, ValueError):  # closed by another thread
                 raise ConnectionClosed("connection was closed", peer=self.peer) from None
-        if not readable:
-            raise PeerTimeout(f"peer did not accept our data for {self.tx_timeout:.1f}s (it stopped reading)", peer=self.peer)
+            self._armed[readable] = wait
+        return 0
+
+    def _wait(self, readable: bool) -> None:
+        """The socket was not ready. Kernel timeouts: the call already waited its armed timeout, so report
+        the deadline it reached (or return to try again). Polling: wait for readiness, then the same."""
         now = time.monotonic()
+        if self.kernel_timeouts:
+            waited = self._armed[readable]
+        else:
+            wait = self._allowed(readable, now)
+            if wait > 0:
+                if self.sock.fileno() < 0:
+                    raise ConnectionClosed("connection was closed", peer=self.peer)
+                try:
+                    if _ready(self.sock, readable, None if wait == float("inf") else wait, self._poller(readable)):
+                        return
+                except (OSError, ValueError):  # closed by another thread
+                    raise ConnectionClosed("connection was closed", peer=self.peer) from None
+            waited = wait
+            now = time.monotonic()
+        if not readable:
+            if self.tx_deadline is not None and now >= self.tx_deadline - TIMEOUT_SLACK:
+                raise PeerTimeout(f"peer did not accept our data for {self.tx_timeout:.1f}s (it stopped reading)", peer=self.peer)
+            return
         if self.rx_frame_deadline is not None:
-            if now >= self.rx_frame_deadline:
+            if now >= self.rx_frame_deadline - TIMEOUT_SLACK:
                 raise RecvTimeout(f"a frame took longer than io_timeout={self.rx_frame_timeout:.1f}s to arrive", peer=self.peer)
-            raise PeerTimeout(f"peer went silent for {self.rx_gap:.1f}s in the middle of a frame", peer=self.peer)
-        if self.rx_deadline is not None and now >= self.rx_deadline:
+            if waited >= self.rx_gap - TIMEOUT_SLACK:
+                raise PeerTimeout(f"peer went silent for {self.rx_gap:.1f}s in the middle of a frame", peer=self.peer)
+            return
+        if self.rx_deadline is not None and now >= self.rx_deadline - TIMEOUT_SLACK:
             raise RecvTimeout("no message within the timeout (the peer is alive but sent nothing)", peer=self.peer)
-        raise PeerTimeout(f"nothing received for {self.rx_gap:.1f}s, not even a heartbeat (peer dead, paused or partitioned)", peer=self.peer)
+        if waited >= self.rx_gap - TIMEOUT_SLACK:
+            raise PeerTimeout(f"nothing received for {self.rx_gap:.1f}s, not even a heartbeat (peer dead, paused or partitioned)",
+                              peer=self.peer)
 
     def recv_into(self, buf: memoryview, nbytes: int = 0) -> int:
         while True:
             try:
-                n = self.sock.recv_into(buf, nbytes)
+                flags = self._arm(True) if self.kernel_timeouts else 0
+                n = self.sock.recv_into(buf, nbytes, flags)
             except (BlockingIOError, InterruptedError):
                 self._wait(readable=True)
                 continue
@@ -165,10 +244,11 @@ class _Stream:
             self.bytes_received += n
             return n
 
-    def _send_with(self, fn: Callable[[Any], int], arg: Any) -> int:
+    def _send_with(self, fn: Callable[..., int], arg: Any, *extra: Any) -> int:
         while True:
             try:
-                n = fn(arg)
+                flags = self._arm(False) if self.kernel_timeouts else 0
+                n = fn(arg, *extra, flags)
             except (BlockingIOError, InterruptedError):
                 self._wait(readable=False)
                 continue
@@ -180,7 +260,7 @@ class _Stream:
             return n
 
     def sendmsg(self, buffers: list[memoryview]) -> int:
-        return self._send_with(self.sock.sendmsg, buffers)
+        return self._send_with(self.sock.sendmsg, buffers, ())
 
     def sendall(self, data: memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -216,6 +296,24 @@ class Connection:
         self._heartbeat_lock = threading.Lock()  # a close never joins a heartbeat thread that has not started
         self.on_admit: Callable[[], None] | None = None  # set by a Listener: see admit()
         self.authenticated = keys is not None
+        self.layouts: tuple[Any, ...] = ()  # the flat layouts agreed with the peer (see agree())
+        self._ring: list[Any] = []  # preallocated receive buffers for flat frames, used in turn
+        self._ring_next = 0
+
+    def agree(self, *layouts: Any, buffers: int = 3) -> None:
+        """Both ends use these flat layouts from now on (a model's, and its quantized form): flat messages go
+        as one buffer, and flat frames are read into `buffers` preallocated buffers in turn, so a received
+        message's buffer stays valid until `buffers - 1` more flat frames arrived (the server holds at most
+        IN_FLIGHT frames per peer)."""
+        with self._recv_lock:
+            self.layouts = layouts
+            largest = max(a.nbytes for a in layouts)
+            self._ring = [FlatBuffer(largest) for _ in range(buffers)]
+
+    def _flat_buffer(self) -> Any:
+        buf = self._ring[self._ring_next]
+        self._ring_next = (self._ring_next + 1) % len(self._ring)
+        return buf
 
     def admit(self) -> None:
         """The handler accepted this peer (e.g. a valid HELLO): it no longer counts against the listener's
@@ -249,6 +347,9 @@ class Connection:
 
     def _send_locked(self, msg: Message, timeout: float | None) -> int:
         self._check_open()
+        if msg.flat is not None and all(msg.layout.digest != a.digest for a in self.layouts):
+            # this peer agreed no layout (or another): it gets the tensors by name
+            msg = Message(msg.kind, msg.fields, tensors=msg.named(), quant=msg.quant)
         key = self._keys.send if self._keys else None
         buffers = encode_frame(msg, seq=self._send_seq, mac_key=key, limits=self.config.limits, cache=self._send_layouts,
                                defer_mac=True)
@@ -285,7 +386,8 @@ class Connection:
                 try:
                     msg = read_frame(s, limits=limits or self.config.limits, schema=schema, reject_nonfinite=reject_nonfinite,
                                      mac_key=key, expected_seq=self._recv_seq if key else None, peer=self.peer,
-                                     cache=self._recv_layouts)
+                                     cache=self._recv_layouts, layout=self.layouts or None,
+                                     flat_buffer=self._flat_buffer if self._ring else None)
                 except RecvTimeout:
                     if s.rx_frame_deadline is None:
                         raise  # nothing of a frame was read: still in sync

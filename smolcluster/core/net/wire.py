@@ -2,8 +2,18 @@
 
 The frame:
 
-    frame  = preamble | header (JSON, UTF-8) | payload (raw tensor bytes) [| mac (32 bytes)]
+    frame  = preamble | header | payload [| mac (32 bytes)]
     preamble: magic, version, kind (MessageKind), flags, header length, payload length, sequence number
+
+Two kinds of header (wire version 2):
+- binary (flag BINARY): fixed fields (step, version, base_version, samples, worker_step, next_step, tau,
+  loss, held_s, want_weights, finished, status, mode, which of them are present) and the 16-byte
+  digest of the flat layout, then, only when a message has fields none of those slots hold (a reason,
+  grad_norms), a small JSON object of them. The push/pull path (PUSH, PULL, ACK, WEIGHTS, STEP_DONE)
+  uses it; with flag FLAT its payload is one flat buffer in the layout both ends agreed on once per
+  connection (see core/training/flat.py): exactly `layout.nbytes` bytes, no tensor table.
+- JSON: {"tensors": TABLE, "fields": FIELDS}, for control messages and named tensors (a peer that
+  agreed no layout, quantized tensors, tests and benchmarks).
 
 Public API:
     MessageKind            IntEnum of message kinds
@@ -78,6 +88,12 @@ class Message:
     fields: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     quant: dict[str, dict[str, Any]] = field(default_factory=dict)
+    flat: torch.Tensor | None = None  # one uint8 buffer in `layout` (instead of named tensors)
+    layout: Any = None  # a FlatLayout (core/training/flat.py): digest, nbytes, views(buf), all_finite(buf)
+
+    def named(self) -> dict[str, torch.Tensor]:
+        """The tensors by name: views of the flat buffer, or the named tensors."""
+        return self.layout.views(self.flat) if self.flat is not None else self.tensors
 
 
 @dataclass(frozen=True)
@@ -96,10 +112,24 @@ def schema_of(state: torch.nn.Module | dict[str, torch.Tensor]) -> Schema:
 # --------------------------------------------------------------------------- frame layout
 
 MAGIC = b"SMCL"
-VERSION = 1
+VERSION = 2
 # magic, version u8, kind u16, flags u8, header_len u32, payload_len u64, seq u64 (network byte order)
 PREAMBLE = struct.Struct("!4sBHBIQQ")
 FLAG_MAC = 0x01
+FLAG_BINARY = 0x02  # the header is BINARY (+ a JSON object of the fields no slot holds)
+FLAG_FLAT = 0x04  # the payload is the agreed flat layout (needs BINARY)
+KNOWN_FLAGS = FLAG_MAC | FLAG_BINARY | FLAG_FLAT
+# present bits u16, bool bits u8, status code u8, mode code u8, pad, layout digest 16s, 7 x u64, 2 x f64
+BINARY = struct.Struct("!HBBBx16s7Q2d")
+INT_SLOTS = ("step", "version", "base_version", "samples", "worker_step", "next_step", "tau")
+FLOAT_SLOTS = ("loss", "held_s")
+BOOL_SLOTS = ("want_weights", "finished")
+CHOICE_SLOTS = {"status": ("applied", "late", "rejected"), "mode": ("weights", "gradients")}
+_SLOT_BITS = {name: 1 << i for i, name in enumerate((*INT_SLOTS, *FLOAT_SLOTS, *BOOL_SLOTS, *CHOICE_SLOTS))}
+_ALL_SLOT_BITS = sum(_SLOT_BITS.values())
+BINARY_KINDS = frozenset({3, 4, 5, 6, 7})  # PUSH, ACK, PULL, WEIGHTS, STEP_DONE: the push/pull path
+FLAT_LEAD = 128  # where a flat payload starts in a receive buffer: the binary header fits before it
+NO_DIGEST = bytes(16)
 MAC_BYTES = 32
 # Tensor offsets are aligned so every tensor can be a view of the receive buffer (largest itemsize is 8).
 ALIGN = 8
@@ -208,15 +238,90 @@ def frame_mac(mac_key: bytes, buffers: list[memoryview | bytes]) -> bytes:
 
 
 def _finish_frame(msg: Message, header: bytes, buffers: list, payload_len: int, seq: int,
-                  mac_key: bytes | None, limits: WireLimits, defer_mac: bool) -> list[memoryview | bytes]:
+                  mac_key: bytes | None, limits: WireLimits, defer_mac: bool, flags: int = 0) -> list[memoryview | bytes]:
     if len(header) > limits.max_header_bytes:
         raise FrameTooLarge(f"header is {len(header)} bytes, the limit is {limits.max_header_bytes}")
-    flags = FLAG_MAC if mac_key is not None else 0
+    if payload_len > limits.max_payload_bytes:
+        raise FrameTooLarge(f"payload is {payload_len} bytes, the limit is {limits.max_payload_bytes}")
+    flags |= FLAG_MAC if mac_key is not None else 0
     head = PREAMBLE.pack(MAGIC, VERSION, int(msg.kind), flags, len(header), payload_len, seq) + header
     out: list[memoryview | bytes] = [head, *buffers]
     if mac_key is not None and not defer_mac:
         out.append(frame_mac(mac_key, out))
     return out
+
+
+class FlatBuffer:
+    """A preallocated receive buffer for flat frames of up to `nbytes` (header before, MAC after), with its
+    memoryview made once: reading a flat frame allocates nothing."""
+
+    def __init__(self, nbytes: int):
+        self.tensor = torch.empty(FLAT_LEAD + nbytes + MAC_BYTES, dtype=torch.uint8)
+        self.view = memoryview(self.tensor.numpy())
+
+
+def binary_header(fields: dict[str, Any], digest: bytes = NO_DIGEST) -> bytes:
+    """The fixed binary header: each field a slot can hold goes in its slot; the rest (a reason,
+    grad_norms, a value of the wrong type, which the receiver's typed check then rejects) follow as JSON."""
+    ints = [0] * len(INT_SLOTS)
+    floats = [0.0] * len(FLOAT_SLOTS)
+    present = bools = 0
+    codes = {"status": 0, "mode": 0}
+    rest: dict[str, Any] = {}
+    for name, v in fields.items():
+        if name in INT_SLOTS and type(v) is int and 0 <= v < 1 << 64:
+            ints[INT_SLOTS.index(name)] = v
+        elif name in FLOAT_SLOTS and type(v) in (int, float):
+            floats[FLOAT_SLOTS.index(name)] = float(v)
+        elif name in BOOL_SLOTS and type(v) is bool:
+            bools |= _SLOT_BITS[name] >> 9 if v else 0
+        elif name in CHOICE_SLOTS and v in CHOICE_SLOTS[name] and type(v) is str:
+            codes[name] = CHOICE_SLOTS[name].index(v)
+        else:
+            rest[name] = v
+            continue
+        present |= _SLOT_BITS[name]
+    head = BINARY.pack(present, bools, codes["status"], codes["mode"], digest, *ints, *floats)
+    if not rest:
+        return head
+    try:
+        return head + json.dumps(rest, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as e:
+        raise BadHeader(f"message fields are not JSON-serialisable: {e}") from None
+
+
+def parse_binary_header(raw: bytes | bytearray | memoryview, peer: str | None) -> tuple[dict[str, Any], bytes]:
+    """(fields, layout digest) of a binary header; BadHeader for unknown bits or codes."""
+    present, bools, status, mode, digest, *values = BINARY.unpack_from(raw)
+    if present & ~_ALL_SLOT_BITS or bools & ~(_SLOT_BITS["finished"] >> 9 | _SLOT_BITS["want_weights"] >> 9):
+        raise BadHeader(f"binary header has unknown field bits {present:#06x}/{bools:#04x}", peer=peer)
+    fields: dict[str, Any] = {}
+    for i, name in enumerate(INT_SLOTS):
+        if present & _SLOT_BITS[name]:
+            fields[name] = values[i]
+    for i, name in enumerate(FLOAT_SLOTS):
+        if present & _SLOT_BITS[name]:
+            fields[name] = values[len(INT_SLOTS) + i]
+    for name in BOOL_SLOTS:
+        if present & _SLOT_BITS[name]:
+            fields[name] = bool(bools & _SLOT_BITS[name] >> 9)
+    for name, code in (("status", status), ("mode", mode)):
+        if present & _SLOT_BITS[name]:
+            if code >= len(CHOICE_SLOTS[name]):
+                raise BadHeader(f"binary header has an unknown {name} code {code}", peer=peer)
+            fields[name] = CHOICE_SLOTS[name][code]
+    if len(raw) > BINARY.size:
+        try:
+            rest = json.loads(bytes(raw[BINARY.size:]).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise BadHeader(f"the JSON after the binary header is not valid UTF-8 JSON ({e})", peer=peer) from None
+        if not isinstance(rest, dict):
+            raise BadHeader("the JSON after the binary header must be an object of fields", peer=peer)
+        twice = set(rest) & set(fields)
+        if twice:
+            raise BadHeader(f"field(s) {sorted(twice)[:3]} given twice (binary slot and JSON)", peer=peer)
+        fields.update(rest)
+    return fields, bytes(digest)
 
 
 def encode_frame(
@@ -225,8 +330,19 @@ def encode_frame(
 ) -> list[memoryview | bytes]:
     """Encode `msg` as buffers for `send_frame`. Tensor data is referenced, not copied.
 
-    With a key the frame ends with its MAC; `defer_mac` leaves it off, for a sender that sends the frame
-    first and `frame_mac(key, buffers)` after it, so the peer receives while this side hashes."""
+    A message with a flat buffer becomes a binary FLAT frame; one of the push/pull kinds without tensors
+    a binary frame; anything else a JSON frame with a tensor table. With a key the frame ends with its
+    MAC; `defer_mac` leaves it off, for a sender that sends the frame first and `frame_mac(key, buffers)`
+    after it, so the peer receives while this side hashes."""
+    if msg.flat is not None or (not msg.tensors and int(msg.kind) in BINARY_KINDS):
+        if msg.flat is not None:
+            data = _tensor_bytes(msg.flat)
+            if msg.layout is None or data.nbytes != msg.layout.nbytes:
+                raise BadTensorTable("a flat buffer must come with its layout and be exactly layout.nbytes long")
+            header, buffers, flags = binary_header(msg.fields, msg.layout.digest), [data], FLAG_BINARY | FLAG_FLAT
+        else:
+            header, buffers, flags = binary_header(msg.fields), [], FLAG_BINARY
+        return _finish_frame(msg, header, buffers, sum(len(b) for b in buffers), seq, mac_key, limits, defer_mac, flags)
     key = None
     if cache is not None and not msg.quant:
         key = tuple((name, t.dtype, t.shape) for name, t in msg.tensors.items())
@@ -435,31 +551,54 @@ def read_frame(
     expected_seq: int | None = None,
     peer: str | None = None,
     cache: LayoutCache | None = None,
+    layout: Any = None,
+    flat_buffer: Any = None,
+    versions: tuple[int, ...] = (VERSION,),
 ) -> Message:
     """Read one frame from `sock` (anything with recv_into) and return the Message.
 
     Order matters: every length is checked before its buffer is allocated, and with a key the MAC is
     verified before the header is trusted or any tensor is built. Tensors are views of one receive buffer.
+    `layout` is the flat layout agreed on this connection, or a tuple of them (None: flat frames are
+    refused); `flat_buffer()` gives the preallocated FlatBuffer a flat frame is read into.
+    `versions` are the wire versions accepted (a checkpoint file may be a version 1 frame: its JSON
+    frames are the same in version 2).
     """
     pre = bytearray(PREAMBLE.size)
     _recv_exactly(sock, memoryview(pre), "preamble", peer, frame_start=True)
     magic, version, kind_raw, flags, header_len, payload_len, seq = PREAMBLE.unpack(pre)
     if magic != MAGIC:
         raise BadMagic(f"expected magic {MAGIC!r}, got {bytes(magic)!r} (not a smolcluster peer, or the stream is out of sync)", peer=peer)
-    if version != VERSION:
-        raise UnsupportedVersion(f"peer speaks wire version {version}, this node speaks {VERSION}; "
+    if version not in versions:
+        raise UnsupportedVersion(f"peer speaks wire version {version}, this is {VERSION}: "
                                  "run the same smolcluster version everywhere", peer=peer)
     try:
         kind = MessageKind(kind_raw)
     except ValueError:
         raise BadHeader(f"unknown message kind {kind_raw}", peer=peer) from None
-    if flags & ~FLAG_MAC:
+    if flags & ~KNOWN_FLAGS:
         raise BadHeader(f"unknown flag bits {flags:#04x}", peer=peer)
     if header_len > limits.max_header_bytes:
         raise FrameTooLarge(f"{kind.name} frame declares a header of {header_len} bytes, the limit is {limits.max_header_bytes}", peer=peer)
     if payload_len > limits.max_payload_bytes:
         raise FrameTooLarge(f"{kind.name} frame declares a payload of {payload_len} bytes, the limit is {limits.max_payload_bytes}", peer=peer)
-    if schema is not None and payload_len > max_payload_for(schema):
+    binary, flat = bool(flags & FLAG_BINARY), bool(flags & FLAG_FLAT)
+    agreed = () if layout is None else tuple(layout) if isinstance(layout, (tuple, list)) else (layout,)
+    if binary and header_len < BINARY.size:
+        raise BadHeader(f"{kind.name} frame has a binary header of {header_len} bytes, it needs {BINARY.size}", peer=peer)
+    if flat:
+        if not binary:
+            raise BadHeader(f"{kind.name} frame is flat but its header is not binary", peer=peer)
+        if not agreed:
+            raise SchemaMismatch(f"{kind.name} frame carries a flat buffer, but no layout was agreed on this "
+                                 "connection (the HELLO names the model's layout)", peer=peer)
+        if all(payload_len != a.nbytes for a in agreed):
+            raise ShapeMismatch(f"{kind.name} frame carries a flat buffer of {payload_len} bytes, the agreed layout "
+                                f"has {' or '.join(str(a.nbytes) for a in agreed)}", peer=peer)
+    elif binary and payload_len:
+        raise BadTensorTable(f"{kind.name} frame with a binary header declares {payload_len} payload bytes but no "
+                             "flat buffer (binary frames carry tensors only as the agreed flat layout)", peer=peer)
+    elif schema is not None and payload_len > max_payload_for(schema):
         raise FrameTooLarge(f"{kind.name} frame declares a payload of {payload_len} bytes, more than the model's "
                             f"{max_payload_for(schema)}", peer=peer)
     has_mac = bool(flags & FLAG_MAC)
@@ -469,6 +608,9 @@ def read_frame(
     if mac_key is None and has_mac:
         raise MissingKey(f"peer sent an authenticated {kind.name} frame, but this node has no cluster key "
                          "(set the same SMOLCLUSTER_CLUSTER_KEY or key file on every node)", peer=peer)
+    if flat and header_len <= FLAT_LEAD:
+        return _read_flat(sock, pre, kind, header_len, payload_len, seq, mac_key, expected_seq, peer, agreed,
+                          flat_buffer, reject_nonfinite)
 
     # torch.empty does not zero-fill: recv_into writes every byte once. Payloads start on a cache line
     # (torch allocations are 64-byte aligned): the tensor views need 8, and the kernel's copy into an
@@ -480,7 +622,7 @@ def read_frame(
         header_buf = bytearray(header_len)
         _recv_exactly(sock, memoryview(header_buf), "header", peer)
         header_raw = bytes(header_buf)
-        parsed = _parse_header_cached(header_raw, payload_len, limits, schema, peer, cache)
+        parsed = _parse_any_header(header_raw, binary, payload_len, limits, schema, peer, cache, agreed if flat else ())
         payload = torch.empty(payload_len, dtype=torch.uint8)
         payload_view = memoryview(payload.numpy())
         _recv_exactly(sock, payload_view, "payload", peer)
@@ -491,25 +633,19 @@ def read_frame(
         # sender sends the MAC after them and hashes in the meantime), then the MAC is checked, before
         # the header is parsed or any tensor is built.
         lead = -header_len % RECV_ALIGN
-        frame = torch.empty(lead + header_len + payload_len + MAC_BYTES, dtype=torch.uint8)
-        body = memoryview(frame.numpy())[lead:]
-        pos = 0
-        mac = hmac.new(mac_key, pre, hashlib.sha256)  # type: ignore[arg-type]
-        signed = header_len + payload_len
-        while pos < signed:
-            end = _recv_exactly(sock, body, "frame", peer, pos=pos, at_least=pos + 1)
-            mac.update(body[pos:min(end, signed)])
-            pos = end
-        _recv_exactly(sock, body, "frame", peer, pos=pos)
-        if not hmac.compare_digest(mac.digest(), bytes(body[signed:])):
-            raise BadMac(f"{kind.name} frame (seq {seq}) does not verify: altered in transit or signed with another key", peer=peer)
+        payload = torch.empty(lead + header_len + payload_len + MAC_BYTES, dtype=torch.uint8)
+        body = memoryview(payload.numpy())[lead:]
+        _recv_signed(sock, body, pre, header_len + payload_len, mac_key, kind, seq, peer)
         header_raw = bytes(body[:header_len])
         payload_view = body[header_len:header_len + payload_len]
+        payload = payload[lead + header_len:lead + header_len + payload_len]
     if expected_seq is not None and seq != expected_seq:
         raise ReplayedFrame(f"{kind.name} frame has sequence number {seq}, expected {expected_seq} (replayed or reordered)", peer=peer)
     if parsed is None:
-        parsed = _parse_header_cached(header_raw, payload_len, limits, schema, peer, cache)
-    fields, specs, quant = parsed
+        parsed = _parse_any_header(header_raw, binary, payload_len, limits, schema, peer, cache, agreed if flat else ())
+    fields, specs, quant, matched = parsed
+    if flat:
+        return _flat_message(kind, fields, payload, matched, reject_nonfinite, peer)
 
     tensors: dict[str, torch.Tensor] = {}
     for name, dtype, shape, off, length in specs:
@@ -523,3 +659,59 @@ def read_frame(
             raise NonFiniteTensor(f"tensor '{name}' contains NaN or Inf; it was not applied", peer=peer)
         tensors[name] = t
     return Message(kind=kind, fields=fields, tensors=tensors, quant=quant)
+
+
+def _recv_signed(sock: Any, body: memoryview, pre: bytes | bytearray, signed: int, mac_key: bytes, kind: MessageKind,
+                 seq: int, peer: str | None) -> None:
+    """Fill `body` (the signed bytes, then the MAC), hashing as the bytes arrive; BadMac unless it verifies."""
+    pos = 0
+    mac = hmac.new(mac_key, pre, hashlib.sha256)
+    while pos < signed:
+        end = _recv_exactly(sock, body, "frame", peer, pos=pos, at_least=pos + 1)
+        mac.update(body[pos:min(end, signed)])
+        pos = end
+    _recv_exactly(sock, body, "frame", peer, pos=pos)
+    if not hmac.compare_digest(mac.digest(), bytes(body[signed:signed + MAC_BYTES])):
+        raise BadMac(f"{kind.name} frame (seq {seq}) does not verify: altered in transit or signed with another key", peer=peer)
+
+
+def _parse_any_header(raw: bytes, binary: bool, payload_len: int, limits: WireLimits, schema: Schema | None,
+                      peer: str | None, cache: LayoutCache | None, agreed: tuple):
+    """(fields, tensor specs, quant params, the agreed layout a flat frame is in)."""
+    if not binary:
+        return (*_parse_header_cached(raw, payload_len, limits, schema, peer, cache), None)
+    fields, digest = parse_binary_header(raw, peer)
+    if not agreed:
+        return fields, [], {}, None
+    for a in agreed:
+        if a.digest == digest and a.nbytes == payload_len:
+            return fields, [], {}, a
+    raise SchemaMismatch(f"flat frame is for layout {digest.hex()[:12]}, this connection agreed on "
+                         f"{', '.join(a.digest.hex()[:12] for a in agreed)}", peer=peer)
+
+
+def _flat_message(kind: MessageKind, fields: dict[str, Any], payload: torch.Tensor, layout: Any,
+                  reject_nonfinite: bool, peer: str | None) -> Message:
+    if reject_nonfinite and not layout.all_finite(payload):
+        raise NonFiniteTensor(f"the {kind.name} frame's flat buffer contains NaN or Inf; it was not applied", peer=peer)
+    return Message(kind=kind, fields=fields, flat=payload, layout=layout)
+
+
+def _read_flat(sock: Any, pre: bytearray, kind: MessageKind, header_len: int, payload_len: int, seq: int,
+               mac_key: bytes | None, expected_seq: int | None, peer: str | None, agreed: tuple, flat_buffer: Any,
+               reject_nonfinite: bool) -> Message:
+    """A flat frame (its payload length already checked to be exactly the layout's): header and payload are
+    read together into a preallocated buffer, the header ending where the payload's cache line starts, so
+    there is no allocation per frame and one read loop after the preamble. The header (and with a key the
+    MAC) is checked before the buffer is handed out as a tensor."""
+    buf = flat_buffer() if flat_buffer is not None else FlatBuffer(payload_len)
+    start = FLAT_LEAD - header_len
+    body = buf.view[start:FLAT_LEAD + payload_len + (MAC_BYTES if mac_key is not None else 0)]
+    if mac_key is not None:
+        _recv_signed(sock, body, pre, header_len + payload_len, mac_key, kind, seq, peer)
+    else:
+        _recv_exactly(sock, body, "frame", peer)
+    if expected_seq is not None and seq != expected_seq:
+        raise ReplayedFrame(f"{kind.name} frame has sequence number {seq}, expected {expected_seq} (replayed or reordered)", peer=peer)
+    fields, _, _, matched = _parse_any_header(bytes(body[:header_len]), True, payload_len, WireLimits(), None, peer, None, agreed)
+    return _flat_message(kind, fields, buf.tensor[FLAT_LEAD:FLAT_LEAD + payload_len], matched, reject_nonfinite, peer)

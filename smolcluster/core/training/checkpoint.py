@@ -31,6 +31,8 @@ CHECKPOINT_NAME = "checkpoint.smcl"
 PREVIOUS_NAME = "checkpoint.prev.smcl"  # previous_name(CHECKPOINT_NAME)
 # Public on purpose: this is not authentication, it makes the frame's MAC a SHA-256 digest of the file.
 DIGEST_KEY = b"smolcluster/checkpoint/digest/v1"
+# A checkpoint is a JSON wire frame, the same in wire versions 1 and 2: files written before version 2 load.
+CHECKPOINT_VERSIONS = (1, 2)
 
 
 class CheckpointError(SmolclusterError):
@@ -218,10 +220,10 @@ def read_checkpoint(path: Path) -> ServerState:
     try:
         with open(path, "rb") as f:
             try:
-                msg = read_frame(_FileSource(f), limits=limits, mac_key=DIGEST_KEY)
+                msg = read_frame(_FileSource(f), limits=limits, mac_key=DIGEST_KEY, versions=CHECKPOINT_VERSIONS)
             except MissingKey:  # no digest flag: written before whole-file digests
                 f.seek(0)
-                msg = read_frame(_FileSource(f), limits=limits)
+                msg = read_frame(_FileSource(f), limits=limits, versions=CHECKPOINT_VERSIONS)
                 legacy = True
             extra = len(f.read(1 << 20))
     except BadMac:

@@ -7,9 +7,14 @@ zero weights, padding and ReLU outputs survive a round trip unchanged. Error per
 
 On the wire a quantized tensor NAME travels as three tensors: NAME (int8, original shape),
 NAME::scale and NAME::zero (float32 [rows]); Message.quant[NAME] = {"scheme": "int8_row", "dtype": ...}.
+A flat buffer (core/training/flat.py) travels as one QuantizedLayout buffer: the same rule per block of
+BLOCK values of the flat buffer.
 """
 
 from __future__ import annotations
+
+import hashlib
+from typing import Any
 
 import torch
 
@@ -121,3 +126,72 @@ def quantized_schema(schema: Schema) -> Schema:
         out[name + SCALE_SUFFIX] = TensorSpec(rows, torch.float32)
         out[name + ZERO_SUFFIX] = TensorSpec(rows, torch.float32)
     return out
+
+
+# --------------------------------------------------------------------------- flat buffers
+
+BLOCK = 1024  # values per scale and zero point in a quantized flat buffer
+
+
+class QuantizedLayout:
+    """A flat layout's float values as int8, per block of BLOCK values: the int8_row rule applied to the
+    flat buffer cut into rows of BLOCK (the last one padded with zeros, which every range holds exactly).
+
+    The buffer is  q int8 [n] | scale float32 [blocks] | zero float32 [blocks]  (4-byte aligned). Its
+    digest derives from the float layout's, so two nodes that agreed on the model agreed on this too."""
+
+    def __init__(self, base: Any, block: int = BLOCK):
+        if any(not dt.is_floating_point for dt, _, _ in base.segments_at):
+            raise QuantizationError("a quantized flat buffer needs a model whose tensors are all floating point")
+        self.base, self.block = base, block
+        self.numel = sum(n for _, _, n in base.segments_at)
+        self.blocks = max(1, -(-self.numel // block))
+        self.scale_at = self.numel + -self.numel % 4
+        self.zero_at = self.scale_at + 4 * self.blocks
+        self.nbytes = self.zero_at + 4 * self.blocks
+        self.digest = hashlib.sha256(f"{SCHEME}-block{block}:".encode() + base.digest).digest()[:16]
+
+    def empty(self, device: torch.device | str = "cpu", extra: int = 0) -> torch.Tensor:
+        return torch.empty(self.nbytes + extra, dtype=torch.uint8, device=device)
+
+    def _parts(self, qbuf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (qbuf[:self.numel].view(torch.int8), qbuf[self.scale_at:self.zero_at].view(torch.float32),
+                qbuf[self.zero_at:self.nbytes].view(torch.float32))
+
+    def quantize(self, buf: torch.Tensor) -> torch.Tensor:
+        """The quantized form of a float buffer in the base layout."""
+        segments = self.base.segments(buf.cpu())
+        x = segments[0] if len(segments) == 1 else torch.cat([s.double() for s in segments])
+        padded = torch.zeros(self.blocks * self.block, dtype=x.dtype)
+        padded[:self.numel] = x
+        q, scale, zero = quantize_rows(padded.view(self.blocks, self.block))
+        out = self.empty()
+        out[self.numel:self.scale_at] = 0
+        values, scales, zeros = self._parts(out)
+        values.copy_(q.view(-1)[:self.numel])
+        scales.copy_(scale)
+        zeros.copy_(zero)
+        return out
+
+    def dequantize(self, qbuf: torch.Tensor) -> torch.Tensor:
+        """The float buffer (base layout) a quantized one stands for; QuantizationError for bad scales."""
+        values, scale, zero = self._parts(qbuf)
+        if not bool(torch.isfinite(scale).all() & (scale > 0).all() & torch.isfinite(zero).all()):
+            raise QuantizationError("quantized flat buffer: every scale must be finite and > 0, every zero point finite")
+        padded = torch.zeros(self.blocks * self.block, dtype=torch.int8)
+        padded[:self.numel] = values
+        x = dequantize_rows(padded.view(self.blocks, self.block), scale, zero).view(-1)
+        out = self.base.empty()
+        offset = 0
+        for s in self.base.segments(out):
+            s.copy_(x[offset:offset + s.numel()])
+            offset += s.numel()
+        return out
+
+    def views(self, qbuf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named float tensors (dequantized): what a peer that agreed no layout is sent."""
+        return self.base.views(self.dequantize(qbuf))
+
+    def all_finite(self, qbuf: torch.Tensor) -> bool:
+        _, scale, zero = self._parts(qbuf)
+        return bool(torch.isfinite(scale).all() & torch.isfinite(zero).all())

@@ -108,13 +108,20 @@ class Endpoint:
         self.on_message: Optional[Callable[[Message], None]] = None  # the server's end: frames go to its events
         self.on_close: Optional[Callable[[str], None]] = None
         self.hello: Any = None  # the server's end: the peer's HELLO once it came
+        self.layouts: tuple[Any, ...] = ()  # the flat layouts agreed with the peer (see agree())
 
     # what the nodes call
     def send(self, msg: Message, *, timeout: Optional[float] = None) -> int:
         if self.closed:
             raise ConnectionClosed(f"connection closed ({self.close_reason})", peer=self.peer)
-        # the fields as the wire would carry them (JSON); tensors are handed over: every sender builds fresh ones
-        msg = Message(msg.kind, json.loads(json.dumps(msg.fields)), tensors=msg.tensors, quant=msg.quant)
+        # the fields as the wire would carry them (JSON); named tensors are handed over (every sender builds
+        # fresh ones), a flat buffer is copied (it may be the sender's live gradient buffer, as the socket
+        # copies it out) and goes by name when this end agreed no such layout, as Connection sends it
+        fields = json.loads(json.dumps(msg.fields))
+        if msg.flat is not None and any(msg.layout.digest == a.digest for a in self.layouts):
+            msg = Message(msg.kind, fields, flat=msg.flat.clone(), layout=msg.layout)
+        else:
+            msg = Message(msg.kind, fields, tensors=msg.named(), quant=msg.quant)
         size = message_bytes(msg)
         self.bytes_sent += size
         arrival = max(transmit(self.out, size, self.net.sched.now), self.last_arrival)
@@ -149,6 +156,10 @@ class Endpoint:
     def interrupt(self) -> None:
         self.close("interrupted")
 
+    def agree(self, *layouts: Any, buffers: int = 3) -> None:
+        """Connection.agree: flat messages in these layouts go as one buffer from now on."""
+        self.layouts = layouts
+
     def admit(self) -> None: ...
 
     def start_heartbeats(self) -> None: ...
@@ -158,6 +169,10 @@ class Endpoint:
         if self.closed:
             return
         self.bytes_received += size
+        if msg.flat is not None:  # read in this end's own layout object, as Connection.recv hands it out
+            mine = [a for a in self.layouts if a.digest == msg.layout.digest]
+            msg = Message(msg.kind, msg.fields, flat=msg.flat, layout=mine[0]) if mine else \
+                Message(msg.kind, msg.fields, tensors=msg.named(), quant=msg.quant)
         if self.on_message is not None:
             self.on_message(msg)
         else:

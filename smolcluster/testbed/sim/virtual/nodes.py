@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from smolcluster.common.errors import ConnectFailed, TransportError
-from smolcluster.core.algorithms.base import Join, Left, message_bytes
+from smolcluster.core.algorithms.base import Join, Left, message_bytes, wire_layouts
 from smolcluster.core.net.transport import RetryPolicy
 from smolcluster.core.net.wire import Message, MessageKind
 from smolcluster.core.training.context import NodeContext
@@ -143,6 +143,8 @@ class VirtualServerIO:
                 conn.close(problem)
                 return
             conn.hello = hello
+            if hello.layout:  # as ServerBase._on_connection: pushes and weights as one flat buffer from now on
+                conn.agree(*wire_layouts(self.flat, self.quantized))
             self.events.put(Join(conn, hello.rank, hello.hostname))
             return
         self.events.put(self.incoming(conn, conn.hello.rank, msg))
