@@ -33,7 +33,7 @@ from smolcluster.core.training.config import rank_of, to_dict
 from smolcluster.core.training.context import NodeContext
 from smolcluster.core.training.models import loss_fn
 from smolcluster.core.training.flat import FlatModel, layer_norms, total_norm
-from smolcluster.core.training.optim import clip_, tensor_norms
+from smolcluster.core.training.optim import clip_
 from smolcluster.core.training.quantization import QuantizedLayout, dequantize_state, quantized_schema
 from smolcluster.core.training.robust import NormFilter
 from smolcluster.core.training.tasks import Batches
@@ -676,7 +676,7 @@ class ServerBase:
         """The most one update can honestly move, whatever the history: a weights push stays within the
         weights' own norm of them; a gradient within 1000x the clipping norm."""
         if weights_mode:
-            return math.sqrt(sum(v * v for v in tensor_norms(self.model.state_dict()).values())) + 1.0
+            return total_norm(self.flat.weights()) + 1.0
         return 1000.0 * self.nn.gradient_clipping if self.nn.gradient_clipping else None
 
     def robust_problem(self, rank: int, norm: float, weights_mode: bool) -> str:

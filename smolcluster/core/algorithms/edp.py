@@ -18,7 +18,8 @@ import torch
 from smolcluster.common.errors import BadField
 from smolcluster.core.algorithms.base import Peer, ServerBase, WorkerBase
 from smolcluster.core.net import messages
-from smolcluster.core.training.flat import fold_, layer_norms, norm_of, scale_, total_norm
+from smolcluster.core.training.flat import fold_, layer_norms, scale_, total_norm
+from smolcluster.core.training.optim import norm_of
 from smolcluster.core.training.robust import MovementLedger
 from smolcluster.core.net.wire import Message, MessageKind
 
@@ -81,8 +82,8 @@ class Server(ServerBase):
         # keeps the plain norms: the lower bound of a stale push would drag the median towards 0. A liar that
         # claims an old base to widen the bound gets damped by the same staleness: what it can move the model
         # stays within the bar plus the average movement per version since.)
-        own = max(0.0, size - self.moved.since(push.base_version)) if weights_mode else size
-        problem = self.robust_problem(peer.rank, own if math.isfinite(size) else size, weights_mode)
+        own = max(0.0, size - self.moved.since(push.base_version)) if weights_mode and math.isfinite(size) else size
+        problem = self.robust_problem(peer.rank, own, weights_mode)
         if problem:
             reason = "non-finite" if problem == "non-finite" else "outlier"
             detail = f"{push.mode} contain NaN or Inf" if reason == "non-finite" else problem

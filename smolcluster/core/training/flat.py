@@ -184,10 +184,6 @@ def layer_norms(layout: FlatLayout, buf: torch.Tensor) -> dict[str, float]:
     return {name: norm(t) for name, t in layout.views(buf).items() if t.is_floating_point()}
 
 
-def norm_of(norms: dict[str, float]) -> float:
-    return math.sqrt(sum(v * v for v in norms.values()))
-
-
 def fold_(acc: list[torch.Tensor], segments: list[torch.Tensor], weight: float) -> None:
     """acc += weight * segments, one op per segment (a weighted sum built as pushes arrive)."""
     for a, s in zip(acc, segments):

@@ -98,10 +98,15 @@ def all_finite(norms: dict[str, float]) -> bool:
     return all(math.isfinite(v) for v in norms.values())
 
 
+def norm_of(norms: dict[str, float]) -> float:
+    """The total L2 norm of tensors whose own norms these are."""
+    return math.sqrt(sum(v * v for v in norms.values()))
+
+
 def clip_(tensors: Iterable[torch.Tensor], norms: dict[str, float], max_norm: float) -> float:
     """Scale `tensors` in place so their total L2 norm is at most `max_norm` (torch's clip_grad_norm_
     rule, reusing norms already computed). Returns the total norm before clipping."""
-    total = math.sqrt(sum(v * v for v in norms.values()))
+    total = norm_of(norms)
     coef = max_norm / (total + 1e-6)
     if max_norm and coef < 1.0:
         for t in tensors:
