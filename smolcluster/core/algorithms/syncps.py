@@ -205,6 +205,14 @@ class Server(ServerBase):
 class Worker(WorkerBase):
     algorithm = "syncps"
 
+    def meanwhile(self, next_step: int) -> None:
+        """While the server averages: the local step, unless its result is sure to be thrown away (the
+        server weights replace the local ones after every step: polyak_alpha 1, worker_update_interval 1,
+        the defaults), then the next batch."""
+        if not (self.nn.polyak_alpha >= 1.0 and self.cluster.worker_update_interval == 1):
+            self.local_step()
+        self.prefetch(next_step)
+
     def train(self, welcome: Message) -> None:
         step = messages.parse(MessageKind.WELCOME, welcome.fields).step
         alpha = self.nn.polyak_alpha
@@ -217,7 +225,7 @@ class Worker(WorkerBase):
                                               "loss": loss, "worker_step": self.steps_done + 1}, flat=grads, layout=self.flat.layout)
             # while the server averages: local progress between syncs (replaced or blended when weights
             # arrive) and the next batch
-            reply, typed = self.exchange(push, timeout=reply_timeout, meanwhile=lambda: (self.local_step(), self.prefetch(step + 1)))
+            reply, typed = self.exchange(push, timeout=reply_timeout, meanwhile=lambda: self.meanwhile(step + 1))
             self.steps_done += 1
             self.samples_done += samples
             if isinstance(typed, messages.StepDone):
