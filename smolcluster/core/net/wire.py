@@ -127,6 +127,14 @@ BOOL_SLOTS = ("want_weights", "finished")
 CHOICE_SLOTS = {"status": ("applied", "late", "rejected"), "mode": ("weights", "gradients")}
 _SLOT_BITS = {name: 1 << i for i, name in enumerate((*INT_SLOTS, *FLOAT_SLOTS, *BOOL_SLOTS, *CHOICE_SLOTS))}
 _ALL_SLOT_BITS = sum(_SLOT_BITS.values())
+_BOOL_BITS = {name: _SLOT_BITS[name] >> 9 for name in BOOL_SLOTS}  # where each bool sits in the bool byte
+# The slots in the order they are read back, with their bits made once (the push/pull path reads one per frame).
+_INT_READ = tuple((_SLOT_BITS[name], name, i) for i, name in enumerate(INT_SLOTS))
+_FLOAT_READ = tuple((_SLOT_BITS[name], name, len(INT_SLOTS) + i) for i, name in enumerate(FLOAT_SLOTS))
+_INT_INDEX = {name: i for i, name in enumerate(INT_SLOTS)}
+_FLOAT_INDEX = {name: i for i, name in enumerate(FLOAT_SLOTS)}
+_CHOICE_CODES = {name: {v: i for i, v in enumerate(values)} for name, values in CHOICE_SLOTS.items()}
+_KINDS = {int(k): k for k in MessageKind}  # MessageKind(n) goes through enum's slow __call__
 BINARY_KINDS = frozenset({3, 4, 5, 6, 7})  # PUSH, ACK, PULL, WEIGHTS, STEP_DONE: the push/pull path
 FLAT_LEAD = 128  # where a flat payload starts in a receive buffer: the binary header fits before it
 NO_DIGEST = bytes(16)
@@ -258,6 +266,14 @@ class FlatBuffer:
     def __init__(self, nbytes: int):
         self.tensor = torch.empty(FLAT_LEAD + nbytes + MAC_BYTES, dtype=torch.uint8)
         self.view = memoryview(self.tensor.numpy())
+        self._payloads: dict[int, torch.Tensor] = {}  # payload length -> its view (slicing a tensor costs ~1 us)
+
+    def payload(self, nbytes: int) -> torch.Tensor:
+        """The payload of a flat frame of `nbytes` in this buffer, as a tensor view (the same view each time)."""
+        view = self._payloads.get(nbytes)
+        if view is None:
+            view = self._payloads[nbytes] = self.tensor[FLAT_LEAD:FLAT_LEAD + nbytes]
+        return view
 
 
 def binary_header(fields: dict[str, Any], digest: bytes = NO_DIGEST) -> bytes:
@@ -265,23 +281,26 @@ def binary_header(fields: dict[str, Any], digest: bytes = NO_DIGEST) -> bytes:
     grad_norms, a value of the wrong type, which the receiver's typed check then rejects) follow as JSON."""
     ints = [0] * len(INT_SLOTS)
     floats = [0.0] * len(FLOAT_SLOTS)
-    present = bools = 0
-    codes = {"status": 0, "mode": 0}
+    present = bools = status = mode = 0
     rest: dict[str, Any] = {}
     for name, v in fields.items():
-        if name in INT_SLOTS and type(v) is int and 0 <= v < 1 << 64:
-            ints[INT_SLOTS.index(name)] = v
-        elif name in FLOAT_SLOTS and type(v) in (int, float):
-            floats[FLOAT_SLOTS.index(name)] = float(v)
-        elif name in BOOL_SLOTS and type(v) is bool:
-            bools |= _SLOT_BITS[name] >> 9 if v else 0
-        elif name in CHOICE_SLOTS and v in CHOICE_SLOTS[name] and type(v) is str:
-            codes[name] = CHOICE_SLOTS[name].index(v)
+        kind = type(v)
+        if kind is int and name in _INT_INDEX and 0 <= v < 1 << 64:
+            ints[_INT_INDEX[name]] = v
+        elif (kind is float or kind is int) and name in _FLOAT_INDEX:
+            floats[_FLOAT_INDEX[name]] = float(v)
+        elif kind is bool and name in _BOOL_BITS:
+            bools |= _BOOL_BITS[name] if v else 0
+        elif kind is str and name in _CHOICE_CODES and v in _CHOICE_CODES[name]:
+            if name == "status":
+                status = _CHOICE_CODES[name][v]
+            else:
+                mode = _CHOICE_CODES[name][v]
         else:
             rest[name] = v
             continue
         present |= _SLOT_BITS[name]
-    head = BINARY.pack(present, bools, codes["status"], codes["mode"], digest, *ints, *floats)
+    head = BINARY.pack(present, bools, status, mode, digest, *ints, *floats)
     if not rest:
         return head
     try:
@@ -293,18 +312,18 @@ def binary_header(fields: dict[str, Any], digest: bytes = NO_DIGEST) -> bytes:
 def parse_binary_header(raw: bytes | bytearray | memoryview, peer: str | None) -> tuple[dict[str, Any], bytes]:
     """(fields, layout digest) of a binary header; BadHeader for unknown bits or codes."""
     present, bools, status, mode, digest, *values = BINARY.unpack_from(raw)
-    if present & ~_ALL_SLOT_BITS or bools & ~(_SLOT_BITS["finished"] >> 9 | _SLOT_BITS["want_weights"] >> 9):
+    if present & ~_ALL_SLOT_BITS or bools & ~(_BOOL_BITS["finished"] | _BOOL_BITS["want_weights"]):
         raise BadHeader(f"binary header has unknown field bits {present:#06x}/{bools:#04x}", peer=peer)
     fields: dict[str, Any] = {}
-    for i, name in enumerate(INT_SLOTS):
-        if present & _SLOT_BITS[name]:
+    for bit, name, i in _INT_READ:
+        if present & bit:
             fields[name] = values[i]
-    for i, name in enumerate(FLOAT_SLOTS):
+    for bit, name, i in _FLOAT_READ:
+        if present & bit:
+            fields[name] = values[i]
+    for name, bit in _BOOL_BITS.items():
         if present & _SLOT_BITS[name]:
-            fields[name] = values[len(INT_SLOTS) + i]
-    for name in BOOL_SLOTS:
-        if present & _SLOT_BITS[name]:
-            fields[name] = bool(bools & _SLOT_BITS[name] >> 9)
+            fields[name] = bool(bools & bit)
     for name, code in (("status", status), ("mode", mode)):
         if present & _SLOT_BITS[name]:
             if code >= len(CHOICE_SLOTS[name]):
@@ -399,8 +418,8 @@ def encode_frame(
 
 def send_frame(sock: Any, buffers: list[memoryview | bytes]) -> int:
     """Send all buffers; scatter-gather with sendmsg where it exists (not on Windows). Returns bytes sent."""
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    total = sum(v.nbytes for v in views)
+    views = [b if type(b) is bytes else memoryview(b).cast("B") for b in buffers if len(b)]
+    total = sum(len(v) for v in views)  # bytes, or memoryviews of bytes
     if not hasattr(sock, "sendmsg"):
         for v in views:
             sock.sendall(v)
@@ -410,7 +429,7 @@ def send_frame(sock: Any, buffers: list[memoryview | bytes]) -> int:
         # IOV_MAX is 1024 on Linux and macOS; stay below it.
         sent = sock.sendmsg(views[i : i + 512])
         while sent and i < len(views):
-            n = views[i].nbytes
+            n = len(views[i])
             if sent >= n:
                 sent -= n
                 i += 1
@@ -572,10 +591,9 @@ def read_frame(
     if version not in versions:
         raise UnsupportedVersion(f"peer speaks wire version {version}, this is {VERSION}: "
                                  "run the same smolcluster version everywhere", peer=peer)
-    try:
-        kind = MessageKind(kind_raw)
-    except ValueError:
-        raise BadHeader(f"unknown message kind {kind_raw}", peer=peer) from None
+    kind = _KINDS.get(kind_raw)
+    if kind is None:
+        raise BadHeader(f"unknown message kind {kind_raw}", peer=peer)
     if flags & ~KNOWN_FLAGS:
         raise BadHeader(f"unknown flag bits {flags:#04x}", peer=peer)
     if header_len > limits.max_header_bytes:
@@ -681,11 +699,14 @@ def _parse_any_header(raw: bytes, binary: bool, payload_len: int, limits: WireLi
     if not binary:
         return (*_parse_header_cached(raw, payload_len, limits, schema, peer, cache), None)
     fields, digest = parse_binary_header(raw, peer)
-    if not agreed:
-        return fields, [], {}, None
+    return fields, [], {}, _agreed_layout(digest, payload_len, agreed, peer) if agreed else None
+
+
+def _agreed_layout(digest: bytes, payload_len: int, agreed: tuple, peer: str | None) -> Any:
+    """The agreed layout a flat frame names (by digest, with its exact length); SchemaMismatch for any other."""
     for a in agreed:
         if a.digest == digest and a.nbytes == payload_len:
-            return fields, [], {}, a
+            return a
     raise SchemaMismatch(f"flat frame is for layout {digest.hex()[:12]}, this connection agreed on "
                          f"{', '.join(a.digest.hex()[:12] for a in agreed)}", peer=peer)
 
@@ -713,5 +734,6 @@ def _read_flat(sock: Any, pre: bytearray, kind: MessageKind, header_len: int, pa
         _recv_exactly(sock, body, "frame", peer)
     if expected_seq is not None and seq != expected_seq:
         raise ReplayedFrame(f"{kind.name} frame has sequence number {seq}, expected {expected_seq} (replayed or reordered)", peer=peer)
-    fields, _, _, matched = _parse_any_header(bytes(body[:header_len]), True, payload_len, WireLimits(), None, peer, None, agreed)
-    return _flat_message(kind, fields, buf.tensor[FLAT_LEAD:FLAT_LEAD + payload_len], matched, reject_nonfinite, peer)
+    fields, digest = parse_binary_header(body[:header_len], peer)
+    return _flat_message(kind, fields, buf.payload(payload_len), _agreed_layout(digest, payload_len, agreed, peer),
+                         reject_nonfinite, peer)
