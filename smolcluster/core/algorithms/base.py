@@ -187,7 +187,11 @@ class Peer:
         with self._lock:
             if self._closing:
                 return
-            full = self._in_outbox + size > self.max_outbox_bytes and self._in_outbox > 0
+            idle = self._in_outbox == 0
+            full = self._in_outbox + size > self.max_outbox_bytes and not idle
+        if idle and self._send_now(msg, size):
+            return
+        with self._lock:
             if not full:
                 self._in_outbox += size
                 self.bytes_queued += size
@@ -198,12 +202,35 @@ class Peer:
             return
         self._outbox.put((msg, size))
 
+    def _send_now(self, msg: Message, size: int) -> bool:
+        """Nothing queued: send from the caller's thread what the socket takes at once (waking no thread, which
+        on a busy machine costs more than the send); the sender thread finishes a frame the socket could not
+        take whole. False: it goes through the outbox."""
+        try:
+            left = self.conn.send_now(msg)
+        except SmolclusterError as e:
+            self._events.put(Left(self.conn, self.rank, f"send failed: {e}", e))
+            self.close(f"send failed: {e}")
+            return True
+        if left is None:
+            return False
+        with self._lock:
+            self.bytes_queued += size
+            if left:
+                self._in_outbox += left
+        if left:
+            self._outbox.put((None, left))  # the sender thread flushes the rest of the frame
+        return True
+
     def _drain(self) -> None:
         try:
             while (item := self._outbox.get()) is not None:
                 msg, size = item
                 try:
-                    self.conn.send(msg, timeout=self._io_timeout)
+                    if msg is None:
+                        self.conn.flush(timeout=self._io_timeout)
+                    else:
+                        self.conn.send(msg, timeout=self._io_timeout)
                 except SmolclusterError as e:
                     self._events.put(Left(self.conn, self.rank, f"send failed: {e}", e))
                     return

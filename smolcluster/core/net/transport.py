@@ -299,6 +299,7 @@ class Connection:
         self.layouts: tuple[Any, ...] = ()  # the flat layouts agreed with the peer (see agree())
         self._ring: list[Any] = []  # preallocated receive buffers for flat frames, used in turn
         self._ring_next = 0
+        self._tail: list[memoryview | bytes] = []  # the unsent rest of a frame send_now began: goes first
 
     def agree(self, *layouts: Any, buffers: int = 3) -> None:
         """Both ends use these flat layouts from now on (a model's, and its quantized form): flat messages go
@@ -345,18 +346,23 @@ class Connection:
         with self._send_lock:
             return self._send_locked(msg, timeout)
 
-    def _send_locked(self, msg: Message, timeout: float | None) -> int:
-        self._check_open()
-        if msg.flat is not None and all(msg.layout.digest != a.digest for a in self.layouts):
+    def _encode(self, msg: Message, defer_mac: bool) -> list[memoryview | bytes]:
+        if msg.flat is not None and msg.layout not in self.layouts and all(msg.layout.digest != a.digest for a in self.layouts):
             # this peer agreed no layout (or another): it gets the tensors by name
             msg = Message(msg.kind, msg.fields, tensors=msg.named(), quant=msg.quant)
+        return encode_frame(msg, seq=self._send_seq, mac_key=self._keys.send if self._keys else None,
+                            limits=self.config.limits, cache=self._send_layouts, defer_mac=defer_mac)
+
+    def _send_locked(self, msg: Message, timeout: float | None) -> int:
+        self._check_open()
         key = self._keys.send if self._keys else None
-        buffers = encode_frame(msg, seq=self._send_seq, mac_key=key, limits=self.config.limits, cache=self._send_layouts,
-                               defer_mac=True)
         s = self._stream
         s.tx_timeout = self.config.io_timeout if timeout is None else timeout
         s.tx_deadline = time.monotonic() + s.tx_timeout
         try:
+            if self._tail:
+                self._send_tail()
+            buffers = self._encode(msg, defer_mac=True)
             n = send_frame(s, buffers)
             if key is not None:  # hashed after sending: the peer receives (and hashes) meanwhile
                 n += send_frame(s, [frame_mac(key, buffers)])
@@ -367,6 +373,57 @@ class Connection:
         self._send_seq += 1
         self._last_send = time.monotonic()
         return n
+
+    def _send_tail(self) -> None:
+        tail, self._tail = self._tail, []
+        send_frame(self._stream, tail)
+
+    def send_now(self, msg: Message) -> int | None:
+        """Send `msg` from this thread only as far as that cannot block it: None (nothing sent, send it the
+        usual way) when another send holds the connection, a frame is still unfinished, or the peer is keyed
+        (its MAC is best hashed off the caller's thread). Otherwise the frame is this connection's next one:
+        returns how many of its bytes the socket could not take at once (usually 0); those go before any
+        other frame, and flush() sends them (the caller's sender thread must call it soon)."""
+        if self._keys is not None or not hasattr(self._sock, "sendmsg") or not self._send_lock.acquire(blocking=False):
+            return None
+        try:
+            if self._tail:
+                return None
+            self._check_open()
+            buffers = [b if type(b) is bytes else memoryview(b).cast("B") for b in self._encode(msg, defer_mac=False) if len(b)]
+            try:
+                sent = self._sock.sendmsg(buffers, (), socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                self.close(f"send failed: {e}")
+                raise ConnectionClosed(f"connection closed while sending ({e})", peer=self.peer) from None
+            self._stream.bytes_sent += sent
+            for i, b in enumerate(buffers):
+                if sent < len(b):
+                    self._tail = [memoryview(b)[sent:], *buffers[i + 1:]]
+                    break
+                sent -= len(b)
+            self._send_seq += 1
+            self._last_send = time.monotonic()
+            return sum(len(b) for b in self._tail)
+        finally:
+            self._send_lock.release()
+
+    def flush(self, *, timeout: float | None = None) -> None:
+        """Send what is left of a frame send_now began (nothing when none is), within `timeout` (default io_timeout)."""
+        with self._send_lock:
+            if not self._tail:
+                return
+            self._check_open()
+            s = self._stream
+            s.tx_timeout = self.config.io_timeout if timeout is None else timeout
+            s.tx_deadline = time.monotonic() + s.tx_timeout
+            try:
+                self._send_tail()
+            except TransportError as e:
+                self.close(f"send failed: {e.problem}")
+                raise
 
     # ------------------------------------------------------------------ recv
 
