@@ -28,6 +28,7 @@ Public API:
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 import json
@@ -309,18 +310,21 @@ def binary_header(fields: dict[str, Any], digest: bytes = NO_DIGEST) -> bytes:
         raise BadHeader(f"message fields are not JSON-serialisable: {e}") from None
 
 
+@functools.lru_cache(maxsize=64)
+def _numbers_present(present: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The int and float slots a header's present bits name, and where their values are (a frame on the
+    push/pull path sets the same few bits frame after frame)."""
+    read = [(name, i) for bit, name, i in (*_INT_READ, *_FLOAT_READ) if present & bit]
+    return tuple(name for name, _ in read), tuple(i for _, i in read)
+
+
 def parse_binary_header(raw: bytes | bytearray | memoryview, peer: str | None) -> tuple[dict[str, Any], bytes]:
     """(fields, layout digest) of a binary header; BadHeader for unknown bits or codes."""
     present, bools, status, mode, digest, *values = BINARY.unpack_from(raw)
     if present & ~_ALL_SLOT_BITS or bools & ~(_BOOL_BITS["finished"] | _BOOL_BITS["want_weights"]):
         raise BadHeader(f"binary header has unknown field bits {present:#06x}/{bools:#04x}", peer=peer)
-    fields: dict[str, Any] = {}
-    for bit, name, i in _INT_READ:
-        if present & bit:
-            fields[name] = values[i]
-    for bit, name, i in _FLOAT_READ:
-        if present & bit:
-            fields[name] = values[i]
+    names, at = _numbers_present(present)
+    fields: dict[str, Any] = dict(zip(names, [values[i] for i in at]))
     for name, bit in _BOOL_BITS.items():
         if present & _SLOT_BITS[name]:
             fields[name] = bool(bools & bit)
