@@ -162,8 +162,9 @@ def message_bytes(msg: Message) -> int:
 class Peer:
     """A joined worker: its connection and an outbox drained by the peer's own sender thread.
 
-    Nothing here blocks the caller (the server's main thread): send() queues, close() asks the sender
-    thread to send what is queued and then close gracefully, off the main thread. The outbox is bounded
+    Nothing here blocks the caller (the server's main thread): send() sends at once what the socket takes
+    without waiting (when nothing is queued) and queues the rest, close() asks the sender thread to send
+    what is queued and then close gracefully, off the main thread. The outbox is bounded
     in bytes; a peer that lets it fill (it stopped reading) is dropped instead of growing the server."""
 
     def __init__(self, conn: Connection, rank: int, hostname: str, events: queue.Queue, *, io_timeout: float,
