@@ -189,10 +189,12 @@ class Peer:
             if self._closing:
                 return
             idle = self._in_outbox == 0
-            full = self._in_outbox + size > self.max_outbox_bytes and not idle
         if idle and self._send_now(msg, size):
             return
         with self._lock:
+            if self._closing:
+                return
+            full = self._in_outbox + size > self.max_outbox_bytes and self._in_outbox > 0
             if not full:
                 self._in_outbox += size
                 self.bytes_queued += size

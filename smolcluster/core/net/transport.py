@@ -39,8 +39,8 @@ from smolcluster.common.errors import (
     TransportError,
     WireError,
 )
-from smolcluster.core.net.wire import (FlatBuffer, LayoutCache, Message, MessageKind, Schema, WireLimits, encode_frame,
-                                      frame_mac, read_frame, send_frame)
+from smolcluster.core.net.wire import (FlatBuffer, LayoutCache, Message, MessageKind, Schema, WireLimits, byte_views,
+                                      encode_frame, frame_mac, read_frame, send_frame, unsent)
 
 # Large kernel buffers let a whole chunk of a model move per syscall; the kernel caps them at its maximum.
 SOCKET_BUFFER_BYTES = 4 << 20
@@ -347,36 +347,41 @@ class Connection:
             return self._send_locked(msg, timeout)
 
     def _encode(self, msg: Message, defer_mac: bool) -> list[memoryview | bytes]:
-        if msg.flat is not None and msg.layout not in self.layouts and all(msg.layout.digest != a.digest for a in self.layouts):
+        if msg.flat is not None and all(msg.layout.digest != a.digest for a in self.layouts):
             # this peer agreed no layout (or another): it gets the tensors by name
             msg = Message(msg.kind, msg.fields, tensors=msg.named(), quant=msg.quant)
         return encode_frame(msg, seq=self._send_seq, mac_key=self._keys.send if self._keys else None,
                             limits=self.config.limits, cache=self._send_layouts, defer_mac=defer_mac)
 
-    def _send_locked(self, msg: Message, timeout: float | None) -> int:
+    def _arm_send(self, timeout: float | None) -> _Stream:
+        """The stream, with this send's deadline set (default io_timeout). Call with the send lock held.
+        (A plain method, not a context manager: this is on every frame's path.)"""
         self._check_open()
-        key = self._keys.send if self._keys else None
         s = self._stream
         s.tx_timeout = self.config.io_timeout if timeout is None else timeout
         s.tx_deadline = time.monotonic() + s.tx_timeout
+        return s
+
+    def _send_failed(self, e: TransportError) -> None:
+        self.close(f"send failed: {e.problem}")  # a partly sent frame leaves the stream unusable
+
+    def _send_locked(self, msg: Message, timeout: float | None) -> int:
+        key = self._keys.send if self._keys else None
+        s = self._arm_send(timeout)
         try:
-            if self._tail:
-                self._send_tail()
+            if self._tail:  # the rest of a frame send_now began goes first
+                tail, self._tail = self._tail, []
+                send_frame(s, tail)
             buffers = self._encode(msg, defer_mac=True)
             n = send_frame(s, buffers)
             if key is not None:  # hashed after sending: the peer receives (and hashes) meanwhile
                 n += send_frame(s, [frame_mac(key, buffers)])
         except TransportError as e:
-            # A partly sent frame leaves the stream unusable.
-            self.close(f"send failed: {e.problem}")
+            self._send_failed(e)
             raise
         self._send_seq += 1
         self._last_send = time.monotonic()
         return n
-
-    def _send_tail(self) -> None:
-        tail, self._tail = self._tail, []
-        send_frame(self._stream, tail)
 
     def send_now(self, msg: Message) -> int | None:
         """Send `msg` from this thread only as far as that cannot block it: None (nothing sent, send it the
@@ -390,7 +395,7 @@ class Connection:
             if self._tail:
                 return None
             self._check_open()
-            buffers = [b if type(b) is bytes else memoryview(b).cast("B") for b in self._encode(msg, defer_mac=False) if len(b)]
+            buffers = byte_views(self._encode(msg, defer_mac=False))
             try:
                 sent = self._sock.sendmsg(buffers, (), socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
@@ -399,11 +404,7 @@ class Connection:
                 self.close(f"send failed: {e}")
                 raise ConnectionClosed(f"connection closed while sending ({e})", peer=self.peer) from None
             self._stream.bytes_sent += sent
-            for i, b in enumerate(buffers):
-                if sent < len(b):
-                    self._tail = [memoryview(b)[sent:], *buffers[i + 1:]]
-                    break
-                sent -= len(b)
+            self._tail = unsent(buffers, sent)
             self._send_seq += 1
             self._last_send = time.monotonic()
             return sum(len(b) for b in self._tail)
@@ -415,14 +416,12 @@ class Connection:
         with self._send_lock:
             if not self._tail:
                 return
-            self._check_open()
-            s = self._stream
-            s.tx_timeout = self.config.io_timeout if timeout is None else timeout
-            s.tx_deadline = time.monotonic() + s.tx_timeout
+            s = self._arm_send(timeout)
+            tail, self._tail = self._tail, []
             try:
-                self._send_tail()
+                send_frame(s, tail)
             except TransportError as e:
-                self.close(f"send failed: {e.problem}")
+                self._send_failed(e)
                 raise
 
     # ------------------------------------------------------------------ recv

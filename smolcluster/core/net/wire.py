@@ -282,7 +282,8 @@ def binary_header(fields: dict[str, Any], digest: bytes = NO_DIGEST) -> bytes:
     grad_norms, a value of the wrong type, which the receiver's typed check then rejects) follow as JSON."""
     ints = [0] * len(INT_SLOTS)
     floats = [0.0] * len(FLOAT_SLOTS)
-    present = bools = status = mode = 0
+    present = bools = 0
+    codes = {"status": 0, "mode": 0}
     rest: dict[str, Any] = {}
     for name, v in fields.items():
         kind = type(v)
@@ -293,15 +294,12 @@ def binary_header(fields: dict[str, Any], digest: bytes = NO_DIGEST) -> bytes:
         elif kind is bool and name in _BOOL_BITS:
             bools |= _BOOL_BITS[name] if v else 0
         elif kind is str and name in _CHOICE_CODES and v in _CHOICE_CODES[name]:
-            if name == "status":
-                status = _CHOICE_CODES[name][v]
-            else:
-                mode = _CHOICE_CODES[name][v]
+            codes[name] = _CHOICE_CODES[name][v]
         else:
             rest[name] = v
             continue
         present |= _SLOT_BITS[name]
-    head = BINARY.pack(present, bools, status, mode, digest, *ints, *floats)
+    head = BINARY.pack(present, bools, codes["status"], codes["mode"], digest, *ints, *floats)
     if not rest:
         return head
     try:
@@ -420,26 +418,31 @@ def encode_frame(
     return _finish_frame(msg, _header(prefix, msg.fields), buffers, offset, seq, mac_key, limits, defer_mac)
 
 
+def byte_views(buffers: list[memoryview | bytes]) -> list[memoryview | bytes]:
+    """A frame's non-empty buffers as bytes or byte memoryviews, so len() of each is its size in bytes."""
+    return [b if type(b) is bytes else memoryview(b).cast("B") for b in buffers if len(b)]
+
+
+def unsent(views: list[memoryview | bytes], sent: int) -> list[memoryview | bytes]:
+    """What of `views` (byte_views) is left after a send took its first `sent` bytes."""
+    for i, v in enumerate(views):
+        if sent < len(v):
+            return [memoryview(v)[sent:], *views[i + 1:]]
+        sent -= len(v)
+    return []
+
+
 def send_frame(sock: Any, buffers: list[memoryview | bytes]) -> int:
     """Send all buffers; scatter-gather with sendmsg where it exists (not on Windows). Returns bytes sent."""
-    views = [b if type(b) is bytes else memoryview(b).cast("B") for b in buffers if len(b)]
-    total = sum(len(v) for v in views)  # bytes, or memoryviews of bytes
+    views = byte_views(buffers)
+    total = sum(len(v) for v in views)
     if not hasattr(sock, "sendmsg"):
         for v in views:
             sock.sendall(v)
         return total
-    i = 0
-    while i < len(views):
+    while views:
         # IOV_MAX is 1024 on Linux and macOS; stay below it.
-        sent = sock.sendmsg(views[i : i + 512])
-        while sent and i < len(views):
-            n = len(views[i])
-            if sent >= n:
-                sent -= n
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
+        views = unsent(views, sock.sendmsg(views[:512]))
     return total
 
 
