@@ -16,6 +16,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import pickle  # baseline only: never used on a real network path
+import random
 import socket
 import statistics
 import struct
@@ -180,16 +181,22 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], rounds: int, min_sec
                  max_rounds: dict[str, int]) -> dict[str, float]:
     """Median seconds per call for each function, run round-robin so machine noise hits all of them alike.
 
-    One warm-up call each; then at least `rounds` rounds and `min_seconds` of wall time. A mode in
-    `max_rounds` (the slow pickle baseline) stops after that many rounds.
+    Each round runs the modes in a fresh random order (seeded, so reruns match): in a fixed order one
+    mode would always run right after the same neighbour (the smolwire echo right after pickle, whose
+    megabytes of garbage leave the caches cold), and that position alone moves a median. One warm-up
+    call each; then at least `rounds` rounds and `min_seconds` of wall time. A mode in `max_rounds` (the slow
+    pickle baseline) stops after that many rounds.
     """
     times: dict[str, list[float]] = {m: [] for m in fns}
     for fn in fns.values():
         fn()
+    modes, order = list(fns), random.Random(0)
     start = time.perf_counter()
     done = 0
     while done < rounds or time.perf_counter() - start < min_seconds:
-        for mode, fn in fns.items():
+        order.shuffle(modes)
+        for mode in modes:
+            fn = fns[mode]
             if len(times[mode]) >= max_rounds.get(mode, 1 << 30):
                 continue
             t0 = time.perf_counter()

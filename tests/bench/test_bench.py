@@ -29,6 +29,24 @@ def test_bench_wire_json_has_every_case_and_baseline() -> None:
         assert case[key] > 0, key
 
 
+def test_interleaved_modes_do_not_always_follow_the_same_neighbour() -> None:
+    # A fixed round-robin order ran the smolwire echo right after pickle every round; that position alone
+    # moved its median. Every mode must follow every other mode in some rounds, and run first in some.
+    from smolcluster.bench.wire import interleaved_medians
+
+    calls: list[str] = []
+    fns = {m: (lambda m=m: calls.append(m)) for m in ("smolwire", "keyed", "raw", "pickle")}
+    medians = interleaved_medians(fns, rounds=60, min_seconds=0.0, max_rounds={})
+    assert set(medians) == set(fns)
+    body = calls[len(fns):]  # after one warm-up call each
+    assert len(body) == 60 * len(fns)
+    rounds = [body[i:i + len(fns)] for i in range(0, len(body), len(fns))]
+    assert all(sorted(r) == sorted(fns) for r in rounds)  # each round runs every mode once
+    assert {r[0] for r in rounds} == set(fns)
+    followed = {(a, b) for a, b in zip(body, body[1:]) if a != b}
+    assert followed == {(a, b) for a in fns for b in fns if a != b}
+
+
 def test_bench_wire_breakdown_adds_one_layer_per_row() -> None:
     from smolcluster.bench.wire_breakdown import VARIANTS, format_table, run
 
