@@ -167,13 +167,13 @@ class Peer:
     what is queued and then close gracefully, off the main thread. The outbox is bounded
     in bytes; a peer that lets it fill (it stopped reading) is dropped instead of growing the server."""
 
-    def __init__(self, conn: Connection, rank: int, hostname: str, events: queue.Queue, *, io_timeout: float,
+    def __init__(self, conn: Connection, rank: int, hostname: str, events: queue.SimpleQueue, *, io_timeout: float,
                  max_outbox_bytes: int, on_closed: Callable[[Connection], None]):
         self.conn, self.rank, self.hostname = conn, rank, hostname
         self.max_outbox_bytes = max_outbox_bytes
         self.bytes_queued = 0  # every byte ever queued (the reply budget counts these)
         self.last_pull_step: int | None = None  # EDP: worker_step of the last pull answered with weights
-        self._outbox: queue.Queue[tuple[Message, int] | None] = queue.Queue()
+        self._outbox: queue.SimpleQueue[tuple[Message, int] | None] = queue.SimpleQueue()
         self._in_outbox = 0
         self._lock = threading.Lock()
         self._closing = ""
@@ -273,7 +273,7 @@ class ServerBase:
         self.log = ctx.log
         self.say = LogThrottle(self.log)  # problems a peer can repeat at will are logged once per 10 s
         self.bind, self.port = bind, port
-        self.events: queue.Queue = self.clock.queue()
+        self.events: queue.SimpleQueue = self.clock.queue()
         self.peers: dict[int, Peer] = {}
         self.retiring: list[Peer] = []  # peers closing in their own threads
         self.stats: dict[int, WorkerStats] = {

