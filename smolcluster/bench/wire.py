@@ -179,7 +179,7 @@ def _serve(ready: Any, stop: Any) -> None:
 
 def interleaved_medians(fns: dict[str, Callable[[], None]], rounds: int, min_seconds: float,
                  max_rounds: dict[str, int]) -> dict[str, float]:
-    """Median seconds per call for each function, run round-robin so machine noise hits all of them alike.
+    """Median seconds per call for each function, run interleaved so machine noise hits all of them alike.
 
     Each round runs the modes in a fresh random order (seeded, so reruns match): in a fixed order one
     mode would always run right after the same neighbour (the smolwire echo right after pickle, whose
