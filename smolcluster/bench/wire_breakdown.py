@@ -9,7 +9,7 @@ both ends (the echo runs in a child process, so every variant crosses the kernel
   wire.py     encode_frame / send_frame / read_frame on a blocking socket (every check, the agreed layout)
   Connection  the full transport: deadlines on every wait (kernel socket timeouts, or poll), locks, byte counts
 
-Runs are interleaved round-robin so machine noise hits all of them alike.
+Runs are interleaved (bench.wire.interleaved_medians: a fresh seeded order each round) so machine noise hits all of them alike.
 """
 
 from __future__ import annotations
